@@ -1,0 +1,50 @@
+"""optax_norms: norm penalties, proximal steps, max-norm constraints and clipping as optax
+``GradientTransformation``s, masked by parameter path."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
+from optax_norms._constraints import constrain_max_abs, constrain_row_norm
+from optax_norms._diagnostics import norm_report
+from optax_norms._hyperparams import ScheduleState
+from optax_norms._losses import (
+    elastic_penalty,
+    group_l2_penalty,
+    l1_penalty,
+    l2_penalty,
+    max_norm_penalty,
+)
+from optax_norms._paths import PathMask, path_labels, path_mask, tree_paths, weights_only
+from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
+from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
+
+try:
+  __version__ = version("optax-norms")
+except PackageNotFoundError:  # Imported from a source tree that is not installed.
+  __version__ = "0.0.0"
+
+__all__ = [
+    "PathMask",
+    "ScheduleState",
+    "add_l1_decay",
+    "add_l2_decay",
+    "add_max_norm_decay",
+    "clip_by_max_abs",
+    "clip_by_row_norm",
+    "constrain_max_abs",
+    "constrain_row_norm",
+    "elastic",
+    "elastic_penalty",
+    "group_l2_penalty",
+    "l1_penalty",
+    "l2_penalty",
+    "max_norm_penalty",
+    "norm_report",
+    "path_labels",
+    "path_mask",
+    "prox_elastic",
+    "prox_group_l2",
+    "prox_l1",
+    "tree_paths",
+    "weights_only",
+]

@@ -1,0 +1,80 @@
+"""Clipping of updates (max norm on gradients): element-wise and per unit."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from optax_norms._hyperparams import ScalarOrSchedule
+from optax_norms._numerics import Axis, unit_sq_norm
+from optax_norms._paths import Mask
+from optax_norms._transform import leafwise_transform
+
+__all__ = ["clip_by_max_abs", "clip_by_row_norm", "unit_scale"]
+
+
+def unit_scale(x, max_norm, axes):
+  """Per-unit factor ``min(1, c/‖x_unit‖)``, exactly 1 inside the ball (and for zero or
+  NaN units), computed in >= float32; the scale of ``clip_by_row_norm`` and
+  ``constrain_row_norm``."""
+  norm = jnp.sqrt(unit_sq_norm(x, axes))
+  outside = norm > max_norm
+  return outside, jnp.where(outside, max_norm / jnp.where(outside, norm, 1), 1)
+
+
+def clip_by_max_abs(
+    max_abs: ScalarOrSchedule, *, mask: Mask = None
+) -> optax.GradientTransformation:
+  r"""Clips every update element to ``[−c, c]``: ``u ← clip(u, −c, c)`` (max norm, l1-style).
+
+  Same as ``optax.clip(c)``, Keras ``clipvalue`` and PyTorch ``clip_grad_value_``, with a
+  mask and schedules. NaN stays NaN.
+
+  Args:
+    max_abs: the bound ``c ≥ 0``.
+    mask: the leaves to clip; ``None`` is every floating-point leaf.
+
+  Example:
+    >>> import optax, optax_norms
+    >>> tx = optax.chain(optax_norms.clip_by_max_abs(1.0), optax.adam(1e-3))
+  """
+
+  def rule(u, w, hp, axes):
+    del w, axes
+    return jnp.clip(u, -hp["max_abs"], hp["max_abs"])
+
+  return leafwise_transform(
+      "clip_by_max_abs", {"max_abs": max_abs}, rule, mask=mask, needs_params=False
+  )
+
+
+def clip_by_row_norm(
+    max_norm: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
+) -> optax.GradientTransformation:
+  r"""Clips the update of each unit to norm ``c``: ``u_unit ← u_unit·min(1, c/‖u_unit‖)``.
+
+  Max norm on gradients, l2-style: TF's ``clip_by_norm`` per unit. A unit inside the ball is
+  returned bit for bit unchanged (no epsilon, no ``c/c`` rounding); a zero unit stays zero;
+  a NaN unit stays as it is and never affects other units. Norms accumulate in ≥ float32.
+
+  Args:
+    max_norm: the radius ``c ≥ 0``.
+    axis: the reduced axes of a unit: ``None`` is all but the last for rank ≥ 2 (Flax Dense
+      ``(in, out)``: each column; Conv ``(h, w, in, out)``: each filter), the whole leaf for
+      rank ≤ 1; an int, a tuple, or a callable ``(path, leaf) -> axes`` (PyTorch-layout
+      ``(out, in)`` needs ``axis=1``; stacked ``(layers, in, out)`` needs ``axis=1``).
+    mask: the leaves to clip; ``None`` is every floating-point leaf.
+
+  Example:
+    >>> import optax, optax_norms
+    >>> tx = optax.chain(optax_norms.clip_by_row_norm(1.0, mask="**/kernel"), optax.adam(1e-3))
+  """
+
+  def rule(u, w, hp, axes):
+    del w
+    _, scale = unit_scale(u, hp["max_norm"], axes)
+    return u * scale
+
+  return leafwise_transform(
+      "clip_by_row_norm", {"max_norm": max_norm}, rule, mask=mask, needs_params=False, axis=axis
+  )

@@ -1,0 +1,118 @@
+"""Loss-space penalties: pure functions returning a float32 scalar.
+
+Add them to a loss, or log them. For every penalty ``P`` and its gradient-space twin ``T``,
+``T.update(g, s, w)[0] == g + jax.grad(P)(w)``, at ``w = 0`` too: ``|w|`` and unit norms
+have a zero derivative at zero here (JAX's own ``abs`` has derivative 1 at 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_norms._hyperparams import Scalar, _check_concrete
+from optax_norms._numerics import Axis, abs_zero_subgradient, resolve_axes, safe_unit_norm
+from optax_norms._paths import Mask
+from optax_norms._transform import selected_leaves
+
+__all__ = [
+    "elastic_penalty",
+    "group_l2_penalty",
+    "l1_penalty",
+    "l2_penalty",
+    "max_norm_penalty",
+]
+
+
+def _hyper(name: str, value: Any) -> Any:
+  if callable(value) and not isinstance(value, jax.Array):
+    raise ValueError(f"`{name}` must be a number here, not a schedule: penalties have no step.")
+  _check_concrete(name, value)
+  return value
+
+
+def _sum_over(params: Any, mask: Mask, leaf_term, axis: Axis = None) -> jax.Array:
+  """Σ over selected floating-point leaves of ``leaf_term(leaf in >= f32, axes)``."""
+  paths, leaves, _, active = selected_leaves(mask, params, check=True)
+  total = jnp.zeros([], jnp.float32)
+  for path, leaf, on in zip(paths, leaves, active):
+    if on:
+      acc = jnp.promote_types(leaf.dtype, jnp.float32)
+      total = total + leaf_term(leaf.astype(acc), resolve_axes(axis, path, leaf))
+  return total
+
+
+def l2_penalty(params: Any, alpha: Scalar, *, mask: Mask = None) -> jax.Array:
+  r"""``α·Σ w²`` over the selected leaves (no ½: Keras ``L2(α)``).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> float(optax_norms.l2_penalty({"kernel": jnp.array([1.0, 2.0])}, 0.5))
+    2.5
+  """
+  alpha = _hyper("alpha", alpha)
+  return alpha * _sum_over(params, mask, lambda w, _: jnp.sum(jnp.square(w)))
+
+
+def l1_penalty(params: Any, alpha: Scalar, *, mask: Mask = None) -> jax.Array:
+  r"""``α·Σ |w|`` over the selected leaves; its gradient at ``w = 0`` is 0.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> float(optax_norms.l1_penalty({"kernel": jnp.array([1.0, -2.0])}, 0.5))
+    1.5
+  """
+  alpha = _hyper("alpha", alpha)
+  return alpha * _sum_over(params, mask, lambda w, _: jnp.sum(abs_zero_subgradient(w)))
+
+
+def elastic_penalty(params: Any, l1: Scalar, l2: Scalar, *, mask: Mask = None) -> jax.Array:
+  r"""``l1·Σ|w| + l2·Σw²`` over the selected leaves.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> float(optax_norms.elastic_penalty({"w": jnp.array([1.0, -2.0])}, 1.0, 0.5))
+    5.5
+  """
+  l1, l2 = _hyper("l1", l1), _hyper("l2", l2)
+  return _sum_over(
+      params,
+      mask,
+      lambda w, _: l1 * jnp.sum(abs_zero_subgradient(w)) + l2 * jnp.sum(jnp.square(w)),
+  )
+
+
+def group_l2_penalty(
+    params: Any, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
+) -> jax.Array:
+  r"""The group lasso ``α·Σ_units ‖w_unit‖₂``; its gradient at a zero unit is 0.
+
+  Units as in :func:`prox_group_l2` (``axis`` names the reduced axes).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> float(optax_norms.group_l2_penalty({"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]])}, 1.0))
+    6.0
+  """
+  alpha = _hyper("alpha", alpha)
+  return alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(safe_unit_norm(w, axes)), axis)
+
+
+def max_norm_penalty(
+    params: Any, max_norm: Scalar, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
+) -> jax.Array:
+  r"""The soft max-norm penalty ``α·Σ_units max(0, ‖w_unit‖ − c)²``; zero inside the ball.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> float(optax_norms.max_norm_penalty({"kernel": jnp.array([[3.0], [4.0]])}, 2.0, 1.0))
+    9.0
+  """
+  max_norm, alpha = _hyper("max_norm", max_norm), _hyper("alpha", alpha)
+
+  def term(w, axes):
+    return jnp.sum(jnp.square(jnp.maximum(safe_unit_norm(w, axes) - max_norm, 0)))
+
+  return alpha * _sum_over(params, mask, term, axis)

@@ -1,0 +1,136 @@
+"""Gradient-space penalties: add the gradient of a norm penalty to the updates.
+
+Place them **before** the optimizer (``optax.chain(add_l2_decay(a), optax.adam(lr))``) for
+classic, coupled regularization: the optimizer then sees ``g + ∇P(w)``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from optax_norms._hyperparams import ScalarOrSchedule
+from optax_norms._numerics import Axis, unit_sq_norm
+from optax_norms._paths import Mask
+from optax_norms._transform import leafwise_transform
+
+__all__ = ["add_l1_decay", "add_l2_decay", "add_max_norm_decay", "elastic"]
+
+
+def add_l2_decay(alpha: ScalarOrSchedule, *, mask: Mask = None) -> optax.GradientTransformation:
+  r"""Adds the gradient of the L2 penalty ``α·Σ w²``: ``u ← u + 2α·w``.
+
+  The penalty is written as in the textbook and in Keras ``L2(α)``, without a ½, so
+  ``add_l2_decay(α)`` equals ``optax.add_decayed_weights(2α)`` and PyTorch
+  ``SGD(weight_decay=2α)``.
+
+  Args:
+    alpha: the penalty weight ``α ≥ 0``: a number or a schedule ``step -> α``.
+    mask: the leaves to decay (globs, a :func:`path_mask`, a bool pytree or a callable);
+      ``None`` decays every floating-point leaf.
+
+  Returns:
+    An ``optax.GradientTransformation``; its ``update`` needs ``params``.
+
+  Example:
+    >>> import optax, optax_norms
+    >>> tx = optax.chain(optax_norms.add_l2_decay(1e-4, mask="**/kernel"), optax.sgd(0.1))
+  """
+
+  def rule(u, w, hp, axes):
+    del axes
+    return u + (2 * hp["alpha"]) * w
+
+  return leafwise_transform("add_l2_decay", {"alpha": alpha}, rule, mask=mask, needs_params=True)
+
+
+def add_l1_decay(alpha: ScalarOrSchedule, *, mask: Mask = None) -> optax.GradientTransformation:
+  r"""Adds the subgradient of the L1 penalty ``α·Σ |w|``: ``u ← u + α·sign(w)``.
+
+  ``sign(0) = 0``, the subgradient of minimal norm, so a weight at exactly zero is not pushed.
+  This subgradient form never produces exact zeros (weights oscillate around 0); for
+  sparsity use :func:`prox_l1` instead.
+
+  Args:
+    alpha: the penalty weight ``α ≥ 0``: a number or a schedule.
+    mask: the leaves to decay; ``None`` is every floating-point leaf.
+
+  Example:
+    >>> import optax, optax_norms
+    >>> tx = optax.chain(optax_norms.add_l1_decay(1e-5, mask="**/kernel"), optax.adam(1e-3))
+  """
+
+  def rule(u, w, hp, axes):
+    del axes
+    return u + hp["alpha"] * jnp.sign(w)
+
+  return leafwise_transform("add_l1_decay", {"alpha": alpha}, rule, mask=mask, needs_params=True)
+
+
+def elastic(
+    l1: ScalarOrSchedule, l2: ScalarOrSchedule, *, mask: Mask = None
+) -> optax.GradientTransformation:
+  r"""Adds the gradient of the elastic-net penalty ``l1·Σ|w| + l2·Σw²``.
+
+  ``u ← u + l1·sign(w) + 2·l2·w`` with ``sign(0) = 0``. scikit-learn's
+  ``ElasticNet(alpha=a, l1_ratio=ρ)`` is ``elastic(l1=a·ρ, l2=a·(1−ρ)/2)`` on the data term
+  ``½·mean(r²)``.
+
+  Args:
+    l1: the L1 weight ``≥ 0``: a number or a schedule.
+    l2: the L2 weight ``≥ 0`` (penalty ``l2·Σw²``, no ½): a number or a schedule.
+    mask: the leaves to decay; ``None`` is every floating-point leaf.
+
+  Example:
+    >>> import optax, optax_norms
+    >>> tx = optax.chain(optax_norms.elastic(1e-5, 1e-4, mask="**/kernel"), optax.sgd(0.1))
+  """
+
+  def rule(u, w, hp, axes):
+    del axes
+    return u + hp["l1"] * jnp.sign(w) + (2 * hp["l2"]) * w
+
+  return leafwise_transform("elastic", {"l1": l1, "l2": l2}, rule, mask=mask, needs_params=True)
+
+
+def add_max_norm_decay(
+    max_norm: ScalarOrSchedule,
+    alpha: ScalarOrSchedule,
+    *,
+    axis: Axis = None,
+    mask: Mask = None,
+) -> optax.GradientTransformation:
+  r"""Adds the gradient of the soft max-norm penalty ``α·Σ_units max(0, ‖w_unit‖ − c)²``.
+
+  ``u ← u + 2α·max(0, ‖w_unit‖ − c)·w_unit/‖w_unit‖``: zero for units inside the ball
+  (and for zero units), a pull back towards the ball for units outside. The twin of
+  :func:`max_norm_penalty`; for a hard bound use :func:`constrain_row_norm`.
+
+  Args:
+    max_norm: the radius ``c ≥ 0``.
+    alpha: the penalty weight ``α ≥ 0``.
+    axis: the reduced axes of a unit: ``None`` is all but the last for rank ≥ 2 (the
+      incoming weights of each output of a Flax Dense/Conv kernel), the whole leaf for
+      rank ≤ 1; an int, a tuple, or a callable ``(path, leaf) -> axes``.
+    mask: the leaves to penalize; ``None`` is every floating-point leaf.
+
+  Example:
+    >>> import optax, optax_norms
+    >>> tx = optax.chain(optax_norms.add_max_norm_decay(3.0, 1e-2, mask="**/kernel"),
+    ...                  optax.adam(1e-3))
+  """
+
+  def rule(u, w, hp, axes):
+    norm = jnp.sqrt(unit_sq_norm(w, axes))
+    excess = jnp.maximum(norm - hp["max_norm"], 0)
+    coefficient = 2 * hp["alpha"] * excess / jnp.where(norm > 0, norm, 1)
+    return u + coefficient * w
+
+  return leafwise_transform(
+      "add_max_norm_decay",
+      {"max_norm": max_norm, "alpha": alpha},
+      rule,
+      mask=mask,
+      needs_params=True,
+      axis=axis,
+  )
