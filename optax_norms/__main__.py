@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import sys
 
+_USAGE = "usage: python -m optax_norms {demo,bench} [--help]"
+
 
 def main(argv: list[str] | None = None) -> int:
+  """Dispatches ``demo`` and ``bench``; returns the exit status."""
   argv = sys.argv[1:] if argv is None else argv
-  usage = "usage: python -m optax_norms {demo,bench} [--help]"
   if not argv or argv[0] in ("-h", "--help"):
-    print(usage)
+    print(_USAGE)
     return 0 if argv else 2
   command, rest = argv[0], argv[1:]
   if command == "demo":
-    print("optax_norms demo: coming soon (see CHANGELOG).")
-    return 0
+    from optax_norms._demo import main as demo_main
+
+    return demo_main(rest)
   if command == "bench":
-    print("optax_norms bench: coming soon (see CHANGELOG).")
-    return 0
-  print(f"unknown command {command!r}. {usage}", file=sys.stderr)
+    try:
+      from optax_norms._bench import main as bench_main
+    except ModuleNotFoundError as error:
+      if error.name != "optax_norms._bench":
+        raise
+      print("optax_norms bench is not available in this version.", file=sys.stderr)
+      return 1
+    return bench_main(rest)
+  print(f"unknown command {command!r}. {_USAGE}", file=sys.stderr)
   return 2
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._numerics import Axis, unit_sq_norm
+from optax_norms._numerics import Axis, safe_unit_norm
 from optax_norms._paths import Mask
 from optax_norms._transform import leafwise_transform
 
@@ -17,7 +17,7 @@ def unit_scale(x, max_norm, axes):
   """Per-unit factor ``min(1, c/‖x_unit‖)``, exactly 1 inside the ball (and for zero or
   NaN units), computed in >= float32; the scale of ``clip_by_row_norm`` and
   ``constrain_row_norm``."""
-  norm = jnp.sqrt(unit_sq_norm(x, axes))
+  norm = safe_unit_norm(x, axes)
   outside = norm > max_norm
   return outside, jnp.where(outside, max_norm / jnp.where(outside, norm, 1), 1)
 

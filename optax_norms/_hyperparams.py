@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +19,8 @@ import optax
 
 __all__ = ["Scalar", "ScalarOrSchedule", "ScheduleState", "Hyperparams"]
 
-Scalar = Union[float, int, jax.Array, np.ndarray, np.floating]
-ScalarOrSchedule = Union[Scalar, Callable[[jax.Array], Scalar]]
+Scalar = float | int | jax.Array | np.ndarray | np.floating
+ScalarOrSchedule = Scalar | Callable[[jax.Array], Scalar]
 
 # Steps at which a schedule is probed at construction: catches a schedule that goes
 # negative, NaN or infinite later in training (a bad warmup/decay formula) before a job runs.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ __all__ = [
     "unit_sq_norm",
 ]
 
-Axis = Union[None, int, Sequence[int], Callable[[Path, Any], Any]]
+Axis = None | int | Sequence[int] | Callable[[Path, Any], Any]
 
 
 def compute_dtype(dtype: Any) -> Any:

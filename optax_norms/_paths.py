@@ -30,7 +30,7 @@ __all__ = [
     "weights_only",
 ]
 
-Path = tuple[Union[str, int], ...]
+Path = tuple[str | int, ...]
 Mask = Union[None, str, Sequence[str], "PathMask", Any, Callable[[Any], Any]]
 
 _SHOWN_PATHS = 8
@@ -217,9 +217,12 @@ class PathMask:
       keep = keep and (self.where is None or bool(self.where(path, leaf)))
       selected.append(keep)
     if check:
-      for glob in (*self.include, *self.exclude):
+      for glob in self.include:
         if not any(_glob_matches(glob, text) for text in texts):
           raise _nothing_matched(f"The glob {glob!r}", texts)
+      for glob in self.exclude:
+        if not any(_glob_matches(glob, text) for text in texts):
+          raise _nothing_matched(f"The exclusion glob {'!' + glob!r}", texts)
       if self.regex is not None and not any(self.regex.search(t) for t in texts):
         raise _nothing_matched(f"The regex {self.regex.pattern!r}", texts)
     return selected

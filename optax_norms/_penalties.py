@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._numerics import Axis, unit_sq_norm
+from optax_norms._numerics import Axis, safe_unit_norm
 from optax_norms._paths import Mask
 from optax_norms._transform import leafwise_transform
 
@@ -121,7 +121,7 @@ def add_max_norm_decay(
   """
 
   def rule(u, w, hp, axes):
-    norm = jnp.sqrt(unit_sq_norm(w, axes))
+    norm = safe_unit_norm(w, axes)
     excess = jnp.maximum(norm - hp["max_norm"], 0)
     coefficient = 2 * hp["alpha"] * excess / jnp.where(norm > 0, norm, 1)
     return u + coefficient * w

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._numerics import Axis, unit_sq_norm
+from optax_norms._numerics import Axis, safe_unit_norm
 from optax_norms._paths import Mask
 from optax_norms._transform import leafwise_transform
 
@@ -118,7 +118,7 @@ def prox_group_l2(
 
   def rule(u, w, hp, axes):
     v = w + u
-    norm = jnp.sqrt(unit_sq_norm(v, axes))
+    norm = safe_unit_norm(v, axes)
     threshold = hp["learning_rate"] * hp["alpha"]
     shrink = jnp.maximum(1 - threshold / jnp.where(norm > 0, norm, 1), 0)
     return v * jnp.where(norm > 0, shrink, 0) - w

@@ -58,11 +58,12 @@ def selected_leaves(
 def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   p_paths, p_leaves, _ = _flatten(params)
   if p_paths != u_paths:
-    for i, (up, pp) in enumerate(zip(u_paths + [None], p_paths + [None])):
-      if up != pp:
-        break
-    where_u = "(end)" if up is None else repr(format_path(up))
-    where_p = "(end)" if pp is None else repr(format_path(pp))
+    padded = max(len(u_paths), len(p_paths))
+    u_padded = u_paths + [None] * (padded - len(u_paths))
+    p_padded = p_paths + [None] * (padded - len(p_paths))
+    i = next(k for k in range(padded) if u_padded[k] != p_padded[k])
+    where_u = "(end)" if u_padded[i] is None else repr(format_path(u_padded[i]))
+    where_p = "(end)" if p_padded[i] is None else repr(format_path(p_padded[i]))
     raise ValueError(
         "`params` must have the structure of `updates`; they first differ at leaf "
         f"{i}: updates {where_u}, params {where_p}."

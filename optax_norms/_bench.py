@@ -1,0 +1,782 @@
+"""``python -m optax_norms bench``: the cost of every transform, measured on this device.
+
+Every variant runs ``K`` optimizer steps inside ONE jit-compiled ``lax.fori_loop`` that
+carries the parameters and the optimizer state, so Python dispatch is excluded. The variants
+of one row (our transform, the same chain without it, the optax peer, a hand-written ``jnp``
+version) are timed alternately, repeat after repeat, and each ratio is the median over the
+repeats of the paired ratio, so slow machine drift cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+ELEMENTWISE = (
+    "add_l2_decay", "add_l1_decay", "elastic", "prox_l1", "prox_elastic",
+    "clip_by_max_abs", "constrain_max_abs",
+)
+PER_UNIT = ("add_max_norm_decay", "prox_group_l2", "clip_by_row_norm", "constrain_row_norm")
+TRANSFORMS = (
+    "add_l2_decay", "add_l1_decay", "elastic", "add_max_norm_decay", "prox_l1",
+    "prox_elastic", "prox_group_l2", "clip_by_max_abs", "clip_by_row_norm",
+    "constrain_max_abs", "constrain_row_norm",
+)
+TREES = ("big", "transformer", "many", "mlp")
+OPTIMIZERS = ("sgd", "adam")
+MASK = "**/kernel"
+
+# Hyperparameters: small enough that training stays sane, large enough that clips and
+# projections are active for part of the units.
+ALPHA, L1, L2, MAX_NORM, MAX_ABS, AGC = 1e-4, 1e-5, 1e-4, 1.0, 0.05, 0.05
+LR = {"sgd": 1e-2, "adam": 1e-3}
+
+# size -> (big-leaf side, transformer width, transformer layers, small-leaf side,
+#          small-leaf blocks (2 leaves each), MLP width, MLP batch, steps, repeats)
+SIZES = {
+    "tiny": dict(big=256, d=16, layers=4, small=8, blocks=50, width=32, batch=16,
+                 steps=2, repeats=2),
+    "small": dict(big=1024, d=64, layers=20, small=16, blocks=500, width=256, batch=64,
+                  steps=10, repeats=5),
+    "medium": dict(big=4096, d=256, layers=20, small=64, blocks=500, width=512, batch=128,
+                   steps=20, repeats=7),
+    "large": dict(big=16384, d=1024, layers=20, small=256, blocks=500, width=2048, batch=512,
+                  steps=50, repeats=9),
+}
+
+# Opcodes that launch no kernel of their own.
+_FREE_OPS = frozenset({
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+    "call", "after-all", "opt-barrier", "partition-id", "replica-id", "iota",
+})
+
+
+class _UsageError(Exception):
+  pass
+
+
+class _Parser(argparse.ArgumentParser):
+
+  def error(self, message):  # One line, no usage dump, no traceback.
+    raise _UsageError(message)
+
+
+def _names(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
+  names = tuple(n.strip() for n in text.split(",") if n.strip())
+  bad = [n for n in names if n not in allowed]
+  if bad or not names:
+    raise _UsageError(
+        f"{flag}: unknown name(s) {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}"
+    )
+  return names
+
+
+def _positive(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+  return value
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+  parser = _Parser(
+      prog="python -m optax_norms bench",
+      description="Time every optax_norms transform against the unpenalized chain, the optax "
+      "peer and a hand-written jnp version, inside one jit-compiled loop.",
+  )
+  parser.add_argument("--size", choices=tuple(SIZES), default="small",
+                      help="problem size (tiny: CI smoke; small: CPU default; large: GPU)")
+  parser.add_argument("--steps", type=_positive, help="optimizer steps per timed call (K)")
+  parser.add_argument("--repeats", type=_positive, help="timed calls per variant")
+  parser.add_argument("--only", help="comma-separated transforms to run (default: all)")
+  parser.add_argument("--trees", help=f"comma-separated benchmarks among {','.join(TREES)}")
+  parser.add_argument("--json", metavar="PATH", help="also write all results as JSON")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  args = parser.parse_args(argv)
+  args.only = _names(args.only, TRANSFORMS, "--only") if args.only else TRANSFORMS
+  args.trees = _names(args.trees, TREES, "--trees") if args.trees else TREES
+  config = SIZES[args.size]
+  args.steps = args.steps or config["steps"]
+  args.repeats = args.repeats or config["repeats"]
+  return args
+
+
+# --------------------------------------------------------------------------------------------
+# Trees.
+
+
+def _trees(config: dict[str, int], names: Sequence[str]) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+
+  key = iter(jax.random.split(jax.random.PRNGKey(0), 8192))
+
+  def normal(shape, scale=1.0):
+    return scale * jax.random.normal(next(key), shape, jnp.float32)
+
+  trees = {}
+  if "big" in names:
+    n = config["big"]
+    trees["big"] = {"dense": {"kernel": normal((n, n), n ** -0.5)}}
+  if "transformer" in names:
+    d = config["d"]
+    layers = {}
+    for i in range(config["layers"]):
+      layers[f"layer_{i}"] = {
+          "ln_1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+          "attn": {name: {"kernel": normal((d, d), d ** -0.5)} for name in "qkvo"},
+          "ln_2": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+          "mlp_in": {"kernel": normal((d, 4 * d), d ** -0.5)},
+          "mlp_out": {"kernel": normal((4 * d, d), (4 * d) ** -0.5)},
+      }
+    trees["transformer"] = layers
+  if "many" in names:
+    s = config["small"]
+    trees["many"] = {
+        f"block_{i}": {"kernel": normal((s, s), s ** -0.5), "bias": normal((s,), 0.1)}
+        for i in range(config["blocks"])
+    }
+  return trees
+
+
+def _is_kernel(path) -> bool:
+  import jax
+
+  last = path[-1]
+  return isinstance(last, jax.tree_util.DictKey) and last.key == "kernel"
+
+
+def _bool_mask(tree: Any) -> Any:
+  """The mask a user of plain optax writes: True on every ``kernel`` leaf."""
+  import jax
+
+  return jax.tree_util.tree_map_with_path(lambda path, _: _is_kernel(path), tree)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms: ours, the hand-written jnp version, the optax peer.
+
+
+def _ours(name: str, lr: float):
+  import optax_norms as on
+
+  return {
+      "add_l2_decay": lambda: on.add_l2_decay(ALPHA, mask=MASK),
+      "add_l1_decay": lambda: on.add_l1_decay(ALPHA, mask=MASK),
+      "elastic": lambda: on.elastic(L1, L2, mask=MASK),
+      "add_max_norm_decay": lambda: on.add_max_norm_decay(MAX_NORM, ALPHA, mask=MASK),
+      "prox_l1": lambda: on.prox_l1(ALPHA, lr, mask=MASK),
+      "prox_elastic": lambda: on.prox_elastic(L1, L2, lr, mask=MASK),
+      "prox_group_l2": lambda: on.prox_group_l2(ALPHA, lr, mask=MASK),
+      "clip_by_max_abs": lambda: on.clip_by_max_abs(MAX_ABS, mask=MASK),
+      "clip_by_row_norm": lambda: on.clip_by_row_norm(MAX_NORM, mask=MASK),
+      "constrain_max_abs": lambda: on.constrain_max_abs(MAX_ABS, mask=MASK),
+      "constrain_row_norm": lambda: on.constrain_row_norm(MAX_NORM, mask=MASK),
+  }[name]()
+
+
+def _scheduled(name: str):
+  """Our transform with its first hyperparameter given as a schedule (for state bytes)."""
+  import optax
+
+  import optax_norms as on
+
+  s = optax.constant_schedule
+  return {
+      "add_l2_decay": lambda: on.add_l2_decay(s(ALPHA)),
+      "add_l1_decay": lambda: on.add_l1_decay(s(ALPHA)),
+      "elastic": lambda: on.elastic(s(L1), L2),
+      "add_max_norm_decay": lambda: on.add_max_norm_decay(s(MAX_NORM), ALPHA),
+      "prox_l1": lambda: on.prox_l1(ALPHA, s(0.1)),
+      "prox_elastic": lambda: on.prox_elastic(L1, L2, s(0.1)),
+      "prox_group_l2": lambda: on.prox_group_l2(ALPHA, s(0.1)),
+      "clip_by_max_abs": lambda: on.clip_by_max_abs(s(MAX_ABS)),
+      "clip_by_row_norm": lambda: on.clip_by_row_norm(s(MAX_NORM)),
+      "constrain_max_abs": lambda: on.constrain_max_abs(s(MAX_ABS)),
+      "constrain_row_norm": lambda: on.constrain_row_norm(s(MAX_NORM)),
+  }[name]()
+
+
+def _hand_rule(name: str, lr: float) -> Callable[[Any, Any], Any]:
+  """The same math written directly in jnp, the way a careful user would (f32 leaves)."""
+  import jax.numpy as jnp
+
+  def norm(x):  # Norm of each column (unit) of a kernel, dims kept.
+    return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(x.ndim - 1)), keepdims=True))
+
+  def soft(x, t):
+    return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0)
+
+  def max_norm_decay(g, w):
+    n = norm(w)
+    return g + (2 * ALPHA) * jnp.maximum(n - MAX_NORM, 0) / jnp.where(n > 0, n, 1) * w
+
+  def group(g, w):
+    v = w + g
+    n = norm(v)
+    return v * jnp.maximum(1 - (lr * ALPHA) / jnp.maximum(n, 1e-30), 0) - w
+
+  def row_clip(g, w):
+    return g * (MAX_NORM / jnp.maximum(norm(g), MAX_NORM))
+
+  def row_constrain(g, w):
+    v = w + g
+    return v * (MAX_NORM / jnp.maximum(norm(v), MAX_NORM)) - w
+
+  return {
+      "add_l2_decay": lambda g, w: g + (2 * ALPHA) * w,
+      "add_l1_decay": lambda g, w: g + ALPHA * jnp.sign(w),
+      "elastic": lambda g, w: g + L1 * jnp.sign(w) + (2 * L2) * w,
+      "add_max_norm_decay": max_norm_decay,
+      "prox_l1": lambda g, w: soft(w + g, lr * ALPHA) - w,
+      "prox_elastic": lambda g, w: soft(w + g, lr * L1) / (1 + 2 * lr * L2) - w,
+      "prox_group_l2": group,
+      "clip_by_max_abs": lambda g, w: jnp.clip(g, -MAX_ABS, MAX_ABS),
+      "clip_by_row_norm": row_clip,
+      "constrain_max_abs": lambda g, w: jnp.clip(w + g, -MAX_ABS, MAX_ABS) - w,
+      "constrain_row_norm": row_constrain,
+  }[name]
+
+
+def _hand(name: str, lr: float):
+  import jax
+  import optax
+
+  rule = _hand_rule(name, lr)
+
+  def update(updates, state, params=None):
+    mask = _bool_mask(updates)
+    new = jax.tree.map(lambda m, g, w: rule(g, w) if m else g, mask, updates, params)
+    return new, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _peer(name: str):
+  """(optax transform, same math?) or None."""
+  import optax
+
+  if name == "add_l2_decay":
+    return optax.add_decayed_weights(2 * ALPHA, mask=_bool_mask), True
+  if name == "clip_by_max_abs":
+    return optax.masked(optax.clip(MAX_ABS), _bool_mask), True
+  if name == "clip_by_row_norm":  # Relative (to ||w||) per-unit clip: the nearest peer.
+    return optax.masked(optax.adaptive_grad_clip(AGC), _bool_mask), False
+  return None
+
+
+def _before(name: str) -> bool:
+  """Decays and clips go before the optimizer; prox steps and constraints after it."""
+  return name.startswith(("add_", "clip_")) or name == "elastic"
+
+
+def _optimizer(name: str):
+  import optax
+
+  return optax.sgd(LR["sgd"]) if name == "sgd" else optax.adam(LR["adam"])
+
+
+def _chain(extra, opt_name: str, before: bool):
+  import optax
+
+  opt = _optimizer(opt_name)
+  if extra is None:
+    return opt
+  return optax.chain(extra, opt) if before else optax.chain(opt, extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation, analysis, timing.
+
+
+def _tree_loop(tx, steps: int):
+  import jax
+  import optax
+
+  def run(params, state, target):
+    def body(_, carry):
+      p, s = carry
+      g = jax.tree.map(lambda w, t: w - t, p, target)  # Gradient of ½‖w − t‖².
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    return jax.lax.fori_loop(0, steps, body, (params, state))
+
+  return run
+
+
+def _copy_loop(steps: int):
+  import jax
+
+  def run(tree, a, b):  # a = 1, b = 0 at run time: XLA cannot fold the copy away.
+    return jax.lax.fori_loop(0, steps, lambda _, x: jax.tree.map(lambda v: v * a + b, x), tree)
+
+  return run
+
+
+def _kernel_count(hlo: str) -> int:
+  """Kernel-launching instructions of the compiled module: fusions, custom calls and unfused
+  ops in the entry computation and in loop bodies (not inside fused or reducer computations)."""
+  inner = set(re.findall(r"(?:calls|to_apply)=%?([\w.-]+)", hlo))
+  count, skip = 0, True
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):  # A computation header.
+      words = line.split()
+      name = (words[1] if words[0] == "ENTRY" else words[0]).lstrip("%")
+      skip = name in inner
+      continue
+    if skip or " = " not in line:
+      continue
+    rhs = line.split(" = ", 1)[1]
+    match = re.match(r"(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(", rhs)
+    if match and match.group(1) not in _FREE_OPS:
+      count += 1
+  return count
+
+
+def _temp_bytes(compiled) -> int | None:
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # Not implemented on this backend.
+    return None
+  if analysis is None:
+    return None
+  value = getattr(analysis, "temp_size_in_bytes", None)
+  return None if value is None else int(value)
+
+
+def _nbytes(tree: Any) -> int:
+  import jax
+
+  return int(sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(tree)))
+
+
+class _Compiled:
+  """One jit-compiled loop, its inputs and its static analysis."""
+
+  def __init__(self, fn, args):
+    import jax
+
+    start = time.perf_counter()
+    self.compiled = jax.jit(fn).lower(*args).compile()
+    self.compile_s = time.perf_counter() - start
+    self.args = args
+    self.kernels = _kernel_count(self.compiled.as_text())
+    self.temp_bytes = _temp_bytes(self.compiled)
+    self.output = None
+
+  def __call__(self):
+    import jax
+
+    out = self.compiled(*self.args)
+    jax.block_until_ready(out)
+    return out
+
+
+def _time(variants: dict[str, _Compiled], repeats: int) -> dict[str, list[float]]:
+  """Calls every variant once per repeat, in a rotating order; returns seconds per call."""
+  names = list(variants)
+  for name in names:  # Warm-up; keep the first output for the correctness check.
+    variants[name].output = variants[name]()
+  times = {name: [] for name in names}
+  for r in range(repeats):
+    order = names[r % len(names):] + names[: r % len(names)]
+    if r % 2:
+      order.reverse()
+    for name in order:
+      start = time.perf_counter()
+      variants[name]()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def _ratio(times: dict[str, list[float]], a: str, b: str) -> float | None:
+  if a not in times or b not in times:
+    return None
+  return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def _max_diff(x, y) -> float:
+  import jax
+  import numpy as np
+
+  diffs = [float(np.max(np.abs(np.asarray(p) - np.asarray(q)), initial=0.0))
+           for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y))]
+  return max(diffs, default=0.0)
+
+
+class _Progress:
+
+  def __init__(self, total: int, enabled: bool):
+    self.bar = None
+    if enabled:
+      try:
+        from tqdm import tqdm
+      except ImportError:  # tqdm is in the demo extra; no bar without it.
+        tqdm = None
+      if tqdm is not None:
+        self.bar = tqdm(total=total, file=sys.stderr, unit="row", leave=False)
+
+  def step(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.set_description(text[:40])
+      self.bar.update(1)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmarks.
+
+
+def _bench_tree(tree_name, params, args, progress) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+
+  steps = args.steps
+  target = jax.tree.map(lambda w: 0.5 * jax.random.normal(jax.random.PRNGKey(1), w.shape), params)
+  copy = _Compiled(_copy_loop(steps), (params, jnp.float32(1), jnp.float32(0)))
+  copy_times = _time({"copy": copy}, args.repeats)["copy"]
+  copy_s = statistics.median(copy_times) / steps
+  copy_bw = 2 * _nbytes(params) / copy_s
+  rows = []
+  for opt_name in OPTIMIZERS:
+    opt_state_bytes = _nbytes(_optimizer(opt_name).init(params))
+    min_bytes = 3 * _nbytes(params) + 2 * opt_state_bytes  # w, t in; w out; state in/out.
+
+    def compile_tx(tx):
+      return _Compiled(_tree_loop(tx, steps), (params, tx.init(params), target))
+
+    base = compile_tx(_optimizer(opt_name))
+    for name in args.only:
+      lr, before = LR[opt_name], _before(name)
+      variants = {"base": base}
+      ours_tx = _ours(name, lr)
+      variants["ours"] = compile_tx(_chain(ours_tx, opt_name, before))
+      variants["hand"] = compile_tx(_chain(_hand(name, lr), opt_name, before))
+      peer = _peer(name)
+      if peer is not None:
+        variants["peer"] = compile_tx(_chain(peer[0], opt_name, before))
+      times = _time(variants, args.repeats)
+      us = {k: 1e6 * statistics.median(v) / steps for k, v in times.items()}
+      row = {
+          "transform": name,
+          "optimizer": opt_name,
+          "us_per_step": us,
+          "ratio_vs_base": _ratio(times, "ours", "base"),
+          "ratio_vs_peer": _ratio(times, "ours", "peer"),
+          "ratio_vs_hand": _ratio(times, "ours", "hand"),
+          "peer_same_math": None if peer is None else peer[1],
+          "bw_fraction": min_bytes / (us["ours"] * 1e-6) / copy_bw,
+          "compile_s": {k: v.compile_s for k, v in variants.items()},
+          "kernels": {k: v.kernels for k, v in variants.items()},
+          "temp_bytes": {k: v.temp_bytes for k, v in variants.items()},
+          "state_bytes": _nbytes(ours_tx.init(params)),
+          "max_abs_diff_vs_hand": _max_diff(variants["ours"].output[0],
+                                            variants["hand"].output[0]),
+          "max_abs_diff_vs_peer": (_max_diff(variants["ours"].output[0],
+                                             variants["peer"].output[0])
+                                   if peer is not None and peer[1] else None),
+      }
+      for v in variants.values():
+        v.output = None
+      rows.append(row)
+      progress.step(f"{tree_name} {opt_name} {name}")
+  leaves = jax.tree.leaves(params)
+  return {
+      "n_leaves": len(leaves),
+      "n_params": int(sum(x.size for x in leaves)),
+      "copy": {"us_per_step": 1e6 * copy_s, "gb_per_s": copy_bw / 1e9},
+      "rows": rows,
+  }
+
+
+def _bench_mlp(config, args, progress) -> dict[str, Any]:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  try:
+    import flax.linen as nn
+  except ImportError:
+    progress.step("mlp (skipped)")
+    return {"skipped": "flax is not installed (pip install optax-norms[demo])"}
+  import optax_norms as on
+
+  width, batch, steps, depth = config["width"], config["batch"], args.steps, 8
+
+  class MLP(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      for _ in range(depth - 1):
+        x = nn.relu(nn.Dense(width)(x))
+      return nn.Dense(width)(x)
+
+  model = MLP()
+  kx, ky, kp = jax.random.split(jax.random.PRNGKey(2), 3)
+  x = jax.random.normal(kx, (batch, width))
+  y = jax.random.normal(ky, (batch, width))
+  params = model.init(kp, x)["params"]
+  lr = LR["adam"]
+
+  def loss(p, x, y):
+    return jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+
+  def loop(tx):
+    def run(params, state, x, y):
+      def body(_, carry):
+        p, s = carry
+        g = jax.grad(loss)(p, x, y)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      return jax.lax.fori_loop(0, steps, body, (params, state))
+
+    return _Compiled(run, (params, tx.init(params), x, y))
+
+  adam = lambda: optax.adam(lr)
+  hand = lambda name: _hand(name, lr)
+  txs = {
+      "base": adam(),
+      "l2_ours": optax.chain(on.add_l2_decay(ALPHA, mask=MASK), adam()),
+      "l2_optax": optax.chain(optax.add_decayed_weights(2 * ALPHA, mask=_bool_mask), adam()),
+      "l2_hand": optax.chain(hand("add_l2_decay"), adam()),
+      "maxnorm_ours": optax.chain(adam(), on.constrain_row_norm(MAX_NORM, mask=MASK)),
+      "maxnorm_hand": optax.chain(adam(), hand("constrain_row_norm")),
+      "clip_ours": optax.chain(on.clip_by_row_norm(MAX_NORM, mask=MASK), adam()),
+      "clip_hand": optax.chain(hand("clip_by_row_norm"), adam()),
+      "clip_agc": optax.chain(optax.masked(optax.adaptive_grad_clip(AGC), _bool_mask), adam()),
+      "all_ours": optax.chain(
+          on.clip_by_row_norm(MAX_NORM, mask=MASK), on.add_l2_decay(ALPHA, mask=MASK), adam(),
+          on.constrain_row_norm(MAX_NORM, mask=MASK)),
+      "all_hand": optax.chain(
+          hand("clip_by_row_norm"), hand("add_l2_decay"), adam(), hand("constrain_row_norm")),
+  }
+  variants = {name: loop(tx) for name, tx in txs.items()}
+  times = _time(variants, args.repeats)
+  rows = []
+  for name, v in variants.items():
+    rows.append({
+        "variant": name,
+        "us_per_step": 1e6 * statistics.median(times[name]) / steps,
+        "ratio_vs_base": _ratio(times, name, "base"),
+        "ratio_vs_hand": (_ratio(times, name, name.rsplit("_", 1)[0] + "_hand")
+                          if name.endswith("_ours") else None),
+        "compile_s": v.compile_s,
+        "kernels": v.kernels,
+        "temp_bytes": v.temp_bytes,
+    })
+  diffs = {
+      group: _max_diff(variants[f"{group}_ours"].output[0], variants[f"{group}_hand"].output[0])
+      for group in ("l2", "maxnorm", "clip", "all")
+  }
+  diffs["l2_optax"] = _max_diff(variants["l2_ours"].output[0], variants["l2_optax"].output[0])
+  progress.step("mlp")
+  return {
+      "depth": depth, "width": width, "batch": batch,
+      "n_params": int(sum(p.size for p in jax.tree.leaves(params))),
+      "rows": rows,
+      "max_abs_diff_vs_hand": diffs,
+  }
+
+
+def _state_bytes(names: Sequence[str]) -> dict[str, dict[str, int]]:
+  import jax.numpy as jnp
+
+  params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))}}
+  return {
+      name: {"constant": _nbytes(_ours(name, 0.1).init(params)),
+             "scheduled": _nbytes(_scheduled(name).init(params))}
+      for name in names
+  }
+
+
+# --------------------------------------------------------------------------------------------
+# Report.
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+  return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _kib(x: int | None) -> str:
+  return "-" if x is None else f"{x / 1024:.0f}"
+
+
+def _print_tree(name: str, result: dict[str, Any]) -> None:
+  print(f"\n## {name}: {result['n_leaves']} leaves, {result['n_params']:,} params; "
+        f"copy {result['copy']['us_per_step']:.1f} us/step = "
+        f"{result['copy']['gb_per_s']:.1f} GB/s")
+  head = (f"{'transform':<19}{'opt':<5}{'us/step':>9}{'xbase':>7}{'xpeer':>7}{'xhand':>7}"
+          f"{'BW%':>5} {'compile s':>11} {'kernels':>11} {'temp KiB':>11}")
+  print(head)
+  print("-" * len(head))
+  for r in result["rows"]:
+    c, k, t = r["compile_s"], r["kernels"], r["temp_bytes"]
+    peer = _fmt(r["ratio_vs_peer"])
+    if r["peer_same_math"] is False:
+      peer += "*"
+    print(f"{r['transform']:<19}{r['optimizer']:<5}{r['us_per_step']['ours']:>9.1f}"
+          f"{_fmt(r['ratio_vs_base']):>7}{peer:>7}{_fmt(r['ratio_vs_hand']):>7}"
+          f"{100 * r['bw_fraction']:>5.0f} {c['ours']:>5.2f}/{c['hand']:<5.2f}"
+          f" {k['ours']:>3}/{k['hand']:>3}/{k['base']:<3}"
+          f" {_kib(t['ours']):>5}/{_kib(t['hand']):<5}")
+
+
+def _print_mlp(result: dict[str, Any]) -> None:
+  if "skipped" in result:
+    print(f"\n## mlp: skipped ({result['skipped']})")
+    return
+  print(f"\n## mlp: Flax Linen {result['depth']}x{result['width']} Dense, batch "
+        f"{result['batch']}, adam; {result['n_params']:,} params")
+  head = (f"{'variant':<14}{'us/step':>10}{'xbase':>8}{'xhand':>8}{'compile s':>11}"
+          f"{'kernels':>9}{'temp KiB':>10}")
+  print(head)
+  print("-" * len(head))
+  for r in result["rows"]:
+    print(f"{r['variant']:<14}{r['us_per_step']:>10.1f}{_fmt(r['ratio_vs_base']):>8}"
+          f"{_fmt(r['ratio_vs_hand']):>8}{r['compile_s']:>11.2f}{r['kernels']:>9}"
+          f"{_kib(r['temp_bytes']):>10}")
+
+
+def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """The performance targets, evaluated (reported, never asserted)."""
+  tol = 1.02
+  out = []
+
+  def add(name, values, ok, threshold):
+    values = [v for v in values if v is not None]
+    if values:
+      worst = max(values)
+      out.append({"target": name, "worst": worst, "threshold": threshold, "met": ok(worst)})
+
+  rows = [r for t in results["trees"].values() for r in t["rows"]]
+  elem = [r for r in rows if r["transform"] in ELEMENTWISE]
+  unit = [r for r in rows if r["transform"] in PER_UNIT]
+  add("element-wise: ours / unpenalized chain", [r["ratio_vs_base"] for r in elem],
+      lambda w: w <= tol, tol)
+  add("element-wise: ours / optax peer", [r["ratio_vs_peer"] for r in elem],
+      lambda w: w <= tol, tol)
+  add("per-unit: ours / hand-written", [r["ratio_vs_hand"] for r in unit],
+      lambda w: w <= tol, tol)
+  add("all: ours / hand-written", [r["ratio_vs_hand"] for r in rows], lambda w: w <= tol, tol)
+  many = results["trees"].get("many")
+  if many:
+    add(f"compile time on the {many['n_leaves']}-leaf tree: ours / hand-written",
+        [r["compile_s"]["ours"] / r["compile_s"]["hand"] for r in many["rows"]],
+        lambda w: w <= 1.10, 1.10)
+  temp = [r["temp_bytes"]["ours"] - r["temp_bytes"]["hand"] for r in rows
+          if r["temp_bytes"]["ours"] is not None and r["temp_bytes"]["hand"] is not None]
+  add("temp bytes: ours - hand-written", temp, lambda w: w <= 0, 0)
+  sb = results["state_bytes"]
+  add("state bytes, constant hyperparameters", [v["constant"] for v in sb.values()],
+      lambda w: w == 0, 0)
+  add("state bytes, one schedule (an int32 count)", [v["scheduled"] for v in sb.values()],
+      lambda w: w <= 4, 4)
+  return out
+
+
+def _print_targets(targets: list[dict[str, Any]]) -> None:
+  print("\n## targets (reported, not asserted)")
+  for t in targets:
+    worst = t["worst"]
+    shown = f"{worst:.3f}" if isinstance(worst, float) else f"{worst}"
+    print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: worst {shown} "
+          f"(target <= {t['threshold']})")
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+  import jax
+  import optax
+
+  import optax_norms
+
+  config = SIZES[args.size]
+  device = jax.devices()[0]
+  meta = {
+      "device": str(device),
+      "device_kind": device.device_kind,
+      "platform": device.platform,
+      "n_devices": jax.device_count(),
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "optax_norms": optax_norms.__version__,
+      "python": platform.python_version(),
+      "size": args.size,
+      "config": config,
+      "steps": args.steps,
+      "repeats": args.repeats,
+      "transforms": list(args.only),
+  }
+  print(f"optax_norms bench: device {meta['device_kind']} ({meta['platform']}), "
+        f"jax {meta['jax']}, optax {meta['optax']}, optax_norms {meta['optax_norms']}")
+  print(f"size {args.size}, {args.steps} steps per jit-compiled loop, {args.repeats} repeats, "
+        f"mask {MASK!r}; ratios are medians of paired, alternated runs")
+  tree_names = [t for t in args.trees if t != "mlp"]
+  total = len(tree_names) * len(OPTIMIZERS) * len(args.only) + ("mlp" in args.trees)
+  progress = _Progress(total, not args.no_progress)
+  results: dict[str, Any] = {"meta": meta, "trees": {}}
+  try:
+    for name, params in _trees(config, tree_names).items():
+      results["trees"][name] = _bench_tree(name, params, args, progress)
+    if "mlp" in args.trees:
+      results["mlp"] = _bench_mlp(config, args, progress)
+  finally:
+    progress.close()
+  results["state_bytes"] = _state_bytes(args.only)
+  results["targets"] = _targets(results)
+  for name, result in results["trees"].items():
+    _print_tree(name, result)
+  if "mlp" in results:
+    _print_mlp(results["mlp"])
+  print("\n## optimizer-state bytes of our transform alone (constant / with one schedule)")
+  print("  ".join(f"{k} {v['constant']}/{v['scheduled']}"
+                  for k, v in results["state_bytes"].items()))
+  _print_targets(results["targets"])
+  print("\ncolumns: us/step = ours, median; xbase/xpeer/xhand = ours / (no penalty | optax peer "
+        "| hand-written jnp); * = peer is relative (adaptive_grad_clip), not the same math; "
+        "BW% = minimal bytes moved / time, as % of the measured copy; compile = lower+compile "
+        "s, ours/hand; kernels = ours/hand/base; temp = XLA temp KiB, ours/hand")
+  return results
+
+
+def main(argv: list[str]) -> int:
+  """Runs the benchmark; returns the exit status.
+
+  Args:
+    argv: the arguments after ``bench`` (e.g. ``["--size", "tiny"]``).
+  """
+  try:
+    args = _parse(list(argv))
+  except _UsageError as error:
+    print(f"optax_norms bench: error: {error} (see --help)", file=sys.stderr)
+    return 2
+  except SystemExit as exit_:  # --help.
+    return int(exit_.code or 0)
+  results = _run(args)
+  if args.json:
+    try:
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    except OSError as error:
+      print(f"optax_norms bench: error: cannot write --json {args.json}: {error}",
+            file=sys.stderr)
+      return 1
+    print(f"\nwrote {args.json}")
+  return 0

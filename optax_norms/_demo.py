@@ -1,0 +1,430 @@
+"""``python -m optax_norms demo``: one Flax MLP on scikit-learn digits, once per regularizer.
+
+Trains a Linen MLP (64 → 256 → 256 → 10) on a small, standardized training split of
+``load_digits`` (300 samples, so the unregularized model overfits) and the rest as test set,
+once per setting, with the same initialization, data and base optimizer
+(``optax.sgd(lr, momentum)``, full batch). Prints a table (accuracies, generalization gap,
+sparsity, dead units, largest unit norm, total weight norm from
+:func:`optax_norms.norm_report`, step time relative to no regularization) and writes three
+PNG figures. Flax, scikit-learn, matplotlib and tqdm (the ``[demo]`` extra) are imported
+only when the demo runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["SETTINGS", "main"]
+
+_INSTALL_HINT = "install with pip install -e '.[demo]'"
+_KERNELS = "**/kernel"
+
+# Base optimizer and data split, shared by every setting.
+_LR = 0.05
+_MOMENTUM = 0.9
+_TRAIN_SIZE = 300
+_HIDDEN = (256, 256)
+_DEFAULT_STEPS = 600
+_EVAL_POINTS = 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One row of the demo: a name, the chain it trains with (as text) and its builder."""
+
+  name: str
+  chain: str
+  build: Callable[[Any, Any], Any]  # (optax, optax_norms) -> GradientTransformation
+
+
+def _sgd(optax):
+  return optax.sgd(_LR, momentum=_MOMENTUM)
+
+
+# Hyperparameters chosen so that each effect is visible at the default 600 steps.
+_MAX_NORM = 0.5
+SETTINGS: tuple[Setting, ...] = (
+    Setting("none", "sgd", lambda ox, on: _sgd(ox)),
+    Setting(
+        "l2",
+        "add_l2_decay(3e-3) → sgd",
+        lambda ox, on: ox.chain(on.add_l2_decay(3e-3, mask=_KERNELS), _sgd(ox)),
+    ),
+    Setting(
+        "l1",
+        "add_l1_decay(3e-4) → sgd",
+        lambda ox, on: ox.chain(on.add_l1_decay(3e-4, mask=_KERNELS), _sgd(ox)),
+    ),
+    Setting(
+        "prox_l1",
+        "sgd → prox_l1(3e-3, lr)",
+        lambda ox, on: ox.chain(_sgd(ox), on.prox_l1(3e-3, _LR, mask=_KERNELS)),
+    ),
+    Setting(
+        "elastic",
+        "sgd → prox_elastic(3e-3, 3e-3, lr)",
+        lambda ox, on: ox.chain(_sgd(ox), on.prox_elastic(3e-3, 3e-3, _LR, mask=_KERNELS)),
+    ),
+    Setting(
+        "group",
+        "sgd → prox_group_l2(5e-2, lr)",
+        lambda ox, on: ox.chain(_sgd(ox), on.prox_group_l2(5e-2, _LR, mask=_KERNELS)),
+    ),
+    Setting(
+        "maxnorm",
+        f"sgd → constrain_row_norm({_MAX_NORM})",
+        lambda ox, on: ox.chain(_sgd(ox), on.constrain_row_norm(_MAX_NORM, mask=_KERNELS)),
+    ),
+    Setting(
+        "clip_row",
+        "clip_by_row_norm(0.05) → sgd",
+        lambda ox, on: ox.chain(on.clip_by_row_norm(0.05, mask=_KERNELS), _sgd(ox)),
+    ),
+    Setting(
+        "clip_abs",
+        "clip_by_max_abs(0.005) → sgd",
+        lambda ox, on: ox.chain(on.clip_by_max_abs(0.005, mask=_KERNELS), _sgd(ox)),
+    ),
+)
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+_COLUMNS = (
+    ("setting", "{:<9}"),
+    ("train acc", "{:>9.3f}"),
+    ("test acc", "{:>8.3f}"),
+    ("gap", "{:>6.3f}"),
+    ("zero frac", "{:>9.3f}"),
+    ("dead units", "{:>10d}"),
+    ("max unit norm", "{:>13.3f}"),
+    ("total L2", "{:>8.2f}"),
+    ("rel. step time", "{:>14.2f}"),
+)
+
+
+class _UsageError(Exception):
+  """A bad command-line value: reported in one line, without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):  # One line on stderr, exit status 2, no usage block.
+    print(f"optax_norms demo: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+  parser = _Parser(
+      prog="python -m optax_norms demo",
+      description=(
+          "Train one Flax MLP on scikit-learn digits once per regularizer; print a table "
+          "and write figures."
+      ),
+      epilog="settings: " + ", ".join(f"{s.name} ({s.chain})" for s in SETTINGS),
+  )
+  parser.add_argument("--out", default="optax_norms_demo", help="folder for the PNG figures")
+  parser.add_argument(
+      "--steps", type=int, default=_DEFAULT_STEPS, help="full-batch training steps per setting"
+  )
+  parser.add_argument("--seed", type=int, default=0, help="seed of the split and the init")
+  parser.add_argument(
+      "--settings",
+      default=",".join(_BY_NAME),
+      help="comma-separated subset of: " + ", ".join(_BY_NAME),
+  )
+  args = parser.parse_args(argv)
+  if args.steps < 1:
+    raise _UsageError(f"--steps must be a positive integer, got {args.steps}")
+  if args.seed < 0:
+    raise _UsageError(f"--seed must be non-negative, got {args.seed}")
+  names = [n.strip() for n in args.settings.split(",") if n.strip()]
+  unknown = [n for n in names if n not in _BY_NAME]
+  if unknown or not names:
+    raise _UsageError(
+        f"unknown setting(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+        f"choose from {', '.join(_BY_NAME)}"
+    )
+  args.settings = list(dict.fromkeys(names))
+  return args
+
+
+def _import_extras() -> dict[str, Any]:
+  """Imports the [demo] extras; raises ImportError naming the first one missing."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import flax.linen as nn
+  import matplotlib.pyplot as plt
+  import sklearn.datasets
+  import tqdm
+
+  return {"nn": nn, "plt": plt, "datasets": sklearn.datasets, "tqdm": tqdm}
+
+
+def _load_data(datasets, seed: int):
+  import numpy as np
+
+  digits = datasets.load_digits()
+  x, y = digits.data.astype(np.float64), digits.target.astype(np.int32)
+  order = np.random.default_rng(seed).permutation(len(y))
+  train, test = order[:_TRAIN_SIZE], order[_TRAIN_SIZE:]
+  mean, std = x[train].mean(0), x[train].std(0)
+  std = np.where(std > 0, std, 1.0)
+  x = ((x - mean) / std).astype(np.float32)
+  return x[train], y[train], x[test], y[test]
+
+
+def _make_model(nn):
+  class MLP(nn.Module):
+    """64 → 256 → 256 → 10, ReLU."""
+
+    @nn.compact
+    def __call__(self, x):
+      for width in _HIDDEN:
+        x = nn.relu(nn.Dense(width)(x))
+      return nn.Dense(10)(x)
+
+  return MLP()
+
+
+def _train_one(setting, model, params0, data, steps, progress) -> dict[str, Any]:
+  """Trains one setting; returns final params, curves and seconds per step."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import optax_norms
+
+  x_tr, y_tr, x_te, y_te = (jnp.asarray(a) for a in data)
+  tx = setting.build(optax, optax_norms)
+
+  def loss_fn(params):
+    logits = model.apply({"params": params}, x_tr)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y_tr).mean()
+
+  def metrics(params):
+    train_logits = model.apply({"params": params}, x_tr)
+    test_logits = model.apply({"params": params}, x_te)
+    return {
+        "train_loss": optax.softmax_cross_entropy_with_integer_labels(train_logits, y_tr).mean(),
+        "train_acc": jnp.mean(jnp.argmax(train_logits, -1) == y_tr),
+        "test_acc": jnp.mean(jnp.argmax(test_logits, -1) == y_te),
+    }
+
+  def run(params, opt_state, n):
+    """`n` full-batch steps (a traced count: one compilation serves every chunk)."""
+
+    def body(_, carry):
+      params, opt_state = carry
+      grads = jax.grad(loss_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    return jax.lax.fori_loop(0, n, body, (params, opt_state))
+
+  params, opt_state = params0, tx.init(params0)
+  steps_fn = jax.jit(run).lower(params, opt_state, jnp.int32(1)).compile()
+  metrics_fn = jax.jit(metrics).lower(params).compile()
+  jax.block_until_ready(steps_fn(params, opt_state, jnp.int32(1)))  # Warm-up, not timed.
+  curve = {"step": [0], **{k: [float(v)] for k, v in metrics_fn(params).items()}}
+  chunk = max(1, -(-steps // _EVAL_POINTS))
+  done, per_step = 0, []
+  while done < steps:
+    n = min(chunk, steps - done)
+    start = time.perf_counter()
+    params, opt_state = jax.block_until_ready(steps_fn(params, opt_state, jnp.int32(n)))
+    per_step.append((time.perf_counter() - start) / n)
+    done += n
+    curve["step"].append(done)
+    for key, value in jax.device_get(metrics_fn(params)).items():
+      curve[key].append(float(value))
+    progress.update(n)
+  return {
+      "params": params,
+      "curve": {k: np.asarray(v) for k, v in curve.items()},
+      "step_seconds": min(per_step),  # The least disturbed chunk.
+  }
+
+
+def _row(name: str, result: dict[str, Any], base_seconds: float) -> dict[str, Any]:
+  import numpy as np
+
+  import optax_norms
+
+  report = optax_norms.norm_report(result["params"], mask=_KERNELS)
+  sizes = {path: np.size(leaf) for path, leaf in _kernels(result["params"])}
+  zeros = sum(float(r["zero_fraction"]) * sizes[p] for p, r in report.items())
+  curve = result["curve"]
+  train_acc, test_acc = float(curve["train_acc"][-1]), float(curve["test_acc"][-1])
+  return {
+      "setting": name,
+      "train acc": train_acc,
+      "test acc": test_acc,
+      "gap": train_acc - test_acc,
+      "zero frac": zeros / sum(sizes.values()),
+      "dead units": int(sum(float(r["dead_units"]) for r in report.values())),
+      "max unit norm": max(float(r["max_unit_norm"]) for r in report.values()),
+      "total L2": float(np.sqrt(sum(float(r["l2"]) ** 2 for r in report.values()))),
+      "rel. step time": result["step_seconds"] / base_seconds,
+  }
+
+
+def _kernels(params) -> list[tuple[str, Any]]:
+  import jax
+
+  import optax_norms
+
+  paths = optax_norms.tree_paths(params)
+  leaves = jax.tree_util.tree_leaves(params)
+  return [(p, leaf) for p, leaf in zip(paths, leaves, strict=True) if p.endswith("kernel")]
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+  widths = [max(len(name), len(fmt.format(rows[0][name]))) for name, fmt in _COLUMNS]
+  header = "  ".join(
+      name.ljust(w) if i == 0 else name.rjust(w)
+      for i, ((name, _), w) in enumerate(zip(_COLUMNS, widths, strict=True))
+  )
+  lines = [header, "-" * len(header)]
+  for row in rows:
+    cells = (
+        fmt.format(row[name]).ljust(w) if i == 0 else fmt.format(row[name]).rjust(w)
+        for i, ((name, fmt), w) in enumerate(zip(_COLUMNS, widths, strict=True))
+    )
+    lines.append("  ".join(cells))
+  return "\n".join(lines)
+
+
+def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[str]:
+  import numpy as np
+
+  names = list(results)
+  colors = plt.get_cmap("tab10")
+  files = []
+
+  # Weight histograms, one panel per setting, log counts so the spike at 0 and the tails show.
+  cols = min(3, len(names))
+  nrows = -(-len(names) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.6 * nrows), squeeze=False)
+  values = {n: np.concatenate([np.ravel(np.asarray(k)) for _, k in _kernels(results[n]["params"])])
+            for n in names}
+  bound = max(float(np.max(np.abs(v))) for v in values.values())
+  bins = np.linspace(-bound, bound, 81)
+  for ax, name in zip(axes.flat, names, strict=False):
+    w = values[name]
+    ax.hist(w, bins=bins, color=colors(names.index(name) % 10), log=True)
+    ax.set_title(f"{name}: {np.mean(w == 0):.0%} exact zeros", fontsize=9)
+    ax.tick_params(labelsize=7)
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  fig.suptitle("Kernel weights after training (log count)", fontsize=10)
+  fig.tight_layout()
+  files.append(_save(fig, plt, out, "weights_hist.png"))
+
+  # Summary: test accuracy (with train accuracy) and exact-zero fraction per setting.
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+  pos = np.arange(len(rows))
+  ax1.bar(pos - 0.2, [r["train acc"] for r in rows], 0.4, label="train", color="0.75")
+  ax1.bar(pos + 0.2, [r["test acc"] for r in rows], 0.4, label="test", color="tab:blue")
+  low = min(r["test acc"] for r in rows)
+  ax1.set_ylim(max(0.0, low - 0.1), 1.0)
+  ax1.set_title("Accuracy", fontsize=10)
+  ax1.legend(fontsize=7, loc="lower right")
+  ax2.bar(pos, [r["zero frac"] for r in rows], 0.6, color="tab:orange")
+  ax2.set_ylim(0, 1)
+  ax2.set_title("Fraction of exact zeros in the kernels", fontsize=10)
+  for ax in (ax1, ax2):
+    ax.set_xticks(pos, [r["setting"] for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.tick_params(axis="y", labelsize=8)
+  fig.tight_layout()
+  files.append(_save(fig, plt, out, "summary.png"))
+
+  # Learning curves: training loss and test accuracy against steps.
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+  for i, name in enumerate(names):
+    curve = results[name]["curve"]
+    ax1.plot(curve["step"], curve["train_loss"], color=colors(i % 10), label=name, lw=1.2)
+    ax2.plot(curve["step"], curve["test_acc"], color=colors(i % 10), label=name, lw=1.2)
+  ax1.set_yscale("log")
+  ax1.set_title("Training loss", fontsize=10)
+  ax2.set_title("Test accuracy", fontsize=10)
+  ax2.set_ylim(max(0.0, min(r["test acc"] for r in rows) - 0.1), 1.0)
+  for ax in (ax1, ax2):
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=8)
+  ax2.legend(fontsize=7, ncol=2, loc="lower right")
+  fig.tight_layout()
+  files.append(_save(fig, plt, out, "curves.png"))
+  return files
+
+
+def _save(fig, plt, out: str, name: str) -> str:
+  path = os.path.join(out, name)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _run(args: argparse.Namespace, extras: dict[str, Any]) -> int:
+  import jax
+  import jax.numpy as jnp
+
+  data = _load_data(extras["datasets"], args.seed)
+  model = _make_model(extras["nn"])
+  params0 = model.init(jax.random.key(args.seed), jnp.zeros((1, data[0].shape[1])))["params"]
+  settings = [_BY_NAME[n] for n in args.settings]
+  results: dict[str, dict[str, Any]] = {}
+  with extras["tqdm"].tqdm(
+      total=len(settings) * args.steps, desc="training", unit="step", file=sys.stderr,
+      dynamic_ncols=True,
+  ) as progress:
+    for setting in settings:
+      progress.set_postfix_str(setting.name)
+      results[setting.name] = _train_one(setting, model, params0, data, args.steps, progress)
+  base_name = "none" if "none" in results else settings[0].name
+  rows = [_row(n, r, results[base_name]["step_seconds"]) for n, r in results.items()]
+  print(
+      f"digits: {len(data[1])} train / {len(data[3])} test samples, MLP 64-"
+      f"{'-'.join(map(str, _HIDDEN))}-10, {args.steps} full-batch steps of "
+      f"sgd(lr={_LR}, momentum={_MOMENTUM}), seed {args.seed}. Norm columns over the kernels "
+      f"(mask '{_KERNELS}'); step time relative to '{base_name}'."
+  )
+  print(_table(rows))
+  print()
+  for s in settings:
+    print(f"  {s.name:<9} {s.chain}")
+  os.makedirs(args.out, exist_ok=True)
+  files = _figures(extras["plt"], results, rows, args.out)
+  print("figures: " + ", ".join(files))
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the demo; returns the process exit status.
+
+  Args:
+    argv: the arguments after ``demo`` (``--out``, ``--steps``, ``--seed``, ``--settings``).
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  try:
+    args = _parse(argv)
+  except _UsageError as error:
+    print(f"optax_norms demo: error: {error}", file=sys.stderr)
+    return 2
+  try:
+    extras = _import_extras()
+  except ImportError as error:
+    missing = getattr(error, "name", None) or str(error)
+    print(f"optax_norms demo needs {missing}: {_INSTALL_HINT}", file=sys.stderr)
+    return 1
+  try:
+    return _run(args, extras)
+  except OSError as error:
+    print(f"optax_norms demo: error: cannot write figures to {args.out!r}: {error}",
+          file=sys.stderr)
+    return 1
