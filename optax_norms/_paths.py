@@ -227,9 +227,16 @@ class PathMask:
         raise _nothing_matched(f"The regex {self.regex.pattern!r}", texts)
     return selected
 
+  def select_in(
+      self, tree: Any, paths: Sequence[Path], leaves: Sequence[Any], check: bool = True
+  ) -> list[bool]:
+    """Like :meth:`select`, for masks that also look at the tree's node types."""
+    del tree
+    return self.select(paths, leaves, check)
+
   def __call__(self, params: Any) -> Any:
     paths, leaves, treedef = _flatten(params)
-    return jax.tree_util.tree_unflatten(treedef, self.select(paths, leaves))
+    return jax.tree_util.tree_unflatten(treedef, self.select_in(params, paths, leaves))
 
 
 def _as_globs(name: str, globs: Any) -> tuple[str, ...]:
@@ -290,7 +297,21 @@ def weights_only() -> PathMask:
   scanned layers stay unselected. For Equinox trees, ``weight`` leaves inside a module
   whose class name contains ``Norm`` are excluded too.
   """
-  return PathMask(where=_is_weight)
+  return _WeightsOnly(where=_is_weight)
+
+
+class _WeightsOnly(PathMask):
+  """:func:`weights_only`: also drops leaves inside modules whose class name has 'Norm'."""
+
+  def select_in(self, tree, paths, leaves, check=True):
+    norm_modules = _norm_module_paths(tree)
+    return [
+        keep and not any(path[: len(m)] == m for m in norm_modules)
+        for keep, path in zip(self.select(paths, leaves, check), paths)
+    ]
+
+  def __repr__(self) -> str:
+    return "weights_only()"
 
 
 def _is_weight(path: Path, leaf: Any) -> bool:
@@ -372,14 +393,7 @@ def select_leaves(
     return [True] * len(leaves)
   path_based = _as_path_mask(mask)
   if path_based is not None:
-    selection = path_based.select(paths, leaves, check)
-    if path_based.where is _is_weight:
-      norm_modules = _norm_module_paths(params)
-      selection = [
-          keep and not any(path[: len(m)] == m for m in norm_modules)
-          for keep, path in zip(selection, paths)
-      ]
-    return selection
+    return path_based.select_in(params, paths, leaves, check)
   if isinstance(mask, (list, tuple)) and not mask:
     raise ValueError("`mask` is an empty list: give at least one glob, or mask=None for all.")
   if callable(mask) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(mask)):

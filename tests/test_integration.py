@@ -130,3 +130,18 @@ def test_equinox_with_the_same_mask_strings():
   for layer in model.layers:
     norms = np.linalg.norm(np.asarray(layer.weight, np.float64), axis=1)
     assert np.all(norms <= 0.5 * (1 + 1e-6)), norms
+
+
+def test_path_mask_as_optax_adamw_mask_inside_nnx_optimizer():
+  # jax #31256: an adamw mask that breaks between init (Variables) and update (arrays).
+  model = NNXModel(nnx.Rngs(0))
+  before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tx = optax.adamw(0.1, weight_decay=0.5, mask=on.path_mask("**/kernel"))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+  after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for path, a, b in zip(on.tree_paths(after), jax.tree.leaves(after), jax.tree.leaves(before)):
+    if path.endswith("kernel"):  # decoupled decay: w ← w − lr·wd·w with zero gradients
+      np.testing.assert_allclose(a, b * (1 - 0.1 * 0.5), rtol=1e-6, err_msg=path)
+    else:
+      np.testing.assert_array_equal(a, b, err_msg=path)
