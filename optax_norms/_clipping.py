@@ -14,12 +14,15 @@ __all__ = ["clip_by_max_abs", "clip_by_row_norm", "unit_scale"]
 
 
 def unit_scale(x, max_norm, axes):
-  """Per-unit factor ``min(1, c/‖x_unit‖)``, exactly 1 inside the ball (and for zero or
-  NaN units), computed in >= float32; the scale of ``clip_by_row_norm`` and
-  ``constrain_row_norm``."""
+  """Per-unit factor ``min(1, c/‖x_unit‖)`` in >= float32, with reduced dims kept.
+
+  Exactly 1 inside the ball and for zero or NaN units. Both operands of the division are
+  selected by ``norm > c`` so XLA fuses the norm's ``sqrt`` into the element-wise pass
+  instead of running it as a kernel of its own.
+  """
   norm = safe_unit_norm(x, axes)
   outside = norm > max_norm
-  return outside, jnp.where(outside, max_norm / jnp.where(outside, norm, 1), 1)
+  return jnp.where(outside, max_norm, 1) / jnp.where(outside, norm, 1)
 
 
 def clip_by_max_abs(
@@ -72,8 +75,7 @@ def clip_by_row_norm(
 
   def rule(u, w, hp, axes):
     del w
-    _, scale = unit_scale(u, hp["max_norm"], axes)
-    return u * scale
+    return u * unit_scale(u, hp["max_norm"], axes)
 
   return leafwise_transform(
       "clip_by_row_norm", {"max_norm": max_norm}, rule, mask=mask, needs_params=False, axis=axis

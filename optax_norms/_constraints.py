@@ -67,8 +67,9 @@ def constrain_row_norm(
 
   def rule(u, w, hp, axes):
     v = w + u
-    outside, scale = unit_scale(v, hp["max_norm"], axes)
-    return jnp.where(outside, v * scale - w, u)
+    # u + v·(scale − 1) is u exactly inside the ball (scale == 1) and proj(v) − w outside,
+    # without keeping u and v both alive as full-size temporaries.
+    return u + v * (unit_scale(v, hp["max_norm"], axes) - 1)
 
   return leafwise_transform(
       "constrain_row_norm", {"max_norm": max_norm}, rule, mask=mask, needs_params=True, axis=axis

@@ -120,8 +120,9 @@ def prox_group_l2(
     v = w + u
     norm = safe_unit_norm(v, axes)
     threshold = hp["learning_rate"] * hp["alpha"]
-    shrink = jnp.maximum(1 - threshold / jnp.where(norm > 0, norm, 1), 0)
-    return v * jnp.where(norm > 0, shrink, 0) - w
+    # max(0, 1 − t/‖v‖) written as max(‖v‖ − t, 0)/‖v‖: one fused pass, 0 for a zero unit.
+    shrink = jnp.maximum(norm - threshold, 0) / jnp.where(norm > 0, norm, 1)
+    return v * shrink - w
 
   return leafwise_transform(
       "prox_group_l2", {"alpha": alpha, "learning_rate": learning_rate}, rule, mask=mask,

@@ -1,0 +1,126 @@
+"""Smoke test of ``python -m optax_norms bench`` at ``--size tiny`` (no timing asserts)."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from optax_norms import _bench
+
+TRANSFORMS = [
+    "add_l2_decay", "add_l1_decay", "elastic", "add_max_norm_decay", "prox_l1",
+    "prox_elastic", "prox_group_l2", "clip_by_max_abs", "clip_by_row_norm",
+    "constrain_max_abs", "constrain_row_norm",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  path = tmp_path_factory.mktemp("bench") / "bench.json"
+  argv = ["--size", "tiny", "--trees", "big,mlp", "--steps", "1", "--repeats", "1",
+          "--no-progress", "--json", str(path)]
+  proc = subprocess.run(
+      [sys.executable, "-c",
+       "import sys; from optax_norms._bench import main; sys.exit(main(sys.argv[1:]))", *argv],
+      capture_output=True, text=True, timeout=300,
+  )
+  return proc, json.loads(path.read_text()) if path.exists() else None
+
+
+def test_tiny_run_exits_zero_and_prints_every_transform(tiny_run):
+  proc, _ = tiny_run
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  table = proc.stdout
+  for name in TRANSFORMS:
+    rows = re.findall(rf"^{name} +(sgd|adam) ", table, flags=re.MULTILINE)
+    assert sorted(rows) == ["adam", "sgd"], name
+  assert "## mlp" in table and "all_ours" in table
+  assert "Traceback" not in proc.stderr
+
+
+def test_json_has_rows_for_every_transform_and_optimizer(tiny_run):
+  _, results = tiny_run
+  assert set(results) >= {"meta", "trees", "mlp", "state_bytes", "targets"}
+  import jax
+  assert results["meta"]["device_kind"] == jax.devices()[0].device_kind
+  rows = results["trees"]["big"]["rows"]
+  assert sorted((r["transform"], r["optimizer"]) for r in rows) == sorted(
+      (t, o) for t in TRANSFORMS for o in ("sgd", "adam"))
+  for r in rows:
+    assert set(r["us_per_step"]) >= {"base", "ours", "hand"}
+    assert all(v > 0 for v in r["us_per_step"].values())
+    assert r["kernels"]["ours"] >= r["kernels"]["base"] > 0
+  peers = {r["transform"] for r in rows if r["ratio_vs_peer"] is not None}
+  assert peers == {"add_l2_decay", "clip_by_max_abs", "clip_by_row_norm"}
+  assert results["trees"]["big"]["copy"]["gb_per_s"] > 0
+
+
+def test_hand_written_baselines_compute_the_same_math(tiny_run):
+  # The ratios only mean something if ours, the hand-written version and the same-math optax
+  # peer end at the same parameters after the timed loop.
+  _, results = tiny_run
+  for r in results["trees"]["big"]["rows"]:
+    assert r["max_abs_diff_vs_hand"] < 1e-5, (r["transform"], r["optimizer"])
+    if r["peer_same_math"]:
+      assert r["max_abs_diff_vs_peer"] < 1e-5, r["transform"]
+  for group, diff in results["mlp"]["max_abs_diff_vs_hand"].items():
+    assert diff < 1e-5, group
+
+
+def test_state_bytes_are_zero_without_schedules_and_one_int32_count_with_one(tiny_run):
+  _, results = tiny_run
+  assert set(results["state_bytes"]) == set(TRANSFORMS)
+  for name, sizes in results["state_bytes"].items():
+    assert sizes["constant"] == 0, name
+    assert sizes["scheduled"] == np.dtype(np.int32).itemsize, name
+  for r in results["trees"]["big"]["rows"]:
+    assert r["state_bytes"] == 0, r["transform"]
+
+
+def test_kernel_count_counts_fusions_in_loop_bodies_not_fused_computations():
+  hlo = """HloModule m
+%fused_computation (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %m = f32[4]{0} multiply(%p, %p)
+}
+%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %t = (s32[], f32[4]{0}) parameter(0)
+  %g = f32[4]{0} get-tuple-element(%t), index=1
+  %f = f32[4]{0} fusion(%g), kind=kLoop, calls=%fused_computation
+  %r = f32[] reduce(%f, %c), dimensions={0}, to_apply=%fused_computation
+  ROOT %o = (s32[], f32[4]{0}) tuple(%i, %f)
+}
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  %w = (s32[], f32[4]{0}) while(%x), condition=%cond, body=%body
+  ROOT %c = f32[4]{0} copy(%x)
+}
+"""
+  assert _bench._kernel_count(hlo) == 3  # fusion, reduce, copy.
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--bogus"], "unrecognized arguments"), (["--size", "huge"], "invalid choice"),
+     (["--only", "add_l3_decay"], "add_l3_decay"), (["--steps", "0"], "positive integer")],
+)
+def test_invalid_flags_exit_nonzero_with_one_line_and_no_traceback(argv, message, capsys):
+  assert _bench.main(argv) == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_invalid_flag_in_a_subprocess_has_no_traceback():
+  proc = subprocess.run(
+      [sys.executable, "-c",
+       "import sys; from optax_norms._bench import main; sys.exit(main(sys.argv[1:]))",
+       "--repeats", "many"],
+      capture_output=True, text=True, timeout=120,
+  )
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr and "--repeats" in proc.stderr
+  assert proc.stdout == ""
