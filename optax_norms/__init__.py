@@ -16,6 +16,7 @@ from optax_norms._losses import (
 )
 from optax_norms._paths import PathMask, path_labels, path_mask, tree_paths, weights_only
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
+from optax_norms._precision import DecayResolution, LeafDecayResolution, decay_resolution_report
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
 
 try:
@@ -24,6 +25,8 @@ except PackageNotFoundError:  # Imported from a source tree that is not installe
   __version__ = "0.0.0"
 
 __all__ = [
+    "DecayResolution",
+    "LeafDecayResolution",
     "PathMask",
     "ScheduleState",
     "add_l1_decay",
@@ -33,6 +36,7 @@ __all__ = [
     "clip_by_row_norm",
     "constrain_max_abs",
     "constrain_row_norm",
+    "decay_resolution_report",
     "elastic",
     "elastic_penalty",
     "group_l2_penalty",

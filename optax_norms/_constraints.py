@@ -67,9 +67,10 @@ def constrain_row_norm(
 
   def rule(u, w, hp, axes):
     v = w + u
-    # u + v·(scale − 1) is u exactly inside the ball (scale == 1) and proj(v) − w outside,
-    # without keeping u and v both alive as full-size temporaries.
-    return u + v * (unit_scale(v, hp["max_norm"], axes) - 1)
+    scale = unit_scale(v, hp["max_norm"], axes)
+    # Inside the ball (scale == 1) return u itself, so apply_updates gives exactly w + u.
+    # (u + v·(scale − 1) would save a select but cancels catastrophically for large steps.)
+    return jnp.where(scale < 1, v * scale - w, u)
 
   return leafwise_transform(
       "constrain_row_norm", {"max_norm": max_norm}, rule, mask=mask, needs_params=True, axis=axis

@@ -341,12 +341,18 @@ def _mask_tree_selection(mask: Any, paths: Sequence[Path]) -> list[bool]:
           f"The mask value at {format_path(mpath)!r} is traced: masks must be static "
           "(Python bools, or a function of the parameters' structure and shapes)."
       )
-    try:
-      table[mpath] = bool(np.asarray(value))
-    except Exception:
+    is_array = isinstance(value, (bool, np.bool_, np.ndarray, jax.Array))
+    array = np.asarray(value) if is_array else None
+    if array is None or array.dtype != np.bool_ or array.ndim != 0:
+      if not mpath:
+        raise ValueError(
+            "`mask` must be None, a glob, a list of globs, a PathMask, a bool pytree or a "
+            f"callable params -> bool pytree; got {value!r}."
+        )
       raise ValueError(
           f"The mask leaf at {format_path(mpath)!r} must be a bool, got {value!r}."
-      ) from None
+      )
+    table[mpath] = bool(array)
   selection, used = [], set()
   for path in paths:
     for cut in range(len(path), -1, -1):
@@ -396,6 +402,9 @@ def select_leaves(
     return path_based.select_in(params, paths, leaves, check)
   if isinstance(mask, (list, tuple)) and not mask:
     raise ValueError("`mask` is an empty list: give at least one glob, or mask=None for all.")
+  if isinstance(mask, list) and any(isinstance(g, str) for g in mask):
+    bad = next(g for g in mask if not isinstance(g, str))
+    raise ValueError(f"`mask` is a list of globs, but it contains {bad!r}, not a string.")
   if callable(mask) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(mask)):
     mask = mask(params)
     if isinstance(mask, PathMask):

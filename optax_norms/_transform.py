@@ -52,6 +52,12 @@ def selected_leaves(
       keep and _leaf_kind(path, leaf) == "float"
       for keep, path, leaf in zip(selection, paths, leaves)
   ]
+  if check and mask is not None and any(selection) and not any(active):
+    chosen = [format_path(p) for p, keep in zip(paths, selection) if keep]
+    raise ValueError(
+        f"`mask` selects only integer or bool leaves ({', '.join(map(repr, chosen[:8]))}), "
+        "which are never transformed: it would do nothing. Select floating-point leaves."
+    )
   return paths, leaves, treedef, active
 
 
@@ -132,6 +138,11 @@ def leafwise_transform(
       if not on or u is None:
         new_leaves.append(u)
         continue
+      if w is not None and jnp.shape(w) != jnp.shape(u):
+        raise ValueError(
+            f"The update and the parameter {format_path(path)!r} differ in shape: "
+            f"{jnp.shape(u)} vs {jnp.shape(w)}."
+        )
       dtype = compute_dtype(u.dtype if w is None else jnp.promote_types(u.dtype, w.dtype))
       if dtype not in cast_cache:
         cast_cache[dtype] = {k: jnp.asarray(v).astype(dtype) for k, v in values.items()}

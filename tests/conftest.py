@@ -1,0 +1,39 @@
+"""Shared pytest configuration: Hypothesis profiles.
+
+- ``ci`` (default): 200 examples per property, no deadline (the first example of a shape
+  pays for JAX's compilation).
+- ``long``: 2000 examples per property. Select it with ``pytest --long`` or
+  ``OPTAX_NORMS_LONG=1``.
+"""
+
+import os
+
+try:
+  from hypothesis import HealthCheck, settings
+except ImportError:  # Hypothesis is a test extra; files that need it import it themselves.
+  settings = None
+
+if settings is not None:
+  _COMMON = {
+      "deadline": None,
+      "suppress_health_check": (HealthCheck.too_slow, HealthCheck.data_too_large),
+      "derandomize": False,
+      "print_blob": True,
+  }
+  settings.register_profile("ci", max_examples=200, **_COMMON)
+  settings.register_profile("long", max_examples=2000, **_COMMON)
+  settings.load_profile("long" if os.environ.get("OPTAX_NORMS_LONG") == "1" else "ci")
+
+
+def pytest_addoption(parser):
+  parser.addoption(
+      "--long",
+      action="store_true",
+      default=False,
+      help="run property-based tests with 2000 examples each (Hypothesis profile 'long').",
+  )
+
+
+def pytest_configure(config):
+  if settings is not None and config.getoption("--long", default=False):
+    settings.load_profile("long")

@@ -1,0 +1,70 @@
+"""Sharded parameters (8 CPU devices, a 2x4 mesh): every transform gives the unsharded
+result, keeps the input sharding and adds no collective beyond a norm-vector all-reduce.
+
+The check runs in its own process (``tests/sharding_check.py``): the 8 host devices must
+be requested before JAX initializes, which this pytest process has already done.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).with_name("sharding_check.py")
+TRANSFORMS = 11
+LAYOUTS = ("rows", "cols", "both", "replicated")
+PER_UNIT = {"add_max_norm_decay", "prox_group_l2", "clip_by_row_norm", "constrain_row_norm"}
+
+
+@pytest.fixture(scope="module")
+def report():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run(
+      [sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600
+  )
+  print("\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")))
+  cells = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  controls = [json.loads(line[8:]) for line in proc.stdout.splitlines() if line.startswith("CONTROL ")]
+  return proc, cells, controls
+
+
+def test_sharding_matrix_is_complete(report):
+  proc, cells, _ = report
+  assert len(cells) == 2 * len(LAYOUTS) * TRANSFORMS, proc.stderr[-3000:]
+  assert {c["layout"] for c in cells} == set(LAYOUTS)
+  assert len({c["transform"] for c in cells}) == TRANSFORMS
+
+
+def test_every_cell_matches_unsharded_keeps_sharding_and_collectives(report):
+  proc, cells, _ = report
+  failed = [c for c in cells if not c["ok"]]
+  assert not failed, json.dumps(failed, indent=1)
+  assert proc.returncode == 0 and "ALL_OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_elementwise_transforms_have_no_collective(report):
+  _, cells, _ = report
+  for cell in cells:
+    if cell["transform"] not in PER_UNIT:
+      assert cell["collectives"] == [], cell
+
+
+def test_per_unit_over_a_sharded_axis_all_reduces_only_the_norm_vector(report):
+  _, cells, _ = report
+  for cell in cells:
+    if cell["transform"] in PER_UNIT:
+      assert all(c.startswith("all-reduce[") for c in cell["collectives"]), cell
+      if cell["layout"] == "rows":  # Units span the sharded rows: 16 column norms reduced.
+        assert cell["collectives"] == ["all-reduce[16]"], cell
+      if cell["layout"] == "replicated":
+        assert cell["collectives"] == [], cell
+
+
+def test_detector_sees_a_reshard(report):
+  _, _, controls = report
+  assert controls and any(c.startswith("all-gather[") for c in controls[0]), controls
