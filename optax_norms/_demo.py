@@ -281,7 +281,8 @@ def _kernels(params) -> list[tuple[str, Any]]:
 
   paths = optax_norms.tree_paths(params)
   leaves = jax.tree_util.tree_leaves(params)
-  return [(p, leaf) for p, leaf in zip(paths, leaves, strict=True) if p.endswith("kernel")]
+  pairs = zip(paths, leaves, strict=True)
+  return [(p, leaf) for p, leaf in pairs if p.split("/")[-1] == "kernel"]
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -398,7 +399,6 @@ def _run(args: argparse.Namespace, extras: dict[str, Any]) -> int:
   print()
   for s in settings:
     print(f"  {s.name:<9} {s.chain}")
-  os.makedirs(args.out, exist_ok=True)
   files = _figures(extras["plt"], results, rows, args.out)
   print("figures: " + ", ".join(files))
   return 0
@@ -422,9 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     missing = getattr(error, "name", None) or str(error)
     print(f"optax_norms demo needs {missing}: {_INSTALL_HINT}", file=sys.stderr)
     return 1
-  try:
-    return _run(args, extras)
+  try:  # Before training, so that a bad --out fails at once.
+    os.makedirs(args.out, exist_ok=True)
+    probe = os.path.join(args.out, ".optax_norms_demo_write_test")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
   except OSError as error:
-    print(f"optax_norms demo: error: cannot write figures to {args.out!r}: {error}",
+    print(f"optax_norms demo: error: cannot write to --out {args.out!r}: {error.strerror}",
           file=sys.stderr)
     return 1
+  return _run(args, extras)

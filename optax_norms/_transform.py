@@ -52,7 +52,12 @@ def selected_leaves(
       keep and _leaf_kind(path, leaf) == "float"
       for keep, path, leaf in zip(selection, paths, leaves)
   ]
-  if check and mask is not None and any(selection) and not any(active):
+  if check and mask is not None and not any(selection):
+    raise ValueError(
+        "`mask` selects no parameter, so the transform would do nothing. The parameter "
+        f"paths are: {', '.join(repr(format_path(p)) for p in paths[:8])}."
+    )
+  if check and mask is not None and not any(active):
     chosen = [format_path(p) for p, keep in zip(paths, selection) if keep]
     raise ValueError(
         f"`mask` selects only integer or bool leaves ({', '.join(map(repr, chosen[:8]))}), "
