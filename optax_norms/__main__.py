@@ -19,13 +19,8 @@ def main(argv: list[str] | None = None) -> int:
 
     return demo_main(rest)
   if command == "bench":
-    try:
-      from optax_norms._bench import main as bench_main
-    except ModuleNotFoundError as error:
-      if error.name != "optax_norms._bench":
-        raise
-      print("optax_norms bench is not available in this version.", file=sys.stderr)
-      return 1
+    from optax_norms._bench import main as bench_main
+
     return bench_main(rest)
   print(f"unknown command {command!r}. {_USAGE}", file=sys.stderr)
   return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._numerics import Axis, safe_unit_norm
@@ -18,11 +19,13 @@ def unit_scale(x, max_norm, axes):
 
   Exactly 1 inside the ball and for zero or NaN units. Both operands of the division are
   selected by ``norm > c`` so XLA fuses the norm's ``sqrt`` into the element-wise pass
-  instead of running it as a kernel of its own.
+  instead of running it as a kernel of its own; ``lax.select`` rather than ``jnp.where``
+  keeps tracing cheap on trees with many leaves.
   """
   norm = safe_unit_norm(x, axes)
   outside = norm > max_norm
-  return jnp.where(outside, max_norm, 1) / jnp.where(outside, norm, 1)
+  one = lax.full_like(norm, 1)
+  return lax.select(outside, lax.broadcast(max_norm, norm.shape), one) / lax.select(outside, norm, one)
 
 
 def clip_by_max_abs(

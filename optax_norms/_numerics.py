@@ -7,12 +7,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from optax_norms._paths import Path, format_path
 
 __all__ = [
     "Axis",
     "abs_zero_subgradient",
+    "check_axis_spec",
     "compute_dtype",
     "resolve_axes",
     "safe_unit_norm",
@@ -30,6 +32,26 @@ def compute_dtype(dtype: Any) -> Any:
 
 def _default_axes(ndim: int) -> tuple[int, ...]:
   return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
+
+
+def _is_int(value: Any) -> bool:
+  return hasattr(value, "__index__") and not isinstance(value, bool)
+
+
+def check_axis_spec(axis: Any) -> None:
+  """Raises ValueError unless `axis` is None, an int, a sequence of ints or a callable.
+
+  A traced axis (``optax.inject_hyperparams`` without ``static_args``) is reported when the
+  axes are resolved, with the fix.
+  """
+  if axis is None or callable(axis) or _is_int(axis) or isinstance(axis, jax.core.Tracer):
+    return
+  if isinstance(axis, (tuple, list)) and all(_is_int(a) for a in axis):
+    return
+  raise ValueError(
+      f"`axis` must be None, an int, a tuple of ints or a callable (path, leaf) -> axes, "
+      f"got {axis!r}."
+  )
 
 
 def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
@@ -52,7 +74,7 @@ def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
   axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
   resolved = []
   for a in axes:
-    if isinstance(a, bool) or not hasattr(a, "__index__"):
+    if not _is_int(a):
       raise ValueError(f"`axis` must be ints, got {a!r} for {format_path(path)!r}.")
     a = int(a)
     if not -ndim <= a < ndim:
@@ -69,8 +91,8 @@ def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
 
 def unit_sq_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Squared l2 norm of each unit, accumulated in >= float32, with reduced dims kept."""
-  acc = compute_dtype(x.dtype)
-  return jnp.sum(jnp.square(x.astype(acc)), axis=axes, keepdims=True)
+  wide = lax.convert_element_type(x, compute_dtype(x.dtype))
+  return lax.expand_dims(lax.reduce_sum(lax.square(wide), axes), axes)
 
 
 @jax.custom_jvp
@@ -85,19 +107,14 @@ def _abs_jvp(primals, tangents):
   return jnp.abs(x), jnp.sign(x) * t
 
 
-@jax.custom_jvp
-def _sqrt_zero_safe(sq: jax.Array) -> jax.Array:
-  return jnp.sqrt(sq)
-
-
-@_sqrt_zero_safe.defjvp
-def _sqrt_jvp(primals, tangents):
-  (sq,), (t,) = primals, tangents
-  root = jnp.sqrt(sq)
-  positive = sq > 0
-  return root, jnp.where(positive, t / (2 * jnp.where(positive, root, 1)), 0)
-
-
 def safe_unit_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """l2 norm of each unit (dims kept) whose gradient at a zero unit is 0, not NaN."""
-  return _sqrt_zero_safe(unit_sq_norm(x, axes))
+  """l2 norm of each unit (dims kept, >= float32) whose gradient at a zero unit is 0, not NaN.
+
+  The double select keeps ``sqrt`` away from 0 on both passes. It is written with ``lax``
+  primitives because ``jnp.where`` traces a nested ``jit`` per call, which on 1000-leaf trees
+  shows up as compile time.
+  """
+  squared = unit_sq_norm(x, axes)
+  positive = squared > 0
+  one = lax.full_like(squared, 1)
+  return lax.select(positive, lax.sqrt(lax.select(positive, squared, one)), lax.full_like(squared, 0))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
-from optax_norms._numerics import Axis, compute_dtype, resolve_axes
+from optax_norms._numerics import Axis, check_axis_spec, compute_dtype, resolve_axes
 from optax_norms._paths import Mask, Path, _flatten, format_path, select_leaves
 
 __all__ = ["LeafFn", "leafwise_transform", "selected_leaves"]
@@ -103,16 +103,8 @@ def leafwise_transform(
   """
   hparams = Hyperparams(hyperparams)
   per_unit = axis is not _NO_AXIS
-  if per_unit and axis is not None and not callable(axis):
-    if isinstance(axis, bool) or not (
-        hasattr(axis, "__index__")
-        or (isinstance(axis, (tuple, list)) and all(hasattr(a, "__index__") for a in axis))
-    ):
-      if not isinstance(axis, jax.core.Tracer):
-        raise ValueError(
-            f"`axis` must be None, an int, a tuple of ints or a callable (path, leaf) -> "
-            f"axes, got {axis!r}."
-        )
+  if per_unit:
+    check_axis_spec(axis)
 
   def leaf_axes(path: Path, leaf: Any) -> tuple[int, ...]:
     return resolve_axes(axis, path, leaf) if per_unit else ()
