@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
 from optax_norms._numerics import Axis, check_axis_spec, compute_dtype, resolve_axes
@@ -64,6 +65,11 @@ def selected_leaves(
         "which are never transformed: it would do nothing. Select floating-point leaves."
     )
   return paths, leaves, treedef, active
+
+
+def _cast(x: Any, dtype: Any) -> jax.Array:
+  """``x`` in `dtype`; no op traced when it already is (this runs once per leaf per trace)."""
+  return x if getattr(x, "dtype", None) == dtype else lax.convert_element_type(x, dtype)
 
 
 def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
@@ -143,9 +149,9 @@ def leafwise_transform(
       dtype = compute_dtype(u.dtype if w is None else jnp.promote_types(u.dtype, w.dtype))
       if dtype not in cast_cache:
         cast_cache[dtype] = {k: jnp.asarray(v).astype(dtype) for k, v in values.items()}
-      w_c = None if w is None else jnp.asarray(w).astype(dtype)
-      new = leaf_fn(u.astype(dtype), w_c, cast_cache[dtype], leaf_axes(path, u))
-      new_leaves.append(new.astype(u.dtype))
+      w_c = None if w is None else _cast(w, dtype)
+      new = leaf_fn(_cast(u, dtype), w_c, cast_cache[dtype], leaf_axes(path, u))
+      new_leaves.append(_cast(new, u.dtype))
     return jax.tree_util.tree_unflatten(treedef, new_leaves), hparams.next_state(state)
 
   return optax.GradientTransformation(init_fn, update_fn)
