@@ -24,7 +24,7 @@ def unit_scale(x, max_norm, axes):
   """
   norm = safe_unit_norm(x, axes)
   outside = norm > max_norm
-  one = lax.full_like(norm, 1)
+  one = lax.full(norm.shape, 1, norm.dtype)
   return lax.select(outside, lax.broadcast(max_norm, norm.shape), one) / lax.select(outside, norm, one)
 
 

@@ -116,5 +116,6 @@ def safe_unit_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """
   squared = unit_sq_norm(x, axes)
   positive = squared > 0
-  one = lax.full_like(squared, 1)
-  return lax.select(positive, lax.sqrt(lax.select(positive, squared, one)), lax.full_like(squared, 0))
+  one = lax.full(squared.shape, 1, squared.dtype)
+  zero = lax.full(squared.shape, 0, squared.dtype)
+  return lax.select(positive, lax.sqrt(lax.select(positive, squared, one)), zero)
