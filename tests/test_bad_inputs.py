@@ -188,6 +188,10 @@ CASES = [
          lambda: _init(on.add_l2_decay(0.1, mask="step"),
                        params={"w": jnp.ones(2), "step": jnp.zeros((), jnp.int32)}),
          ValueError, r"selects only integer or bool leaves .* would do nothing", "'step'"),
+    Case("mask_all_false", "a bool mask that selects nothing",
+         lambda: _init(on.add_l2_decay(0.1, mask={"dense": {"kernel": False, "bias": False}})),
+         ValueError, r"`mask` selects no parameter, so the transform would do nothing",
+         "'dense/kernel'"),
     # --- axes --------------------------------------------------------------------------
     Case("axis_out_of_range", "clip_by_row_norm(1.0, axis=2) on a rank-2 kernel",
          lambda: _update(on.clip_by_row_norm(1.0, axis=2), params={"k": jnp.ones((3, 2))}),
