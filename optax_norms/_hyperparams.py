@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["Scalar", "ScalarOrSchedule", "ScheduleState", "Hyperparams"]
+__all__ = ["Hyperparams", "Scalar", "ScalarOrSchedule", "ScheduleState", "evaluate_schedule"]
 
 Scalar = float | int | jax.Array | np.ndarray | np.floating
 ScalarOrSchedule = Scalar | Callable[[jax.Array], Scalar]
@@ -63,6 +63,17 @@ def _check_concrete(name: str, value: Any, what: str = "") -> None:
     raise ValueError(f"`{name}` must be non-negative, got {number}{what}.")
 
 
+def evaluate_schedule(name: str, schedule: Callable[[jax.Array], Any], step: int) -> Any:
+  """``schedule(step)``; a schedule that raises becomes a ValueError naming `name`."""
+  try:
+    return schedule(jnp.asarray(step, jnp.int32))
+  except Exception as error:
+    raise ValueError(
+        f"`{name}` looks like a schedule but calling it at step {step} failed: "
+        f"{type(error).__name__}: {error}"
+    ) from error
+
+
 class Hyperparams:
   """The validated scalar hyperparameters of one transform.
 
@@ -82,13 +93,7 @@ class Hyperparams:
     for name in self.scheduled:
       schedule = self.values[name]
       for step in _SCHEDULE_PROBE_STEPS:
-        try:
-          value = schedule(jnp.asarray(step, jnp.int32))
-        except Exception as error:
-          raise ValueError(
-              f"`{name}` looks like a schedule but calling it with a step count failed: "
-              f"{type(error).__name__}: {error}"
-          ) from error
+        value = evaluate_schedule(name, schedule, step)
         _check_concrete(name, value, f" (the schedule's value at step {step})")
 
   def init_state(self) -> optax.OptState:

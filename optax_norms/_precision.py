@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_norms._hyperparams import ScalarOrSchedule, _check_concrete, _is_schedule
+from optax_norms._hyperparams import (
+    ScalarOrSchedule,
+    _check_concrete,
+    _is_schedule,
+    evaluate_schedule,
+)
 from optax_norms._paths import Mask, format_path
 from optax_norms._transform import selected_leaves
 
@@ -60,13 +65,7 @@ class DecayResolution(NamedTuple):
 
 def _value(name: str, value: ScalarOrSchedule, step: int) -> float:
   if _is_schedule(value):
-    try:
-      value = value(jnp.asarray(step, jnp.int32))
-    except Exception as error:
-      raise ValueError(
-          f"`{name}` looks like a schedule but calling it at step {step} failed: "
-          f"{type(error).__name__}: {error}"
-      ) from error
+    value = evaluate_schedule(name, value, step)
   _check_concrete(name, value)
   return float(np.asarray(value))
 

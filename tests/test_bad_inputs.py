@@ -91,7 +91,7 @@ CASES = [
          "`learning_rate`"),
     Case("schedule_raises", "add_l2_decay(lambda step: 1 / 0).init(params)",
          lambda: _init(on.add_l2_decay(lambda step: 1 / 0)),
-         ValueError, r"looks like a schedule but calling it with a step count failed: "
+         ValueError, r"looks like a schedule but calling it at step 0 failed: "
          r"ZeroDivisionError", "`alpha`"),
     Case("schedule_takes_no_step", "add_l2_decay(lambda: 0.1).init(params)",
          lambda: _init(on.add_l2_decay(lambda: 0.1)),
