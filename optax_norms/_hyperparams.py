@@ -97,10 +97,7 @@ class Hyperparams:
         _check_concrete(name, value, f" (the schedule's value at step {step})")
 
   def init_state(self) -> optax.OptState:
-    self.check_schedules()
-    for name, value in self.values.items():
-      if name not in self.scheduled:
-        _check_concrete(name, value)
+    self.check_schedules()  # Constant values were checked at construction.
     if self.scheduled:
       return ScheduleState(count=jnp.zeros([], jnp.int32))
     return optax.EmptyState()
