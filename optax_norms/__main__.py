@@ -15,11 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if argv else 2
   command, rest = argv[0], argv[1:]
   if command == "demo":
-    from optax_norms._demo import main as demo_main
+    from optax_norms.tools.demo import main as demo_main
 
     return demo_main(rest)
   if command == "bench":
-    from optax_norms._bench import main as bench_main
+    from optax_norms.tools.bench import main as bench_main
 
     return bench_main(rest)
   print(f"unknown command {command!r}. {_USAGE}", file=sys.stderr)

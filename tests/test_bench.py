@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from optax_norms import _bench
+from optax_norms.tools import bench as _bench
 
 TRANSFORMS = [
     "add_l2_decay", "add_l1_decay", "elastic", "add_max_norm_decay", "prox_l1",
@@ -24,7 +24,7 @@ def tiny_run(tmp_path_factory):
           "--no-progress", "--json", str(path)]
   proc = subprocess.run(
       [sys.executable, "-c",
-       "import sys; from optax_norms._bench import main; sys.exit(main(sys.argv[1:]))", *argv],
+       "import sys; from optax_norms.tools.bench import main; sys.exit(main(sys.argv[1:]))", *argv],
       capture_output=True, text=True, timeout=300,
   )
   return proc, json.loads(path.read_text()) if path.exists() else None
@@ -117,7 +117,7 @@ def test_invalid_flags_exit_nonzero_with_one_line_and_no_traceback(argv, message
 def test_invalid_flag_in_a_subprocess_has_no_traceback():
   proc = subprocess.run(
       [sys.executable, "-c",
-       "import sys; from optax_norms._bench import main; sys.exit(main(sys.argv[1:]))",
+       "import sys; from optax_norms.tools.bench import main; sys.exit(main(sys.argv[1:]))",
        "--repeats", "many"],
       capture_output=True, text=True, timeout=120,
   )

@@ -10,8 +10,8 @@ import zlib
 
 import pytest
 
-from optax_norms._demo import _MAX_NORM as MAX_NORM
-from optax_norms._demo import SETTINGS
+from optax_norms.tools.demo import _MAX_NORM as MAX_NORM
+from optax_norms.tools.demo import SETTINGS
 
 pytestmark = pytest.mark.slow
 
