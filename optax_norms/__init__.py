@@ -5,7 +5,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
-from optax_norms._diagnostics import norm_report
+from optax_norms._diagnostics import (
+    DecayResolution,
+    LeafDecayResolution,
+    decay_resolution_report,
+    norm_report,
+)
 from optax_norms._hyperparams import ScheduleState
 from optax_norms._losses import (
     elastic_penalty,
@@ -14,9 +19,9 @@ from optax_norms._losses import (
     l2_penalty,
     max_norm_penalty,
 )
-from optax_norms._paths import PathMask, path_labels, path_mask, tree_paths, weights_only
+from optax_norms._masks import PathMask, path_labels, path_mask, weights_only
+from optax_norms._paths import tree_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
-from optax_norms._precision import DecayResolution, LeafDecayResolution, decay_resolution_report
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
 
 try:

@@ -7,8 +7,8 @@ import optax
 from jax import lax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._numerics import Axis, safe_unit_norm
-from optax_norms._paths import Mask
+from optax_norms._masks import Mask
+from optax_norms._numerics import Axis, unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["clip_by_max_abs", "clip_by_row_norm", "unit_scale"]
@@ -22,7 +22,7 @@ def unit_scale(x, max_norm, axes):
   instead of running it as a kernel of its own; ``lax.select`` rather than ``jnp.where``
   keeps tracing cheap on trees with many leaves.
   """
-  norm = safe_unit_norm(x, axes)
+  norm = unit_norm(x, axes)
   outside = norm > max_norm
   one = lax.full(norm.shape, 1, norm.dtype)
   return lax.select(outside, lax.broadcast(max_norm, norm.shape), one) / lax.select(outside, norm, one)
@@ -31,7 +31,10 @@ def unit_scale(x, max_norm, axes):
 def clip_by_max_abs(
     max_abs: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
-  r"""Clips every update element to ``[−c, c]``: ``u ← clip(u, −c, c)`` (max norm, l1-style).
+  r"""Clips every update element to ``[−c, c]``: ``u ← clip(u, −c, c)``.
+
+  Max norm on gradients, element-wise: the box ``‖u‖_∞ ≤ c`` (the ℓ∞ ball; called
+  "l1-style" max norm in some texts).
 
   Same as ``optax.clip(c)``, Keras ``clipvalue`` and PyTorch ``clip_grad_value_``, with a
   mask and schedules. NaN stays NaN.
@@ -45,12 +48,12 @@ def clip_by_max_abs(
     >>> tx = optax.chain(optax_norms.clip_by_max_abs(1.0), optax.adam(1e-3))
   """
 
-  def rule(u, w, hp, axes):
-    del w, axes
-    return jnp.clip(u, -hp["max_abs"], hp["max_abs"])
+  def rule(u, w, *, max_abs):
+    del w
+    return jnp.clip(u, -max_abs, max_abs)
 
   return leafwise_transform(
-      "clip_by_max_abs", {"max_abs": max_abs}, rule, mask=mask, needs_params=False
+      "clip_by_max_abs", rule, {"max_abs": max_abs}, mask=mask, needs_params=False
   )
 
 
@@ -76,10 +79,11 @@ def clip_by_row_norm(
     >>> tx = optax.chain(optax_norms.clip_by_row_norm(1.0, mask="**/kernel"), optax.adam(1e-3))
   """
 
-  def rule(u, w, hp, axes):
+  def rule(u, w, *, max_norm, axes):
     del w
-    return u * unit_scale(u, hp["max_norm"], axes)
+    return u * unit_scale(u, max_norm, axes)
 
   return leafwise_transform(
-      "clip_by_row_norm", {"max_norm": max_norm}, rule, mask=mask, needs_params=False, axis=axis
+      "clip_by_row_norm", rule, {"max_norm": max_norm}, mask=mask, needs_params=False,
+      per_unit=True, axis=axis,
   )

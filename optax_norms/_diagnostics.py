@@ -1,17 +1,30 @@
-"""Diagnostics: per-leaf norms, largest unit norm and sparsity, cheap and jittable."""
+"""Diagnostics: per-leaf norms and sparsity (jittable), and whether a decay step survives
+the rounding of the leaf dtype (eager).
+
+Precision: a coupled L2 step ``w ← w − lr·2α·w`` (``add_l2_decay(α)`` before
+``optax.sgd(lr)``) or a decoupled one (``optax.adamw(lr, weight_decay=wd)``: ``w ← w −
+lr·wd·w``, i.e. ``α = wd/2``) changes a weight by the relative amount ``lr·2α``. When that
+is below half the spacing of the weight's dtype, round-to-nearest gives back ``w``: the
+decay silently does nothing. For bfloat16 (8 significant bits) this happens as soon as
+``lr·2α < 2⁻⁹ ≈ 0.002``, which is the usual case (``lr = 1e-3``, ``wd = 0.1``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from optax_norms._numerics import Axis, resolve_axes, unit_sq_norm
-from optax_norms._paths import Mask, format_path
+from optax_norms._hyperparams import ScalarOrSchedule, check_value, evaluate_schedule, is_schedule
+from optax_norms._masks import Mask
+from optax_norms._numerics import Axis, compute_dtype, resolve_axes, unit_norm
+from optax_norms._paths import format_path
 from optax_norms._transform import selected_leaves
 
-__all__ = ["norm_report"]
+__all__ = ["DecayResolution", "LeafDecayResolution", "decay_resolution_report", "norm_report"]
 
 
 def norm_report(params: Any, *, axis: Axis = None, mask: Mask = None) -> dict[str, dict[str, jax.Array]]:
@@ -39,12 +52,12 @@ def norm_report(params: Any, *, axis: Axis = None, mask: Mask = None) -> dict[st
   for path, leaf, on in zip(paths, leaves, active):
     if not on:
       continue
-    acc = jnp.promote_types(leaf.dtype, jnp.float32)
+    acc = compute_dtype(leaf.dtype)
     w = leaf.astype(acc)
-    unit_norms = jnp.sqrt(unit_sq_norm(leaf, resolve_axes(axis, path, leaf)))
+    unit_norms = unit_norm(w, resolve_axes(axis, path, leaf))
     report[format_path(path)] = {
         "l1": jnp.sum(jnp.abs(w)).astype(jnp.float32),
-        "l2": jnp.sqrt(jnp.sum(jnp.square(w))).astype(jnp.float32),
+        "l2": unit_norm(w, tuple(range(w.ndim))).reshape(()).astype(jnp.float32),
         "max_abs": (jnp.max(jnp.abs(w)) if w.size else jnp.zeros([], acc)).astype(jnp.float32),
         "max_unit_norm": (jnp.max(unit_norms) if unit_norms.size else jnp.zeros([], acc)).astype(jnp.float32),
         "zero_fraction": (jnp.mean(w == 0) if w.size else jnp.zeros([])).astype(jnp.float32),
@@ -52,3 +65,139 @@ def norm_report(params: Any, *, axis: Axis = None, mask: Mask = None) -> dict[st
         "units": jnp.asarray(unit_norms.size, jnp.float32),
     }
   return report
+
+
+class LeafDecayResolution(NamedTuple):
+  """How one leaf's weights fare under the decay step.
+
+  Attributes:
+    dtype: the leaf's dtype name (``"bfloat16"``).
+    nonzero: the number of non-zero elements (a zero weight has no decay to lose).
+    lost_fraction: the fraction of non-zero elements whose decay step ``lr·2α·|w|`` is
+      below half the gap to the next representable value towards zero: ``w − step``
+      rounds back to ``w``.
+    rounds_away: ``lost_fraction > 0.5``: the decay does nothing for most weights.
+  """
+
+  dtype: str
+  nonzero: int
+  lost_fraction: float
+  rounds_away: bool
+
+
+class DecayResolution(NamedTuple):
+  """The result of :func:`decay_resolution_report`.
+
+  Attributes:
+    relative_step: ``lr·2α``, the relative change the decay asks for.
+    leaves: ``{path: LeafDecayResolution}`` for every selected floating-point leaf.
+    rounds_away: the paths whose decay rounds away for most elements.
+    summary: one human-readable paragraph, for a log line or a warning.
+  """
+
+  relative_step: float
+  leaves: Mapping[str, LeafDecayResolution]
+  rounds_away: tuple[str, ...]
+  summary: str
+
+
+def _value(name: str, value: ScalarOrSchedule, step: int) -> float:
+  if is_schedule(value):
+    value = evaluate_schedule(name, value, step)
+  check_value(name, value)
+  return float(np.asarray(value))
+
+
+@jax.jit
+def _lost_fraction(leaf: jax.Array, relative_step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  magnitude = jnp.abs(leaf)
+  # Gap to the next value towards zero, in the leaf's dtype (exact, also at powers of 2).
+  gap = (magnitude - jnp.nextafter(magnitude, jnp.zeros_like(magnitude))).astype(jnp.float32)
+  step = relative_step * magnitude.astype(jnp.float32)
+  nonzero = magnitude > 0
+  lost = nonzero & (step < gap / 2)
+  return jnp.sum(nonzero, dtype=jnp.int32), jnp.sum(lost, dtype=jnp.int32)
+
+
+def decay_resolution_report(
+    params: Any,
+    alpha: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule,
+    *,
+    mask: Mask = None,
+    step: int = 0,
+) -> DecayResolution:
+  r"""Reports, per selected leaf, whether an L2 decay step is below the dtype's resolution.
+
+  The decay step of ``add_l2_decay(alpha)`` followed by ``optax.sgd(learning_rate)`` moves
+  each weight by ``lr·2α·|w|``. An element *loses* its decay when that step is below half
+  the gap between ``|w|`` and the next representable value towards zero in the leaf's own
+  dtype: round-to-nearest then gives back ``w`` exactly. This is the bfloat16 trap: with
+  8 significant bits the decay vanishes for most weights whenever ``lr·2α ≲ 2⁻⁹``.
+
+  For ``optax.adamw(lr, weight_decay=wd)`` or ``optax.add_decayed_weights(wd)``, pass
+  ``alpha=wd/2`` (their step is ``lr·wd·w``). The gradient term of the same step is ignored:
+  the report is about the decay alone. Remedies: keep float32 master weights (cast to bf16
+  for the forward pass only), or accumulate the decay in a float32 buffer.
+
+  Args:
+    params: the parameters (any pytree); leaves are read, not changed. Not jittable: the
+      result holds Python numbers (only two scalars per leaf leave the device).
+    alpha: the L2 weight ``α`` of ``add_l2_decay``: a number, or a schedule evaluated at
+      `step`.
+    learning_rate: the learning rate: a number, or a schedule evaluated at `step`.
+    mask: the leaves to check, as in :func:`add_l2_decay`; ``None`` is every floating-point
+      leaf.
+    step: the step at which schedules are evaluated.
+
+  Returns:
+    A :class:`DecayResolution` with per-leaf results, the paths whose decay rounds away and
+    a one-paragraph ``summary``.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> params = {"kernel": jnp.full((4, 4), 0.3, jnp.bfloat16)}
+    >>> report = optax_norms.decay_resolution_report(params, alpha=0.05, learning_rate=1e-3)
+    >>> report.rounds_away
+    ('kernel',)
+  """
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
+    raise ValueError(
+        "decay_resolution_report reads the parameters' values and returns Python numbers: "
+        "call it outside `jax.jit` (on the concrete parameters, e.g. before training)."
+    )
+  alpha_value = _value("alpha", alpha, step)
+  lr_value = _value("learning_rate", learning_rate, step)
+  relative_step = lr_value * 2 * alpha_value
+  paths, leaves, _, active = selected_leaves(mask, params, check=True)
+  results: dict[str, LeafDecayResolution] = {}
+  for path, leaf, on in zip(paths, leaves, active):
+    if not on:
+      continue
+    nonzero, lost = _lost_fraction(leaf, jnp.asarray(relative_step, jnp.float32))
+    nonzero, lost = int(nonzero), int(lost)
+    fraction = lost / nonzero if nonzero else 0.0
+    results[format_path(path)] = LeafDecayResolution(
+        dtype=str(jnp.dtype(leaf.dtype)),
+        nonzero=nonzero,
+        lost_fraction=fraction,
+        rounds_away=fraction > 0.5,
+    )
+  lost_paths = tuple(p for p, r in results.items() if r.rounds_away)
+  if lost_paths:
+    shown = ", ".join(
+        f"{p!r} ({results[p].dtype}, {100 * results[p].lost_fraction:.0f}% of weights)"
+        for p in lost_paths[:8]
+    )
+    more = f" and {len(lost_paths) - 8} more" if len(lost_paths) > 8 else ""
+    summary = (
+        f"The L2 decay step lr·2α = {relative_step:.3g} is below half an ulp for most "
+        f"weights of {len(lost_paths)} of {len(results)} leaves: {shown}{more}. The decay "
+        "rounds away and does nothing there. Keep float32 master weights, or raise lr·α."
+    )
+  else:
+    summary = (
+        f"The L2 decay step lr·2α = {relative_step:.3g} survives rounding for most weights "
+        f"of all {len(results)} selected leaves."
+    )
+  return DecayResolution(relative_step, results, lost_paths, summary)

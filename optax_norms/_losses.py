@@ -12,9 +12,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_norms._hyperparams import Scalar, _check_concrete
-from optax_norms._numerics import Axis, abs_zero_subgradient, resolve_axes, safe_unit_norm
-from optax_norms._paths import Mask
+from optax_norms._hyperparams import Scalar, check_value, is_schedule
+from optax_norms._masks import Mask
+from optax_norms._numerics import Axis, abs_zero_subgradient, compute_dtype, resolve_axes, unit_norm
 from optax_norms._transform import selected_leaves
 
 __all__ = [
@@ -27,10 +27,10 @@ __all__ = [
 
 
 def _hyper(name: str, value: Any) -> Any:
-  if callable(value) and not isinstance(value, jax.Array):
+  if is_schedule(value):
     raise ValueError(f"`{name}` must be a number here, not a schedule: penalties have no step.")
-  _check_concrete(name, value)
-  return value
+  check_value(name, value)
+  return value if isinstance(value, jax.core.Tracer) else float(value)
 
 
 def _sum_over(params: Any, mask: Mask, leaf_term, axis: Axis = None) -> jax.Array:
@@ -39,8 +39,8 @@ def _sum_over(params: Any, mask: Mask, leaf_term, axis: Axis = None) -> jax.Arra
   total = jnp.zeros([], jnp.float32)
   for path, leaf, on in zip(paths, leaves, active):
     if on:
-      acc = jnp.promote_types(leaf.dtype, jnp.float32)
-      total = total + leaf_term(leaf.astype(acc), resolve_axes(axis, path, leaf))
+      term = leaf_term(leaf.astype(compute_dtype(leaf.dtype)), resolve_axes(axis, path, leaf))
+      total = total + term.astype(jnp.float32)
   return total
 
 
@@ -97,7 +97,7 @@ def group_l2_penalty(
     6.0
   """
   alpha = _hyper("alpha", alpha)
-  return alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(safe_unit_norm(w, axes)), axis)
+  return alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(unit_norm(w, axes)), axis)
 
 
 def max_norm_penalty(
@@ -113,6 +113,6 @@ def max_norm_penalty(
   max_norm, alpha = _hyper("max_norm", max_norm), _hyper("alpha", alpha)
 
   def term(w, axes):
-    return jnp.sum(jnp.square(jnp.maximum(safe_unit_norm(w, axes) - max_norm, 0)))
+    return jnp.sum(jnp.square(jnp.maximum(unit_norm(w, axes) - max_norm, 0)))
 
   return alpha * _sum_over(params, mask, term, axis)

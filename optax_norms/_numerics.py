@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from optax_norms._paths import Path, format_path
@@ -18,7 +20,7 @@ __all__ = [
     "compute_dtype",
     "resolve_axes",
     "safe_unit_norm",
-    "unit_sq_norm",
+    "unit_norm",
 ]
 
 Axis = None | int | Sequence[int] | Callable[[Path, Any], Any]
@@ -26,8 +28,10 @@ Axis = None | int | Sequence[int] | Callable[[Path, Any], Any]
 
 def compute_dtype(dtype: Any) -> Any:
   """The dtype a leaf's arithmetic runs in: at least float32 (bf16/f16 are upcast in
-  registers; XLA fuses the casts, so no float32 copy of the leaf is materialized)."""
-  return jnp.promote_types(dtype, jnp.float32)
+  registers; XLA fuses the casts, so no float32 copy of the leaf is materialized). Written
+  without type promotion so it holds under ``jax_numpy_dtype_promotion='strict'``."""
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def _default_axes(ndim: int) -> tuple[int, ...]:
@@ -35,7 +39,17 @@ def _default_axes(ndim: int) -> tuple[int, ...]:
 
 
 def _is_int(value: Any) -> bool:
-  return hasattr(value, "__index__") and not isinstance(value, bool)
+  """A Python or NumPy integer, or a 0-d integer array (never a float that has
+  ``__index__``, never a bool)."""
+  if isinstance(value, (bool, np.bool_)):
+    return False
+  if isinstance(value, (int, np.integer)):
+    return True
+  dtype = getattr(value, "dtype", None)
+  return (
+      dtype is not None and np.ndim(value) == 0 and jnp.issubdtype(dtype, jnp.integer)
+      and not isinstance(value, jax.core.Tracer)
+  )
 
 
 def check_axis_spec(axis: Any) -> None:
@@ -49,8 +63,8 @@ def check_axis_spec(axis: Any) -> None:
   if isinstance(axis, (tuple, list)) and all(_is_int(a) for a in axis):
     return
   raise ValueError(
-      f"`axis` must be None, an int, a tuple of ints or a callable (path, leaf) -> axes, "
-      f"got {axis!r}."
+      "`axis` must be None, an int, a tuple of ints or a callable (path, leaf) -> axes, "
+      f"got {axis!r}{' (an array: pass a tuple of ints)' if hasattr(axis, 'shape') else ''}."
   )
 
 
@@ -64,6 +78,7 @@ def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
   ndim = jnp.ndim(leaf)
   if callable(axis) and not isinstance(axis, jax.Array):
     axis = axis(path, leaf)
+    check_axis_spec(axis)
   if axis is None:
     return _default_axes(ndim)
   if isinstance(axis, jax.core.Tracer):
@@ -89,12 +104,6 @@ def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
   return tuple(sorted(resolved))
 
 
-def unit_sq_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """Squared l2 norm of each unit, accumulated in >= float32, with reduced dims kept."""
-  wide = lax.convert_element_type(x, compute_dtype(x.dtype))
-  return lax.expand_dims(lax.reduce_sum(lax.square(wide), axes), axes)
-
-
 @jax.custom_jvp
 def abs_zero_subgradient(x: jax.Array) -> jax.Array:
   """``|x|`` whose derivative is ``sign(x)``, with ``sign(0) = 0`` (JAX's own abs gives 1)."""
@@ -107,15 +116,60 @@ def _abs_jvp(primals, tangents):
   return jnp.abs(x), jnp.sign(x) * t
 
 
-def safe_unit_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """l2 norm of each unit (dims kept, >= float32) whose gradient at a zero unit is 0, not NaN.
+def _norm_scales(dtype: Any) -> tuple[float, float, float, float]:
+  """(big scale, small scale, high threshold, low threshold) for `dtype`: powers of 2."""
+  emax = int(jnp.finfo(dtype).maxexp)  # 128 for float32, 1024 for float64.
+  return 2.0 ** -(emax * 9 // 16), 2.0 ** (emax // 2), 2.0 ** (emax - 8), 2.0 ** -(emax - 28)
 
-  The double select keeps ``sqrt`` away from 0 on both passes. It is written with ``lax``
-  primitives because ``jnp.where`` traces a nested ``jit`` per call, which on 1000-leaf trees
-  shows up as compile time.
+
+def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Per-unit l2 norm, dims kept, in the compute dtype, without overflow or underflow.
+
+  Three sums of squares: of ``x``, of ``x`` scaled down and of ``x`` scaled up by powers
+  of two (exact). The plain one is used unless it overflowed (a unit of values ~1e19 in
+  float32) or is so small that its terms underflowed (values ~1e-20); then the scaled one
+  that is safe is. The three sums read the same input, so on a GPU they fuse into one pass;
+  the plain sum gives bit for bit the textbook result on ordinary values.
   """
-  squared = unit_sq_norm(x, axes)
-  positive = squared > 0
-  one = lax.full(squared.shape, 1, squared.dtype)
-  zero = lax.full(squared.shape, 0, squared.dtype)
-  return lax.select(positive, lax.sqrt(lax.select(positive, squared, one)), zero)
+  wide = lax.convert_element_type(x, compute_dtype(x.dtype))
+  dtype = wide.dtype
+  down, up, high, low = _norm_scales(dtype)
+
+  def sum_sq(y):
+    return lax.expand_dims(lax.reduce_sum(lax.square(y), axes), axes)
+
+  plain = sum_sq(wide)
+  big = sum_sq(wide * lax.full((), down, dtype))
+  small = sum_sq(wide * lax.full((), up, dtype))
+  shape = plain.shape
+  use_big = ~(plain < lax.full(shape, high, dtype))  # also when plain is inf or NaN.
+  use_small = plain < lax.full(shape, low, dtype)
+  plain_norm = lax.sqrt(plain)
+  big_norm = lax.sqrt(big) * lax.full(shape, 1 / down, dtype)
+  small_norm = lax.sqrt(small) * lax.full(shape, 1 / up, dtype)
+  return lax.select(use_big, big_norm, lax.select(use_small, small_norm, plain_norm))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def unit_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """l2 norm of each unit (reduced dims kept, >= float32), exact for huge and tiny values.
+
+  Its derivative is ``x/‖x‖`` per unit and 0 at a zero unit (not NaN).
+  """
+  return _unit_norm_value(x, axes)
+
+
+@unit_norm.defjvp
+def _unit_norm_jvp(axes, primals, tangents):
+  (x,), (t,) = primals, tangents
+  norm = _unit_norm_value(x, axes)
+  positive = norm > 0
+  one = lax.full(norm.shape, 1, norm.dtype)
+  inverse = lax.select(positive, one / lax.select(positive, norm, one), lax.full(norm.shape, 0, norm.dtype))
+  wide = lax.convert_element_type(x, norm.dtype)
+  direction = wide * inverse
+  tangent = lax.convert_element_type(t, norm.dtype)
+  return norm, lax.expand_dims(lax.reduce_sum(direction * tangent, axes), axes)
+
+
+safe_unit_norm = unit_norm

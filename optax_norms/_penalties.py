@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._numerics import Axis, safe_unit_norm
-from optax_norms._paths import Mask
+from optax_norms._masks import Mask
+from optax_norms._numerics import Axis, unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["add_l1_decay", "add_l2_decay", "add_max_norm_decay", "elastic"]
@@ -37,11 +37,10 @@ def add_l2_decay(alpha: ScalarOrSchedule, *, mask: Mask = None) -> optax.Gradien
     >>> tx = optax.chain(optax_norms.add_l2_decay(1e-4, mask="**/kernel"), optax.sgd(0.1))
   """
 
-  def rule(u, w, hp, axes):
-    del axes
-    return u + (2 * hp["alpha"]) * w
+  def rule(u, w, *, alpha):
+    return u + (2 * alpha) * w
 
-  return leafwise_transform("add_l2_decay", {"alpha": alpha}, rule, mask=mask, needs_params=True)
+  return leafwise_transform("add_l2_decay", rule, {"alpha": alpha}, mask=mask, needs_params=True)
 
 
 def add_l1_decay(alpha: ScalarOrSchedule, *, mask: Mask = None) -> optax.GradientTransformation:
@@ -60,11 +59,10 @@ def add_l1_decay(alpha: ScalarOrSchedule, *, mask: Mask = None) -> optax.Gradien
     >>> tx = optax.chain(optax_norms.add_l1_decay(1e-5, mask="**/kernel"), optax.adam(1e-3))
   """
 
-  def rule(u, w, hp, axes):
-    del axes
-    return u + hp["alpha"] * jnp.sign(w)
+  def rule(u, w, *, alpha):
+    return u + alpha * jnp.sign(w)
 
-  return leafwise_transform("add_l1_decay", {"alpha": alpha}, rule, mask=mask, needs_params=True)
+  return leafwise_transform("add_l1_decay", rule, {"alpha": alpha}, mask=mask, needs_params=True)
 
 
 def elastic(
@@ -86,11 +84,10 @@ def elastic(
     >>> tx = optax.chain(optax_norms.elastic(1e-5, 1e-4, mask="**/kernel"), optax.sgd(0.1))
   """
 
-  def rule(u, w, hp, axes):
-    del axes
-    return u + hp["l1"] * jnp.sign(w) + (2 * hp["l2"]) * w
+  def rule(u, w, *, l1, l2):
+    return u + l1 * jnp.sign(w) + (2 * l2) * w
 
-  return leafwise_transform("elastic", {"l1": l1, "l2": l2}, rule, mask=mask, needs_params=True)
+  return leafwise_transform("elastic", rule, {"l1": l1, "l2": l2}, mask=mask, needs_params=True)
 
 
 def add_max_norm_decay(
@@ -120,17 +117,13 @@ def add_max_norm_decay(
     ...                  optax.adam(1e-3))
   """
 
-  def rule(u, w, hp, axes):
-    norm = safe_unit_norm(w, axes)
-    excess = jnp.maximum(norm - hp["max_norm"], 0)
-    coefficient = 2 * hp["alpha"] * excess / jnp.where(norm > 0, norm, 1)
+  def rule(u, w, *, max_norm, alpha, axes):
+    norm = unit_norm(w, axes)
+    excess = jnp.maximum(norm - max_norm, 0)
+    coefficient = 2 * alpha * excess / jnp.where(norm > 0, norm, 1)
     return u + coefficient * w
 
   return leafwise_transform(
-      "add_max_norm_decay",
-      {"max_norm": max_norm, "alpha": alpha},
-      rule,
-      mask=mask,
-      needs_params=True,
-      axis=axis,
+      "add_max_norm_decay", rule, {"max_norm": max_norm, "alpha": alpha},
+      mask=mask, needs_params=True, per_unit=True, axis=axis,
   )

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._numerics import Axis, safe_unit_norm
-from optax_norms._paths import Mask
+from optax_norms._masks import Mask
+from optax_norms._numerics import Axis, unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["prox_elastic", "prox_group_l2", "prox_l1", "soft_threshold"]
@@ -44,12 +44,11 @@ def prox_l1(
     >>> tx = optax.chain(optax.sgd(lr), optax_norms.prox_l1(1e-3, lr, mask="**/kernel"))
   """
 
-  def rule(u, w, hp, axes):
-    del axes
-    return soft_threshold(w + u, hp["learning_rate"] * hp["alpha"]) - w
+  def rule(u, w, *, alpha, learning_rate):
+    return soft_threshold(w + u, learning_rate * alpha) - w
 
   return leafwise_transform(
-      "prox_l1", {"alpha": alpha, "learning_rate": learning_rate}, rule, mask=mask,
+      "prox_l1", rule, {"alpha": alpha, "learning_rate": learning_rate}, mask=mask,
       needs_params=True,
   )
 
@@ -78,13 +77,11 @@ def prox_elastic(
     >>> tx = optax.chain(optax.sgd(0.1), optax_norms.prox_elastic(1e-3, 1e-3, 0.1))
   """
 
-  def rule(u, w, hp, axes):
-    del axes
-    lr = hp["learning_rate"]
-    return soft_threshold(w + u, lr * hp["l1"]) / (1 + 2 * lr * hp["l2"]) - w
+  def rule(u, w, *, l1, l2, learning_rate):
+    return soft_threshold(w + u, learning_rate * l1) / (1 + 2 * learning_rate * l2) - w
 
   return leafwise_transform(
-      "prox_elastic", {"l1": l1, "l2": l2, "learning_rate": learning_rate}, rule, mask=mask,
+      "prox_elastic", rule, {"l1": l1, "l2": l2, "learning_rate": learning_rate}, mask=mask,
       needs_params=True,
   )
 
@@ -116,15 +113,15 @@ def prox_group_l2(
     ...                  optax_norms.prox_group_l2(1e-2, 0.1, mask="**/kernel"))
   """
 
-  def rule(u, w, hp, axes):
+  def rule(u, w, *, alpha, learning_rate, axes):
     v = w + u
-    norm = safe_unit_norm(v, axes)
-    threshold = hp["learning_rate"] * hp["alpha"]
+    norm = unit_norm(v, axes)
+    threshold = learning_rate * alpha
     # max(0, 1 − t/‖v‖) written as max(‖v‖ − t, 0)/‖v‖: one fused pass, 0 for a zero unit.
     shrink = jnp.maximum(norm - threshold, 0) / jnp.where(norm > 0, norm, 1)
     return v * shrink - w
 
   return leafwise_transform(
-      "prox_group_l2", {"alpha": alpha, "learning_rate": learning_rate}, rule, mask=mask,
-      needs_params=True, axis=axis,
+      "prox_group_l2", rule, {"alpha": alpha, "learning_rate": learning_rate}, mask=mask,
+      needs_params=True, per_unit=True, axis=axis,
   )

@@ -1,9 +1,28 @@
-"""The one factory behind every transform: masks, hyperparameters, dtypes, axes."""
+"""The one factory behind every transform: masks, hyperparameters, dtypes, axes, state.
+
+A transform is a *rule* for one leaf, written in the compute dtype (>= float32)::
+
+  def rule(u, w, *, alpha):                   # element-wise, stateless
+    return u + 2 * alpha * w
+
+  def rule(u, w, *, max_norm, axes):          # per unit: `axes` are the reduced axes
+    ...
+
+  def rule(u, w, *, max_norm, axes, state):   # with per-leaf state: returns (u', state')
+    ...
+
+:func:`leafwise_transform` checks the rule's keyword-only parameters against the
+hyperparameters at construction, compiles the mask once, and does the rest: selection by
+path, ``None``/integer leaves passed through, casts to the compute dtype and back,
+schedules, run-time validity of hyperparameters, and per-leaf state (``init_leaf``), which
+masked-out leaves do not hold (``optax.MaskedNode``, as ``optax.masked``).
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,20 +30,35 @@ import optax
 from jax import lax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
+from optax_norms._masks import Mask, Selector, compile_mask
 from optax_norms._numerics import Axis, check_axis_spec, compute_dtype, resolve_axes
-from optax_norms._paths import Mask, Path, _flatten, format_path, select_leaves
+from optax_norms._paths import Path, flatten, format_path, shown_paths
 
-__all__ = ["LeafFn", "leafwise_transform", "selected_leaves"]
+__all__ = ["LeafwiseState", "leafwise_transform", "selected_leaves"]
 
-# (update, param or None, hyperparameters in the compute dtype, reduced axes) -> new update,
-# all in the compute dtype (>= float32).
-LeafFn = Callable[[jax.Array, Any, Mapping[str, jax.Array], tuple[int, ...]], jax.Array]
+_STATIC_ARGS_HINT = (
+    " If this transform is inside optax.inject_hyperparams, a callable `mask` was called "
+    "as a schedule: pass static_args=('mask',)."
+)
 
-_NO_AXIS = object()
+
+class LeafwiseState(NamedTuple):
+  """State of a transform with per-leaf state.
+
+  Attributes:
+    count: int32, the number of updates applied so far (schedules read it).
+    leaves: per-leaf state with the structure of the parameters; masked-out leaves hold
+      ``optax.MaskedNode()``.
+  """
+
+  count: jax.Array
+  leaves: Any
 
 
 def _leaf_kind(path: Path, leaf: Any) -> str:
-  """'float' (transformed), 'skip' (integer/bool: passed through) or raises."""
+  """'float' (transformed), 'skip' (None, integer, bool: passed through) or raises."""
+  if leaf is None:
+    return "skip"
   if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
     raise TypeError(
         f"The parameter {format_path(path)!r} is a {type(leaf).__name__}, not an array. "
@@ -40,28 +74,32 @@ def _leaf_kind(path: Path, leaf: Any) -> str:
 
 
 def selected_leaves(
-    mask: Mask, tree: Any, check: bool
+    mask: Mask | Any, tree: Any, check: bool
 ) -> tuple[list[Path], list[Any], Any, list[bool]]:
   """Flattens `tree`; returns paths, leaves, treedef and which leaves are transformed.
 
-  Integer and bool leaves are never transformed; non-array and complex selected leaves
-  raise an error naming their path.
+  `mask` is a ``mask=`` argument or a compiled selector. ``None``, integer and bool
+  leaves are never transformed; non-array and complex selected leaves raise an error
+  naming their path. With `check`, a mask that selects nothing raises.
   """
-  paths, leaves, treedef = _flatten(tree)
-  selection = select_leaves(mask, tree, paths, leaves, check)
+  selector = mask if isinstance(mask, Selector) else compile_mask(mask)
+  paths, leaves, treedef = flatten(tree)
+  selection = selector.select(tree, paths, leaves, check)
   active = [
       keep and _leaf_kind(path, leaf) == "float"
       for keep, path, leaf in zip(selection, paths, leaves)
   ]
-  if check and mask is not None and not any(selection):
+  if check and selector.mask is not None and not any(active):
+    chosen = [p for p, keep, leaf in zip(paths, selection, leaves) if keep and leaf is not None]
+    real = [p for p, leaf in zip(paths, leaves) if leaf is not None]
+    if not chosen:
+      hint = _STATIC_ARGS_HINT if isinstance(selector.mask, bool) or callable(selector.mask) else ""
+      raise ValueError(
+          "`mask` selects no parameter, so the transform would do nothing. The parameter "
+          f"paths are: {shown_paths(real)}.{hint}"
+      )
     raise ValueError(
-        "`mask` selects no parameter, so the transform would do nothing. The parameter "
-        f"paths are: {', '.join(repr(format_path(p)) for p in paths[:8])}."
-    )
-  if check and mask is not None and not any(active):
-    chosen = [format_path(p) for p, keep in zip(paths, selection) if keep]
-    raise ValueError(
-        f"`mask` selects only integer or bool leaves ({', '.join(map(repr, chosen[:8]))}), "
+        f"`mask` selects only integer or bool leaves ({shown_paths(chosen)}), "
         "which are never transformed: it would do nothing. Select floating-point leaves."
     )
   return paths, leaves, treedef, active
@@ -73,7 +111,7 @@ def _cast(x: Any, dtype: Any) -> jax.Array:
 
 
 def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
-  p_paths, p_leaves, _ = _flatten(params)
+  p_paths, p_leaves, _ = flatten(params)
   if p_paths != u_paths:
     padded = max(len(u_paths), len(p_paths))
     u_padded = u_paths + [None] * (padded - len(u_paths))
@@ -88,27 +126,52 @@ def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   return p_leaves
 
 
+def _rule_arguments(name: str, rule: Callable, expected: set[str]) -> bool:
+  """The rule's keyword-only parameters must be exactly the hyperparameters (+ `axes`,
+  `state`); a rule may also ask for ``leaf_dtype`` (the stored dtype). Returns whether it
+  does."""
+  params = inspect.signature(rule).parameters.values()
+  keyword_only = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+  wants_dtype = "leaf_dtype" in keyword_only
+  if keyword_only - {"leaf_dtype"} != expected:
+    raise TypeError(
+        f"The rule of `{name}` takes keyword-only arguments {sorted(keyword_only)}, but "
+        f"the transform provides {sorted(expected)}."
+    )
+  return wants_dtype
+
+
 def leafwise_transform(
     name: str,
+    rule: Callable[..., Any],
     hyperparams: Mapping[str, ScalarOrSchedule],
-    leaf_fn: LeafFn,
     *,
     mask: Mask,
     needs_params: bool,
-    axis: Axis | object = _NO_AXIS,
+    per_unit: bool = False,
+    axis: Axis = None,
+    bounds: tuple[str, ...] = (),
+    init_leaf: Callable[[Path, jax.Array, tuple[int, ...]], Any] | None = None,
 ) -> optax.GradientTransformation:
-  """Builds a stateless (or count-only) transform applying `leaf_fn` to selected leaves.
+  """Builds a transform applying `rule` to every selected floating-point leaf.
 
   Args:
     name: the public factory's name, for error messages.
-    hyperparams: the scalar hyperparameters, validated here.
-    leaf_fn: the per-leaf update rule, computed in the leaf's compute dtype.
+    rule: ``rule(u, w, *, <hyperparameters>[, axes][, state])`` in the compute dtype;
+      returns the new update, or ``(new update, new leaf state)`` when `init_leaf` is given.
+    hyperparams: the scalar hyperparameters (numbers or schedules), validated here.
     mask: which leaves to transform (see :func:`optax_norms.path_mask`).
-    needs_params: whether the rule reads the parameters.
-    axis: the reduced axes of per-unit rules; omitted for element-wise ones.
+    needs_params: whether the rule reads the parameters (`w` is ``None`` otherwise).
+    per_unit: whether the rule reduces over units; it then receives ``axes``.
+    axis: the reduced axes of per-unit rules (see :func:`optax_norms.clip_by_row_norm`).
+    bounds: hyperparameters that bound stored values; cast rounding towards zero.
+    init_leaf: ``(path, leaf, axes) -> leaf state`` for rules with per-leaf state.
   """
-  hparams = Hyperparams(hyperparams)
-  per_unit = axis is not _NO_AXIS
+  expected = set(hyperparams) | ({"axes"} if per_unit else set()) | (
+      {"state"} if init_leaf else set())
+  wants_dtype = _rule_arguments(name, rule, expected)
+  hparams = Hyperparams(hyperparams, bounds)
+  selector = compile_mask(mask)
   if per_unit:
     check_axis_spec(axis)
 
@@ -116,13 +179,21 @@ def leafwise_transform(
     return resolve_axes(axis, path, leaf) if per_unit else ()
 
   def init_fn(params: Any) -> optax.OptState:
-    state = hparams.init_state()
-    if needs_params or params is not None:
-      paths, leaves, _, active = selected_leaves(mask, params, check=True)
-      for path, leaf, on in zip(paths, leaves, active):
-        if on:
-          leaf_axes(path, leaf)
-    return state
+    schedule_state = hparams.init_state()
+    if not (needs_params or params is not None or init_leaf):
+      return schedule_state
+    paths, leaves, treedef, active = selected_leaves(selector, params, check=True)
+    leaf_states = []
+    for path, leaf, on in zip(paths, leaves, active):
+      axes = leaf_axes(path, leaf) if on else ()
+      if init_leaf is not None:
+        leaf_states.append(init_leaf(path, leaf, axes) if on else optax.MaskedNode())
+    if init_leaf is None:
+      return schedule_state
+    return LeafwiseState(
+        count=jnp.zeros([], jnp.int32),
+        leaves=jax.tree_util.tree_unflatten(treedef, leaf_states),
+    )
 
   def update_fn(updates: Any, state: optax.OptState, params: Any = None):
     if needs_params and params is None:
@@ -131,27 +202,52 @@ def leafwise_transform(
           "`tx.update(updates, state, params)`."
       )
     values = hparams.at(state)
-    reference = updates if params is None else params
-    _, _, _, active = selected_leaves(mask, reference, check=False)
-    u_paths, u_leaves, treedef = _flatten(updates)
+    valid = hparams.valid(values)
+    u_paths, u_leaves, treedef = flatten(updates)
     p_leaves = _aligned_params(u_paths, params) if params is not None else [None] * len(u_leaves)
+    reference = updates if params is None else params
+    _, _, _, active = selected_leaves(selector, reference, check=False)
+    if init_leaf is not None:
+      s_leaves = treedef.flatten_up_to(state.leaves)
     cast_cache: dict[Any, dict[str, jax.Array]] = {}
-    new_leaves = []
-    for path, u, w, on in zip(u_paths, u_leaves, p_leaves, active):
-      if not on or u is None:
+    new_leaves, new_states = [], []
+    for i, (path, u, w, on) in enumerate(zip(u_paths, u_leaves, p_leaves, active)):
+      leaf_state = s_leaves[i] if init_leaf is not None else None
+      if not on or u is None or (needs_params and w is None):
         new_leaves.append(u)
+        new_states.append(leaf_state)
         continue
       if w is not None and jnp.shape(w) != jnp.shape(u):
         raise ValueError(
             f"The update and the parameter {format_path(path)!r} differ in shape: "
             f"{jnp.shape(u)} vs {jnp.shape(w)}."
         )
-      dtype = compute_dtype(u.dtype if w is None else jnp.promote_types(u.dtype, w.dtype))
+      dtype = compute_dtype(u.dtype if w is None else max(u.dtype, w.dtype, key=_width))
       if dtype not in cast_cache:
-        cast_cache[dtype] = {k: jnp.asarray(v).astype(dtype) for k, v in values.items()}
-      w_c = None if w is None else _cast(w, dtype)
-      new = leaf_fn(_cast(u, dtype), w_c, cast_cache[dtype], leaf_axes(path, u))
+        cast_cache[dtype] = hparams.in_dtype(values, dtype)
+      extra: dict[str, Any] = {}
+      if per_unit:
+        extra["axes"] = leaf_axes(path, u)
+      if init_leaf is not None:
+        extra["state"] = leaf_state
+      if wants_dtype:
+        extra["leaf_dtype"] = u.dtype
+      out = rule(_cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra)
+      new, leaf_state = out if init_leaf is not None else (out, None)
+      if valid is not None:
+        new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
       new_leaves.append(_cast(new, u.dtype))
-    return jax.tree_util.tree_unflatten(treedef, new_leaves), hparams.next_state(state)
+      new_states.append(leaf_state)
+    new_updates = jax.tree_util.tree_unflatten(treedef, new_leaves)
+    if init_leaf is None:
+      return new_updates, hparams.next_state(state)
+    return new_updates, LeafwiseState(
+        count=optax.safe_increment(state.count),
+        leaves=jax.tree_util.tree_unflatten(treedef, new_states),
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _width(dtype: Any) -> int:
+  return jnp.dtype(dtype).itemsize

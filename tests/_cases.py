@@ -1,5 +1,5 @@
 """The transform registry shared by the battery and the formula tests, with float64 numpy
-oracles written from DESIGN.md (independent of the library's code)."""
+oracles written from the textbook formulas (independent of the library's code)."""
 
 from __future__ import annotations
 

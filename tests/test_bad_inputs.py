@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import optax_norms as on
-from optax_norms._precision import decay_resolution_report
+from optax_norms import decay_resolution_report
 
 PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
 
@@ -84,10 +84,10 @@ CASES = [
          lambda: _init(optax.inject_hyperparams(on.add_l2_decay)(alpha=-1.0)),
          ValueError, r"must be non-negative, got -1\.0", "`alpha`"),
     # --- schedules ---------------------------------------------------------------------
-    Case("prox_schedule_goes_negative",
-         "prox_l1(0.1, linear_schedule(0.1, -0.1, 100)).init(params)",
-         lambda: _init(on.prox_l1(0.1, optax.linear_schedule(0.1, -0.1, 100))),
-         ValueError, r"must be non-negative, got -0\.1\d* \(the schedule's value at step 100\)",
+    Case("prox_schedule_starts_negative",
+         "prox_l1(0.1, linear_schedule(-0.1, 0.1, 100))",
+         lambda: on.prox_l1(0.1, optax.linear_schedule(-0.1, 0.1, 100)),
+         ValueError, r"must be non-negative, got -0\.1\d* \(the schedule's value at step 0\)",
          "`learning_rate`"),
     Case("schedule_raises", "add_l2_decay(lambda step: 1 / 0).init(params)",
          lambda: _init(on.add_l2_decay(lambda step: 1 / 0)),
@@ -124,7 +124,7 @@ CASES = [
          ValueError, r"is not a valid regular expression", "`regex`"),
     Case("glob_unbalanced_bracket", 'mask="**/kern[el"',
          lambda: _init(on.add_l2_decay(0.1, mask="**/kern[el")),
-         ValueError, r"Malformed glob .*unbalanced '\[' '\]'", "'**/kern[el'"),
+         ValueError, r"Malformed glob .*is never closed", "'**/kern[el'"),
     Case("glob_double_slash", 'mask="dense//kernel"',
          lambda: _init(on.add_l2_decay(0.1, mask="dense//kernel")),
          ValueError, r"Malformed glob .* doubled '/'", "'dense//kernel'"),
@@ -135,7 +135,7 @@ CASES = [
          lambda: _init(on.add_l2_decay(0.1, mask="dense/**kernel")),
          ValueError, r"'\*\*' must be a whole path segment", "'dense/**kernel'"),
     Case("glob_empty", 'mask=""', lambda: _init(on.add_l2_decay(0.1, mask="")),
-         ValueError, r"Malformed glob '': it must be non-empty", "''"),
+         ValueError, r"Malformed glob '': it must be a non-empty string", "''"),
     Case("mask_empty_list", "mask=[]", lambda: _init(on.add_l2_decay(0.1, mask=[])),
          ValueError, r"is an empty list", "`mask`"),
     Case("mask_list_with_non_string", 'mask=["**/kernel", 3]',

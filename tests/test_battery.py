@@ -1,4 +1,4 @@
-"""One battery run over every transform (DESIGN §3–4)."""
+"""One battery run over every transform."""
 
 from __future__ import annotations
 

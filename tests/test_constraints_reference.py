@@ -55,6 +55,12 @@ def project(tx, params):
   return optax.apply_updates(params, updates)
 
 
+def radius_margin(units):
+  """The documented relative margin δ = (2·√n + 8)·2⁻²⁴ of constrain_row_norm (an upper
+  bound for a unit of at most `units` entries)."""
+  return (2 * np.sqrt(units) + 8) * 2.0**-24
+
+
 def assert_projection_close(ours, ref, w, min_norm):
   """``ours ≈ ref`` up to Keras's/torch's epsilon and float32 rounding.
 
@@ -64,7 +70,8 @@ def assert_projection_close(ours, ref, w, min_norm):
   (smaller) projected value: hence an elementwise ``atol`` of two ulps of ``|w|``.
   """
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  tol = (KERAS_EPS / min_norm + F32_RTOL) * np.abs(ref) + 2 * np.finfo(np.float32).eps * np.abs(w)
+  # constrain_row_norm projects onto c·(1 − δ(n)) so that the stored norm is ≤ c exactly.
+  tol = (KERAS_EPS / min_norm + F32_RTOL + radius_margin(ours.size)) * np.abs(ref) + 2 * np.finfo(np.float32).eps * np.abs(w)
   excess = np.abs(ours - ref) - tol
   assert np.all(excess <= 0), f"max excess {excess.max():.3g} at {np.argmax(excess)}"
 
@@ -160,7 +167,9 @@ def test_units_inside_ball_are_bit_for_bit_the_step():
   # The update of an inside unit is u itself, bit for bit. (The parameters alone cannot tell:
   # in binary round-to-nearest, w + ((w + u) − w) recovers the float w + u exactly.)
   np.testing.assert_array_equal(np.asarray(updates["kernel"])[:, inside], u[:, inside])
-  np.testing.assert_allclose(unit_norms(new[:, outside], 0), C, rtol=1e-6)
+  # Projected onto C·(1 − δ); the update's rounding at the scale of |w| moves it a few ulps more.
+  np.testing.assert_allclose(unit_norms(new[:, outside], 0), C, rtol=radius_margin(10) + 1e-6)
+  assert unit_norms(new, 0).max() <= C
 
 
 def _train(tx, steps=100, seed=0):
@@ -206,7 +215,7 @@ def test_row_norm_bound_holds_through_training():
     norms = unit_norms(history[name]["kernel"], axes)
     assert norms.shape[0] == 100
     assert np.max(norms) <= c * (1 + 1e-6)
-    assert np.sum(norms[-1] > c * (1 - 1e-6)) >= 3  # The bound is active at the end...
+    assert np.sum(norms[-1] > c * (1 - 1e-5)) >= 3  # The bound is active at the end...
     free_norms = unit_norms(free[name]["kernel"][-1], tuple(a - 1 for a in axes))
     assert np.max(free_norms) > 2 * c  # ...and unconstrained training goes far past it.
 

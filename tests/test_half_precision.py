@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import optax_norms as on
-from optax_norms._precision import decay_resolution_report
+from optax_norms import decay_resolution_report
 
 HALF = [jnp.bfloat16, jnp.float16]
 
@@ -98,8 +98,10 @@ def test_f16_unit_whose_squares_overflow_is_clipped_correctly(name):
   projected = v * np.minimum(1, 100.0 / np.maximum(_norm(v), 1e-300))
   want = projected - (0 if name == "clip_by_row_norm" else w.astype(np.float64))
   assert np.isfinite(out).all()
-  np.testing.assert_allclose(out, want, rtol=2e-3, atol=1e-3)
-  np.testing.assert_allclose(out[:, 0] + (w[:, 0] if name != "clip_by_row_norm" else 0), 50.0, rtol=1e-3)
+  np.testing.assert_allclose(out, want, rtol=3e-3, atol=1e-3)
+  # The constraint stores 49.875: of the sums one f16 addition 300 + u' can give, the
+  # largest that is <= 50·(1 − δ) (the grid there is 0.125).
+  np.testing.assert_allclose(out[:, 0] + (w[:, 0] if name != "clip_by_row_norm" else 0), 50.0, rtol=3e-3)
 
 
 @pytest.mark.parametrize("name", ["prox_group_l2", "add_max_norm_decay"])

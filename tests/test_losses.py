@@ -1,4 +1,4 @@
-"""Loss-space penalties: float64 formulas, and T.update == g + jax.grad(P) (DESIGN §3)."""
+"""Loss-space penalties: float64 formulas, and T.update == g + jax.grad(P)."""
 
 from __future__ import annotations
 

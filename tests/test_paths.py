@@ -1,4 +1,4 @@
-"""Paths and masks (DESIGN §3): normalization, globs, presets, labels, errors."""
+"""Paths and masks: normalization, globs, presets, labels, errors."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def test_unknown_glob_raises_at_init_listing_real_paths():
 
 def test_malformed_globs_raise():
   for glob, message in [("a//b", "doubled"), ("/a", "leading"), ("a**/b", "whole path segment"),
-                        ("a/[bc", "unbalanced")]:
+                        ("a/[bc", "is never closed")]:
     with pytest.raises(ValueError, match=message):
       on.path_mask(glob)
 

@@ -59,8 +59,10 @@ def test_per_unit_over_a_sharded_axis_all_reduces_only_the_norm_vector(report):
   for cell in cells:
     if cell["transform"] in PER_UNIT:
       assert all(c.startswith("all-reduce[") for c in cell["collectives"]), cell
-      if cell["layout"] == "rows":  # Units span the sharded rows: 16 column norms reduced.
-        assert cell["collectives"] == ["all-reduce[16]"], cell
+      if cell["layout"] == "rows":
+        # Units span the sharded rows: one all-reduce of the 16 column sums of squares (the
+        # plain, scaled-down and scaled-up sums that keep the norm free of overflow).
+        assert cell["collectives"] == ["all-reduce[16, 16, 16]"], cell
       if cell["layout"] == "replicated":
         assert cell["collectives"] == [], cell
 
