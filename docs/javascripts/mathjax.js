@@ -1,4 +1,4 @@
-// MathJax for `$...$` and `$$...$$` (pymdownx.arithmatex, generic mode) and for the notebooks.
+// MathJax for `$...$` and `$$...$$` in the notebooks and pymdownx.arithmatex (generic mode).
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"], ["$", "$"]],
@@ -6,10 +6,8 @@ window.MathJax = {
     processEscapes: true,
     processEnvironments: true,
   },
-  options: {
-    ignoreHtmlClass: ".*|",
-    processHtmlClass: "arithmatex|jp-RenderedMarkdown|jp-MarkdownOutput|text_cell_render",
-  },
+  // The whole page is searched (code and pre blocks are skipped by default): restricting it to
+  // the arithmatex class would miss the notebooks' Markdown cells.
 };
 
 document$.subscribe(() => {
