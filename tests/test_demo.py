@@ -10,7 +10,9 @@ import zlib
 
 import pytest
 
+from optax_norms.tools.demo import _LR as LR
 from optax_norms.tools.demo import _MAX_NORM as MAX_NORM
+from optax_norms.tools.demo import _MOMENTUM as MOMENTUM
 from optax_norms.tools.demo import SETTINGS
 
 pytestmark = pytest.mark.slow
@@ -19,7 +21,7 @@ STEPS = 60
 ALL = [s.name for s in SETTINGS]
 COLUMNS = [
     "train acc", "test acc", "gap", "zero frac", "dead units", "max unit norm", "total L2",
-    "rel. step time",
+    "max |Δw|", "max unit Δw",
 ]
 FIGURES = ("weights_hist.png", "summary.png", "curves.png")
 
@@ -42,6 +44,7 @@ def _table(stdout: str) -> dict[str, dict[str, float]]:
       break
     name, *cells = line.split()
     assert len(cells) == len(COLUMNS), line
+    assert lines[start].split("  ")[-1].strip() == COLUMNS[-1], lines[start]
     rows[name] = dict(zip(COLUMNS, map(float, cells), strict=True))
   return rows
 
@@ -76,6 +79,12 @@ def _check_effects(table: dict[str, dict[str, float]]) -> None:
   # hundred steps, longer than this test runs).
   assert table["l2"]["total L2"] < 0.95 * none["total L2"], table
   assert table["group"]["total L2"] < 0.95 * none["total L2"], table
+  # Clipping bounds every step: with momentum β, |Δw| ≤ lr·c/(1−β) per weight (clip_abs, c =
+  # 0.005) and per unit (clip_row, c = 0.05); the unclipped run exceeds both bounds.
+  abs_bound, unit_bound = (LR * c / (1 - MOMENTUM) for c in (0.005, 0.05))
+  assert table["clip_abs"]["max |Δw|"] <= abs_bound * (1 + 1e-3), table
+  assert table["clip_row"]["max unit Δw"] <= unit_bound * (1 + 1e-3), table
+  assert none["max |Δw|"] > abs_bound and none["max unit Δw"] > unit_bound, table
 
 
 def test_demo_end_to_end(tmp_path):
@@ -88,23 +97,26 @@ def test_demo_end_to_end(tmp_path):
   for row in table.values():
     assert 0 <= row["test acc"] <= 1 and 0 <= row["zero frac"] <= 1, row
     assert row["gap"] == pytest.approx(row["train acc"] - row["test acc"], abs=2e-3), row
-  assert table["none"]["rel. step time"] == 1.0
   for name in FIGURES:
     _check_png(tmp_path / "a" / name)
+    assert f"wrote {tmp_path / 'a' / name}\n" in result.stdout, result.stdout
+  assert "replaced" not in result.stdout
   _check_effects(table)
 
-  # Same seed, same numbers (the timing column aside); a subset keeps the rerun short.
+  # Same seed, same numbers; a subset keeps the rerun short. Into the same folder: the run
+  # says which figures it wrote and that they replaced the earlier ones.
   subset = ["prox_l1", "none", "maxnorm"]
   again = _demo(
-      "--steps", str(STEPS), "--out", str(tmp_path / "b"), "--seed", "3",
+      "--steps", str(STEPS), "--out", str(tmp_path / "a"), "--seed", "3",
       "--settings", ",".join(subset),
   )
   assert again.returncode == 0, again.stderr[-2000:]
   second = _table(again.stdout)
   assert list(second) == subset
-  drop = lambda row: {k: v for k, v in row.items() if k != "rel. step time"}
   for name in subset:
-    assert drop(second[name]) == drop(table[name]), name
+    assert second[name] == table[name], name
+  for name in FIGURES:
+    assert f"wrote {tmp_path / 'a' / name} (replaced the existing file)" in again.stdout
 
 
 @pytest.mark.parametrize(
@@ -113,6 +125,9 @@ def test_demo_end_to_end(tmp_path):
         (["--steps", "-5"], "--steps"),
         (["--steps", "ten"], "--steps"),
         (["--settings", "none,l3"], "l3"),
+        (["--settings", "l2,,l1"], "empty entry (entry 2 of 3)"),
+        (["--settings", "l2,"], "empty entry (entry 2 of 2)"),
+        (["--settings", ""], "(none given)"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
@@ -123,6 +138,17 @@ def test_demo_rejects_bad_flags_in_one_line(args, message, tmp_path):
   assert len(lines) == 1 and message in lines[0], result.stderr
   assert "Traceback" not in result.stderr
   assert not any(tmp_path.iterdir())
+
+
+def test_help_shows_every_default():
+  result = _demo("--help", timeout=60)
+  assert result.returncode == 0, result.stderr
+  text = " ".join(result.stdout.split())  # argparse wraps lines
+  for default in ("(default: optax_norms_demo)", "(default: 600)", "(default: 0)",
+                  "(default: all)"):
+    assert default in text, result.stdout
+  for setting in SETTINGS:
+    assert setting.chain in result.stdout, setting.name
 
 
 def test_import_does_not_load_demo_extras():

@@ -19,7 +19,10 @@ from jupyter_client import kernelspec, manager
 pytestmark = pytest.mark.slow
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["01_tour.ipynb", "02_sparsity.ipynb", "03_maxnorm_and_clipping.ipynb"]
+NAMES = [
+    "01_tour.ipynb", "02_sparsity.ipynb", "03_maxnorm_and_clipping.ipynb",
+    "05_rnn_gradient_clipping.ipynb",
+]
 
 
 class _ThisInterpreter(kernelspec.KernelSpecManager):

@@ -5,9 +5,13 @@ Trains a Linen MLP (64 → 256 → 256 → 10) on a small, standardized training
 once per setting, with the same initialization, data and base optimizer
 (``optax.sgd(lr, momentum)``, full batch). Prints a table (accuracies, generalization gap,
 sparsity, dead units, largest unit norm, total weight norm from
-:func:`optax_norms.norm_report`, step time relative to no regularization) and writes three
-PNG figures. Flax, scikit-learn, matplotlib and tqdm (the ``[demo]`` extra) are imported
-only when the demo runs.
+`optax_norms.norm_report`, and the largest step any setting took) and writes three PNG
+figures, printing the path of each file it writes. Flax, scikit-learn, matplotlib and tqdm
+(the ``[demo]`` extra) are imported only when the demo runs.
+
+There is no timing column: per-setting step times of one short run differ by less than the
+run-to-run noise of a shared CPU (penalized runs came out "faster" than none).
+``python -m optax_norms bench`` measures what each transform costs, paired and repeated.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -103,12 +106,20 @@ _COLUMNS = (
     ("dead units", "{:>10d}"),
     ("max unit norm", "{:>13.3f}"),
     ("total L2", "{:>8.2f}"),
-    ("rel. step time", "{:>14.2f}"),
+    ("max |Δw|", "{:>8.4f}"),
+    ("max unit Δw", "{:>11.4f}"),
 )
+# Over the whole run and all kernels: "max |Δw|" is the largest change of one weight in one
+# step, "max unit Δw" the largest change of one unit (a kernel column) in one step, in norm.
+# clip_abs bounds the first, clip_row the second (with momentum β: by lr·c/(1−β)).
 
 
 class _UsageError(Exception):
   """A bad command-line value: reported in one line, without a traceback."""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Shows each flag's default, and keeps the epilog's line breaks."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,7 +135,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
           "Train one Flax MLP on scikit-learn digits once per regularizer; print a table "
           "and write figures."
       ),
-      epilog="settings: " + ", ".join(f"{s.name} ({s.chain})" for s in SETTINGS),
+      epilog="settings:\n" + "\n".join(f"  {s.name:<9} {s.chain}" for s in SETTINGS),
+      formatter_class=_Formatter,
   )
   parser.add_argument("--out", default="optax_norms_demo", help="folder for the PNG figures")
   parser.add_argument(
@@ -133,15 +145,24 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--seed", type=int, default=0, help="seed of the split and the init")
   parser.add_argument(
       "--settings",
-      default=",".join(_BY_NAME),
-      help="comma-separated subset of: " + ", ".join(_BY_NAME),
+      default="all",
+      help="comma-separated names of the settings listed below, or 'all'",
   )
   args = parser.parse_args(argv)
   if args.steps < 1:
     raise _UsageError(f"--steps must be a positive integer, got {args.steps}")
   if args.seed < 0:
     raise _UsageError(f"--seed must be non-negative, got {args.seed}")
-  names = [n.strip() for n in args.settings.split(",") if n.strip()]
+  if args.settings.strip() == "all":
+    args.settings = ",".join(_BY_NAME)
+  names = [n.strip() for n in args.settings.split(",")]
+  empty = [i + 1 for i, n in enumerate(names) if not n]
+  if empty and len(names) > 1:
+    raise _UsageError(
+        f"--settings {args.settings!r} has an empty entry (entry "
+        f"{', '.join(map(str, empty))} of {len(names)}); separate names with single commas"
+    )
+  names = [n for n in names if n]
   unknown = [n for n in names if n not in _BY_NAME]
   if unknown or not names:
     raise _UsageError(
@@ -220,25 +241,32 @@ def _train_one(setting, model, params0, data, steps, progress) -> dict[str, Any]
     """`n` full-batch steps (a traced count: one compilation serves every chunk)."""
 
     def body(_, carry):
-      params, opt_state = carry
+      params, opt_state, max_step = carry
       grads = jax.grad(loss_fn)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      new = optax.apply_updates(params, updates)
+      deltas = [a - b for a, b in zip(_leaves(new), _leaves(params), strict=True)]
+      step = jnp.stack([
+          jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in deltas])),
+          jnp.max(jnp.stack([jnp.max(jnp.sqrt(jnp.sum(jnp.square(d), axis=0))) for d in deltas])),
+      ])
+      return new, opt_state, jnp.maximum(max_step, step)
 
-    return jax.lax.fori_loop(0, n, body, (params, opt_state))
+    return jax.lax.fori_loop(0, n, body, (params, opt_state, jnp.zeros(2, jnp.float32)))
+
+  def _leaves(params):  # The kernels: what the mask of every setting selects.
+    return [leaf for _, leaf in _kernels(params)]
 
   params, opt_state = params0, tx.init(params0)
   steps_fn = jax.jit(run).lower(params, opt_state, jnp.int32(1)).compile()
   metrics_fn = jax.jit(metrics).lower(params).compile()
-  jax.block_until_ready(steps_fn(params, opt_state, jnp.int32(1)))  # Warm-up, not timed.
   curve = {"step": [0], **{k: [float(v)] for k, v in metrics_fn(params).items()}}
   chunk = max(1, -(-steps // _EVAL_POINTS))
-  done, per_step = 0, []
+  done, max_step = 0, np.zeros(2)
   while done < steps:
     n = min(chunk, steps - done)
-    start = time.perf_counter()
-    params, opt_state = jax.block_until_ready(steps_fn(params, opt_state, jnp.int32(n)))
-    per_step.append((time.perf_counter() - start) / n)
+    params, opt_state, chunk_max = steps_fn(params, opt_state, jnp.int32(n))
+    max_step = np.maximum(max_step, np.asarray(chunk_max))
     done += n
     curve["step"].append(done)
     for key, value in jax.device_get(metrics_fn(params)).items():
@@ -247,11 +275,11 @@ def _train_one(setting, model, params0, data, steps, progress) -> dict[str, Any]
   return {
       "params": params,
       "curve": {k: np.asarray(v) for k, v in curve.items()},
-      "step_seconds": min(per_step),  # The least disturbed chunk.
+      "max_step": max_step,
   }
 
 
-def _row(name: str, result: dict[str, Any], base_seconds: float) -> dict[str, Any]:
+def _row(name: str, result: dict[str, Any]) -> dict[str, Any]:
   import numpy as np
 
   import optax_norms
@@ -270,7 +298,8 @@ def _row(name: str, result: dict[str, Any], base_seconds: float) -> dict[str, An
       "dead units": int(sum(float(r["dead_units"]) for r in report.values())),
       "max unit norm": max(float(r["max_unit_norm"]) for r in report.values()),
       "total L2": float(np.sqrt(sum(float(r["l2"]) ** 2 for r in report.values()))),
-      "rel. step time": result["step_seconds"] / base_seconds,
+      "max |Δw|": float(result["max_step"][0]),
+      "max unit Δw": float(result["max_step"][1]),
   }
 
 
@@ -306,12 +335,14 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
 
   names = list(results)
   colors = plt.get_cmap("tab10")
+  styles = ["-", "--", ":", "-."]
+  markers = ["o", "s", "^", "v", "D", "x", "+", "*", "P"]
   files = []
 
   # Weight histograms, one panel per setting, log counts so the spike at 0 and the tails show.
   cols = min(3, len(names))
   nrows = -(-len(names) // cols)
-  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.6 * nrows), squeeze=False)
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
   values = {n: np.concatenate([np.ravel(np.asarray(k)) for _, k in _kernels(results[n]["params"])])
             for n in names}
   bound = max(float(np.max(np.abs(v))) for v in values.values())
@@ -320,24 +351,29 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
     w = values[name]
     ax.hist(w, bins=bins, color=colors(names.index(name) % 10), log=True)
     ax.set_title(f"{name}: {np.mean(w == 0):.0%} exact zeros", fontsize=9)
+    ax.set_xlabel("kernel weight value", fontsize=8)
     ax.tick_params(labelsize=7)
+  for ax in axes[:, 0]:
+    ax.set_ylabel("count (log)", fontsize=8)
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
-  fig.suptitle("Kernel weights after training (log count)", fontsize=10)
+  fig.suptitle("Kernel weights after training", fontsize=10)
   fig.tight_layout()
   files.append(_save(fig, plt, out, "weights_hist.png"))
 
-  # Summary: test accuracy (with train accuracy) and exact-zero fraction per setting.
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+  # Summary: accuracy (train and test) and exact-zero fraction per setting, values annotated.
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
   pos = np.arange(len(rows))
   ax1.bar(pos - 0.2, [r["train acc"] for r in rows], 0.4, label="train", color="0.75")
-  ax1.bar(pos + 0.2, [r["test acc"] for r in rows], 0.4, label="test", color="tab:blue")
+  bars = ax1.bar(pos + 0.2, [r["test acc"] for r in rows], 0.4, label="test", color="tab:blue")
+  ax1.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
   low = min(r["test acc"] for r in rows)
-  ax1.set_ylim(max(0.0, low - 0.1), 1.0)
+  ax1.set_ylim(max(0.0, low - 0.1), 1.04)
   ax1.set_title("Accuracy", fontsize=10)
-  ax1.legend(fontsize=7, loc="lower right")
-  ax2.bar(pos, [r["zero frac"] for r in rows], 0.6, color="tab:orange")
-  ax2.set_ylim(0, 1)
+  ax1.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=2, frameon=False)
+  bars = ax2.bar(pos, [r["zero frac"] for r in rows], 0.6, color="tab:orange")
+  ax2.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)  # 0.00 shows where there is no bar.
+  ax2.set_ylim(0, 1.1)
   ax2.set_title("Fraction of exact zeros in the kernels", fontsize=10)
   for ax in (ax1, ax2):
     ax.set_xticks(pos, [r["setting"] for r in rows], rotation=45, ha="right", fontsize=8)
@@ -345,20 +381,23 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
   fig.tight_layout()
   files.append(_save(fig, plt, out, "summary.png"))
 
-  # Learning curves: training loss and test accuracy against steps.
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+  # Learning curves: training loss and test accuracy against steps, one style per setting.
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
   for i, name in enumerate(names):
     curve = results[name]["curve"]
-    ax1.plot(curve["step"], curve["train_loss"], color=colors(i % 10), label=name, lw=1.2)
-    ax2.plot(curve["step"], curve["test_acc"], color=colors(i % 10), label=name, lw=1.2)
+    style = {"color": colors(i % 10), "ls": styles[i % len(styles)], "marker": markers[i % 9],
+             "markevery": (0.02 * (i % 9), 0.2), "ms": 4, "lw": 1.2, "label": name}
+    ax1.plot(curve["step"], curve["train_loss"], **style)
+    ax2.plot(curve["step"], curve["test_acc"], **style)
   ax1.set_yscale("log")
-  ax1.set_title("Training loss", fontsize=10)
-  ax2.set_title("Test accuracy", fontsize=10)
+  ax1.set_title("Training loss: cross-entropy only, without the penalty", fontsize=9)
+  ax1.set_ylabel("cross-entropy (log)", fontsize=8)
+  ax2.set_title("Test accuracy", fontsize=9)
   ax2.set_ylim(max(0.0, min(r["test acc"] for r in rows) - 0.1), 1.0)
   for ax in (ax1, ax2):
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=8)
-  ax2.legend(fontsize=7, ncol=2, loc="lower right")
+  ax2.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
   fig.tight_layout()
   files.append(_save(fig, plt, out, "curves.png"))
   return files
@@ -387,20 +426,25 @@ def _run(args: argparse.Namespace, extras: dict[str, Any]) -> int:
     for setting in settings:
       progress.set_postfix_str(setting.name)
       results[setting.name] = _train_one(setting, model, params0, data, args.steps, progress)
-  base_name = "none" if "none" in results else settings[0].name
-  rows = [_row(n, r, results[base_name]["step_seconds"]) for n, r in results.items()]
+  rows = [_row(n, r) for n, r in results.items()]
   print(
       f"digits: {len(data[1])} train / {len(data[3])} test samples, MLP 64-"
       f"{'-'.join(map(str, _HIDDEN))}-10, {args.steps} full-batch steps of "
       f"sgd(lr={_LR}, momentum={_MOMENTUM}), seed {args.seed}. Norm columns over the kernels "
-      f"(mask '{_KERNELS}'); step time relative to '{base_name}'."
+      f"(mask '{_KERNELS}'); max |Δw|: the largest change of one weight in one step, max unit Δw: "
+      "of one unit (kernel column, in norm)."
   )
   print(_table(rows))
   print()
   for s in settings:
     print(f"  {s.name:<9} {s.chain}")
+  names = ("weights_hist.png", "summary.png", "curves.png")
+  existed = {n for n in names if os.path.exists(os.path.join(args.out, n))}
   files = _figures(extras["plt"], results, rows, args.out)
-  print("figures: " + ", ".join(files))
+  print()
+  for path in files:
+    note = " (replaced the existing file)" if os.path.basename(path) in existed else ""
+    print(f"wrote {path}{note}")
   return 0
 
 
