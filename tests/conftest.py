@@ -35,5 +35,31 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+  config.addinivalue_line(
+      "markers",
+      "standard_promotion: run under standard dtype and rank promotion because optax itself (its "
+      "schedules, inject_hyperparams' dtype inference, sgd/adam on integer leaves) is not "
+      "strict-promotion clean; our own code is checked strictly elsewhere.",
+  )
   if settings is not None and config.getoption("--long", default=False):
     settings.load_profile("long")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _promotion_mode(request):
+  if request.node.get_closest_marker("standard_promotion"):
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+      yield
+  else:
+    yield
+
+
+# Large codebases run JAX with strict dtype promotion and rank promotion as an error: the
+# whole suite does too, so a transform that promotes implicitly fails here first.
+import jax  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")

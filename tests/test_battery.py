@@ -69,6 +69,7 @@ def test_matches_float64_oracle_jit_and_nojit(case):
   assert int(eager["step"]) == int(grads["step"])  # integer leaves untouched
 
 
+@pytest.mark.standard_promotion
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("optimizer", [optax.sgd(0.1), optax.adam(0.01)], ids=["sgd", "adam"])
 def test_chains_with_optimizer(case, optimizer):
@@ -97,6 +98,7 @@ def test_chains_with_optimizer(case, optimizer):
   _assert_close(params, ref_params, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.standard_promotion
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_inject_hyperparams(case):
   params, grads = _params(), _grads(_params())

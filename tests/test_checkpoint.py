@@ -11,6 +11,9 @@ import optax_norms as on
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
+# optax's schedules and optimizers are not strict-promotion clean.
+pytestmark = pytest.mark.standard_promotion
+
 
 def _schedule(start):
   return optax.linear_schedule(start, start / 4, transition_steps=7)

@@ -205,6 +205,7 @@ def _train(tx, steps=100, seed=0):
   return run(params, state)
 
 
+@pytest.mark.standard_promotion
 def test_row_norm_bound_holds_through_training():
   c = 2.0
   tx = optax.chain(optax.adam(0.3), optax_norms.constrain_row_norm(c, mask="**/kernel"))
@@ -220,6 +221,7 @@ def test_row_norm_bound_holds_through_training():
     assert np.max(free_norms) > 2 * c  # ...and unconstrained training goes far past it.
 
 
+@pytest.mark.standard_promotion
 def test_max_abs_bound_holds_through_training():
   c = 0.7
   tx = optax.chain(optax.adam(0.3), optax_norms.constrain_max_abs(c, mask="**/kernel"))

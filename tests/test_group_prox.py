@@ -184,6 +184,7 @@ def optax_ista(a, b, w0, tx, steps):
   return np.asarray(run(params, tx.init(params))["w"], np.float64)
 
 
+@pytest.mark.standard_promotion
 @pytest.mark.parametrize("l2", [0.0, 0.3])
 def test_schedule_learning_rate_thresholds_with_lr_k(l2):
   a, b = _quadratic()
@@ -202,6 +203,7 @@ def test_schedule_learning_rate_thresholds_with_lr_k(l2):
   assert np.max(np.abs(shifted - ref)) > 1e-2
 
 
+@pytest.mark.standard_promotion
 def test_l1_schedule_alpha_uses_alpha_k():
   a, b = _quadratic(seed=2)
   w0 = np.random.default_rng(3).normal(size=6)

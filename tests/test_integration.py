@@ -8,12 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import optax_norms as on
 
 X = jax.random.normal(jax.random.key(1), (32, 6))
 Y = jax.random.normal(jax.random.key(2), (32, 3))
+
+# optax's schedules and optimizers are not strict-promotion clean.
+pytestmark = pytest.mark.standard_promotion
 
 
 class MLP(nn.Module):

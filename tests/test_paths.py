@@ -167,6 +167,7 @@ def test_equinox_module_as_a_mask_is_a_tree_not_a_function():
   np.testing.assert_array_equal(updates.bias, 0.0)
 
 
+@pytest.mark.standard_promotion
 def test_path_mask_is_a_valid_optax_mask():
   params = _linen_params()
   mask = on.path_mask("**/kernel")

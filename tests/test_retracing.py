@@ -5,8 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import optax_norms as on
+
+# optax's schedules and optimizers are not strict-promotion clean.
+pytestmark = pytest.mark.standard_promotion
 
 
 def _params():
