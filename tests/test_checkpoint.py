@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cases import chain_of_all
 
 import optax_norms as on
+from optax_norms.tools.registry import REGISTRY
 
 ocp = pytest.importorskip("orbax.checkpoint")
 
@@ -21,17 +23,8 @@ def _schedule(start):
 
 # Every factory, once with constants (EmptyState) and once with a schedule (ScheduleState).
 FACTORIES = {
-    "add_l2_decay": lambda s: on.add_l2_decay(s(0.01)),
-    "add_l1_decay": lambda s: on.add_l1_decay(s(0.001)),
-    "elastic": lambda s: on.elastic(s(0.001), s(0.01)),
-    "add_max_norm_decay": lambda s: on.add_max_norm_decay(s(1.0), s(0.1)),
-    "prox_l1": lambda s: on.prox_l1(s(0.01), s(0.05)),
-    "prox_elastic": lambda s: on.prox_elastic(s(0.01), s(0.01), s(0.05)),
-    "prox_group_l2": lambda s: on.prox_group_l2(s(0.05), s(0.05), axis=0),
-    "clip_by_max_abs": lambda s: on.clip_by_max_abs(s(0.5)),
-    "clip_by_row_norm": lambda s: on.clip_by_row_norm(s(1.0)),
-    "constrain_max_abs": lambda s: on.constrain_max_abs(s(2.0)),
-    "constrain_row_norm": lambda s: on.constrain_row_norm(s(3.0)),
+    entry.name: lambda s, entry=entry: entry.make_scheduled(s, **({"axis": 0} if entry.per_unit else {}))
+    for entry in REGISTRY
 }
 
 
@@ -58,20 +51,7 @@ def _data(step):
 def _full_chain():
   """A chain with adam and every transform on a schedule (a fresh object each call)."""
   lr = optax.warmup_cosine_decay_schedule(0.0, 0.05, 3, 20, 0.005)
-  return optax.chain(
-      on.clip_by_max_abs(_schedule(5.0)),
-      on.clip_by_row_norm(_schedule(2.0), mask="**/kernel"),
-      on.add_l2_decay(_schedule(1e-3), mask="**/kernel"),
-      on.add_l1_decay(_schedule(1e-4), mask="dense/kernel"),
-      on.elastic(_schedule(1e-4), _schedule(1e-4), mask="head/**"),
-      on.add_max_norm_decay(_schedule(1.0), _schedule(0.1), mask="**/kernel"),
-      optax.adam(lr),
-      on.prox_l1(_schedule(1e-2), lr, mask="dense/kernel"),
-      on.prox_elastic(_schedule(1e-2), _schedule(1e-2), lr, mask="head/kernel"),
-      on.prox_group_l2(_schedule(1e-2), lr, mask="**/kernel"),
-      on.constrain_max_abs(_schedule(3.0), mask="dense/bias"),
-      on.constrain_row_norm(_schedule(2.0), mask="**/kernel"),
-  )
+  return chain_of_all(optax.adam(lr), lambda v: _schedule(v / 10))
 
 
 def _run(tx, params, state, start, stop):

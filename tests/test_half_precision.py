@@ -10,6 +10,7 @@ import pytest
 
 import optax_norms as on
 from optax_norms import decay_resolution_report
+from optax_norms.tools.registry import REGISTRY
 
 HALF = [jnp.bfloat16, jnp.float16]
 
@@ -31,33 +32,11 @@ def _scale(x, c):
   return np.where(n > c, c / np.where(n > c, n, 1), 1)
 
 
+# Every registered transform with its float64 oracle; units are columns (axis 0 reduced),
+# the default axis for the rank-2 leaves used here.
 CASES = {
-    "add_l2_decay": (lambda: on.add_l2_decay(A), lambda u, w: u + 2 * A * w),
-    "add_l1_decay": (lambda: on.add_l1_decay(A), lambda u, w: u + A * np.sign(w)),
-    "elastic": (lambda: on.elastic(L1, L2), lambda u, w: u + L1 * np.sign(w) + 2 * L2 * w),
-    "add_max_norm_decay": (
-        lambda: on.add_max_norm_decay(C, A),
-        lambda u, w: u + 2 * A * np.maximum(_norm(w) - C, 0) / np.where(_norm(w) > 0, _norm(w), 1) * w,
-    ),
-    "prox_l1": (lambda: on.prox_l1(A, LR), lambda u, w: _soft(w + u, LR * A) - w),
-    "prox_elastic": (
-        lambda: on.prox_elastic(L1, L2, LR),
-        lambda u, w: _soft(w + u, LR * L1) / (1 + 2 * LR * L2) - w,
-    ),
-    "prox_group_l2": (
-        lambda: on.prox_group_l2(A, LR),
-        lambda u, w: (w + u) * np.maximum(1 - LR * A / np.maximum(_norm(w + u), 1e-300), 0) - w,
-    ),
-    "clip_by_max_abs": (lambda: on.clip_by_max_abs(0.5), lambda u, w: np.clip(u, -0.5, 0.5)),
-    "clip_by_row_norm": (lambda: on.clip_by_row_norm(C), lambda u, w: u * _scale(u, C)),
-    "constrain_max_abs": (
-        lambda: on.constrain_max_abs(0.5),
-        lambda u, w: np.clip(w + u, -0.5, 0.5) - w,
-    ),
-    "constrain_row_norm": (
-        lambda: on.constrain_row_norm(C),
-        lambda u, w: (w + u) * _scale(w + u, C) - w,
-    ),
+    entry.name: (entry.make, lambda u, w, entry=entry: entry.oracle(u, w, entry.hyperparams, (0,)))
+    for entry in REGISTRY
 }
 
 
@@ -128,19 +107,9 @@ def _hand_soft(x, t):
   return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0)
 
 
-HAND = {
-    "add_l2_decay": lambda u, w: u + 2 * A * w,
-    "add_l1_decay": lambda u, w: u + A * jnp.sign(w),
-    "elastic": lambda u, w: u + L1 * jnp.sign(w) + 2 * L2 * w,
-    "add_max_norm_decay": lambda u, w: u + 2 * A * jnp.maximum(_hand_norm(w) - C, 0) / _hand_norm(w) * w,
-    "prox_l1": lambda u, w: _hand_soft(w + u, LR * A) - w,
-    "prox_elastic": lambda u, w: _hand_soft(w + u, LR * L1) / (1 + 2 * LR * L2) - w,
-    "prox_group_l2": lambda u, w: (w + u) * jnp.maximum(1 - LR * A / _hand_norm(w + u), 0) - w,
-    "clip_by_max_abs": lambda u, w: jnp.clip(u, -0.5, 0.5),
-    "clip_by_row_norm": lambda u, w: u * jnp.minimum(1, C / _hand_norm(u)),
-    "constrain_max_abs": lambda u, w: jnp.clip(w + u, -0.5, 0.5) - w,
-    "constrain_row_norm": lambda u, w: (w + u) * jnp.minimum(1, C / _hand_norm(w + u)) - w,
-}
+# The same math written in plain jnp (the registry's hand-written versions).
+HAND = {entry.name: entry.hand_rule(entry.hyperparams, entry.hyperparams.get("learning_rate", LR))
+        for entry in REGISTRY}
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)

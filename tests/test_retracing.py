@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cases import chain_of_all
 
 import optax_norms as on
 
@@ -46,20 +47,8 @@ def _count_traces(tx, steps=100):
 
 def test_schedules_compile_once_over_100_steps():
   lr = optax.cosine_decay_schedule(0.1, 100)
-  tx = optax.chain(
-      on.clip_by_row_norm(optax.linear_schedule(1.0, 0.5, 50), mask="**/kernel"),
-      on.clip_by_max_abs(optax.constant_schedule(2.0)),
-      on.add_l2_decay(optax.linear_schedule(0.0, 1e-3, 20), mask="**/kernel"),
-      on.add_l1_decay(optax.exponential_decay(1e-3, 10, 0.5), mask="dense/kernel"),
-      on.elastic(1e-4, optax.linear_schedule(0.0, 1e-4, 10), mask="head/kernel"),
-      on.add_max_norm_decay(optax.linear_schedule(3.0, 1.0, 100), 0.1, mask="**/kernel"),
-      optax.sgd(lr),
-      on.prox_l1(1e-3, lr, mask="dense/kernel"),
-      on.prox_elastic(1e-3, 1e-3, lr, mask="head/kernel"),
-      on.prox_group_l2(1e-3, lr, mask="**/kernel"),
-      on.constrain_max_abs(optax.linear_schedule(5.0, 2.0, 100), mask="dense/bias"),
-      on.constrain_row_norm(optax.linear_schedule(5.0, 1.5, 100), mask="**/kernel"),
-  )
+  # Every registered transform, every hyperparameter on a schedule.
+  tx = chain_of_all(optax.sgd(lr), lambda v: optax.linear_schedule(v, v / 2, 50))
   traces, first, last, state = _count_traces(tx)
   assert traces == 1
   counts = [int(s.count) for s in jax.tree.leaves(

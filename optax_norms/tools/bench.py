@@ -20,18 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from optax_norms.tools.registry import REGISTRY, by_name
+
 __all__ = ["main"]
 
-ELEMENTWISE = (
-    "add_l2_decay", "add_l1_decay", "elastic", "prox_l1", "prox_elastic",
-    "clip_by_max_abs", "constrain_max_abs",
-)
-PER_UNIT = ("add_max_norm_decay", "prox_group_l2", "clip_by_row_norm", "constrain_row_norm")
-TRANSFORMS = (
-    "add_l2_decay", "add_l1_decay", "elastic", "add_max_norm_decay", "prox_l1",
-    "prox_elastic", "prox_group_l2", "clip_by_max_abs", "clip_by_row_norm",
-    "constrain_max_abs", "constrain_row_norm",
-)
+TRANSFORMS = tuple(entry.name for entry in REGISTRY)
+ELEMENTWISE = tuple(entry.name for entry in REGISTRY if not entry.per_unit)
+PER_UNIT = tuple(entry.name for entry in REGISTRY if entry.per_unit)
 TREES = ("big", "transformer", "many", "mlp")
 OPTIMIZERS = ("sgd", "adam")
 # The many-leaf tree measures per-leaf overheads (tracing, compile time, kernels per leaf);
@@ -41,7 +36,8 @@ MASK = "**/kernel"
 
 # Hyperparameters: small enough that training stays sane, large enough that clips and
 # projections are active for part of the units.
-ALPHA, L1, L2, MAX_NORM, MAX_ABS, AGC = 1e-4, 1e-5, 1e-4, 1.0, 0.05, 0.05
+# The hyperparameters of each transform are its registry entry's ``bench_hyperparams``.
+ALPHA, MAX_NORM = 1e-4, 1.0
 LR = {"sgd": 1e-2, "adam": 1e-3}
 
 # size -> (big-leaf side, transformer width, transformer layers, small-leaf side,
@@ -174,84 +170,22 @@ def _bool_mask(tree: Any) -> Any:
 
 
 def _ours(name: str, lr: float):
-  import optax_norms as on
-
-  return {
-      "add_l2_decay": lambda: on.add_l2_decay(ALPHA, mask=MASK),
-      "add_l1_decay": lambda: on.add_l1_decay(ALPHA, mask=MASK),
-      "elastic": lambda: on.elastic(L1, L2, mask=MASK),
-      "add_max_norm_decay": lambda: on.add_max_norm_decay(MAX_NORM, ALPHA, mask=MASK),
-      "prox_l1": lambda: on.prox_l1(ALPHA, lr, mask=MASK),
-      "prox_elastic": lambda: on.prox_elastic(L1, L2, lr, mask=MASK),
-      "prox_group_l2": lambda: on.prox_group_l2(ALPHA, lr, mask=MASK),
-      "clip_by_max_abs": lambda: on.clip_by_max_abs(MAX_ABS, mask=MASK),
-      "clip_by_row_norm": lambda: on.clip_by_row_norm(MAX_NORM, mask=MASK),
-      "constrain_max_abs": lambda: on.constrain_max_abs(MAX_ABS, mask=MASK),
-      "constrain_row_norm": lambda: on.constrain_row_norm(MAX_NORM, mask=MASK),
-  }[name]()
+  entry = by_name(name)
+  return entry.factory(**entry.bench_values(lr), mask=MASK)
 
 
 def _scheduled(name: str):
-  """Our transform with its first hyperparameter given as a schedule (for state bytes)."""
+  """Our transform with every hyperparameter given as a schedule (for state bytes)."""
   import optax
 
-  import optax_norms as on
-
-  s = optax.constant_schedule
-  return {
-      "add_l2_decay": lambda: on.add_l2_decay(s(ALPHA)),
-      "add_l1_decay": lambda: on.add_l1_decay(s(ALPHA)),
-      "elastic": lambda: on.elastic(s(L1), L2),
-      "add_max_norm_decay": lambda: on.add_max_norm_decay(s(MAX_NORM), ALPHA),
-      "prox_l1": lambda: on.prox_l1(ALPHA, s(0.1)),
-      "prox_elastic": lambda: on.prox_elastic(L1, L2, s(0.1)),
-      "prox_group_l2": lambda: on.prox_group_l2(ALPHA, s(0.1)),
-      "clip_by_max_abs": lambda: on.clip_by_max_abs(s(MAX_ABS)),
-      "clip_by_row_norm": lambda: on.clip_by_row_norm(s(MAX_NORM)),
-      "constrain_max_abs": lambda: on.constrain_max_abs(s(MAX_ABS)),
-      "constrain_row_norm": lambda: on.constrain_row_norm(s(MAX_NORM)),
-  }[name]()
+  entry = by_name(name)
+  return entry.factory(**{k: optax.constant_schedule(v) for k, v in entry.bench_values(0.1).items()})
 
 
 def _hand_rule(name: str, lr: float) -> Callable[[Any, Any], Any]:
   """The same math written directly in jnp, the way a careful user would (f32 leaves)."""
-  import jax.numpy as jnp
-
-  def norm(x):  # Norm of each column (unit) of a kernel, dims kept.
-    return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(x.ndim - 1)), keepdims=True))
-
-  def soft(x, t):
-    return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0)
-
-  def max_norm_decay(g, w):
-    n = norm(w)
-    return g + (2 * ALPHA) * jnp.maximum(n - MAX_NORM, 0) / jnp.where(n > 0, n, 1) * w
-
-  def group(g, w):
-    v = w + g
-    n = norm(v)
-    return v * jnp.maximum(1 - (lr * ALPHA) / jnp.maximum(n, 1e-30), 0) - w
-
-  def row_clip(g, w):
-    return g * (MAX_NORM / jnp.maximum(norm(g), MAX_NORM))
-
-  def row_constrain(g, w):
-    v = w + g
-    return v * (MAX_NORM / jnp.maximum(norm(v), MAX_NORM)) - w
-
-  return {
-      "add_l2_decay": lambda g, w: g + (2 * ALPHA) * w,
-      "add_l1_decay": lambda g, w: g + ALPHA * jnp.sign(w),
-      "elastic": lambda g, w: g + L1 * jnp.sign(w) + (2 * L2) * w,
-      "add_max_norm_decay": max_norm_decay,
-      "prox_l1": lambda g, w: soft(w + g, lr * ALPHA) - w,
-      "prox_elastic": lambda g, w: soft(w + g, lr * L1) / (1 + 2 * lr * L2) - w,
-      "prox_group_l2": group,
-      "clip_by_max_abs": lambda g, w: jnp.clip(g, -MAX_ABS, MAX_ABS),
-      "clip_by_row_norm": row_clip,
-      "constrain_max_abs": lambda g, w: jnp.clip(w + g, -MAX_ABS, MAX_ABS) - w,
-      "constrain_row_norm": row_constrain,
-  }[name]
+  entry = by_name(name)
+  return entry.hand_rule(entry.bench_values(lr), lr)
 
 
 def _hand(name: str, lr: float):
@@ -270,20 +204,13 @@ def _hand(name: str, lr: float):
 
 def _peer(name: str):
   """(optax transform, same math?) or None."""
-  import optax
-
-  if name == "add_l2_decay":
-    return optax.add_decayed_weights(2 * ALPHA, mask=_bool_mask), True
-  if name == "clip_by_max_abs":
-    return optax.masked(optax.clip(MAX_ABS), _bool_mask), True
-  if name == "clip_by_row_norm":  # Relative (to ||w||) per-unit clip: the nearest peer.
-    return optax.masked(optax.adaptive_grad_clip(AGC), _bool_mask), False
-  return None
+  entry = by_name(name)
+  return None if entry.peer is None else entry.peer(entry.bench_values(0.1), _bool_mask)
 
 
 def _before(name: str) -> bool:
   """Decays and clips go before the optimizer; prox steps and constraints after it."""
-  return name.startswith(("add_", "clip_")) or name == "elastic"
+  return by_name(name).placement == "before"
 
 
 def _optimizer(name: str):
@@ -564,7 +491,7 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
       "maxnorm_hand": optax.chain(adam(), hand("constrain_row_norm")),
       "clip_ours": optax.chain(on.clip_by_row_norm(MAX_NORM, mask=MASK), adam()),
       "clip_hand": optax.chain(hand("clip_by_row_norm"), adam()),
-      "clip_agc": optax.chain(optax.masked(optax.adaptive_grad_clip(AGC), _bool_mask), adam()),
+      "clip_agc": optax.chain(optax.masked(optax.adaptive_grad_clip(0.05), _bool_mask), adam()),
       "all_ours": optax.chain(
           on.clip_by_row_norm(MAX_NORM, mask=MASK), on.add_l2_decay(ALPHA, mask=MASK), adam(),
           on.constrain_row_norm(MAX_NORM, mask=MASK)),

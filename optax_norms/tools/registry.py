@@ -1,0 +1,227 @@
+"""The one registry of every transform, read by the test suite and by the bench.
+
+Each :class:`Entry` holds what every shared check needs: the public factory, test values
+of its hyperparameters, an independent float64 NumPy oracle written from the textbook
+formula (never from the library's code), where it goes in a chain, whether it is per unit
+and reads the parameters, and — for the bench — a hand-written ``jnp`` version and the
+optax peer where one exists. Adding a transform = its definition, one ``__init__`` line,
+one entry here; the battery, the reliability tests and the bench then cover it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import optax_norms as on
+
+__all__ = ["Entry", "REGISTRY", "by_name", "default_axes"]
+
+
+def default_axes(ndim: int) -> tuple[int, ...]:
+  """The default reduced axes: all but the last for rank >= 2, the whole leaf otherwise."""
+  return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
+
+
+def _unit_norm(x, axes):
+  return np.sqrt(np.sum(np.square(x), axis=axes, keepdims=True))
+
+
+def _soft(x, t):
+  return np.sign(x) * np.maximum(np.abs(x) - t, 0.0)
+
+
+def _project(v, c, axes):
+  n = _unit_norm(v, axes)
+  return np.where(n > c, v * c / np.where(n > 0, n, 1), v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One transform and what the shared checks need to test and time it.
+
+  Attributes:
+    name: the public factory's name.
+    factory: the public factory.
+    hyperparams: keyword arguments of the factory used by the tests (signature order).
+    oracle: ``(u, w, hp, axes) -> new update`` in float64 NumPy (``w`` may be unused).
+    placement: ``"before"`` the optimizer (penalties, clipping) or ``"after"`` it (prox
+      steps, constraints).
+    per_unit: whether the rule reduces over units (takes ``axis``).
+    needs_params: whether ``update`` reads the parameters.
+    hand_rule: ``(hp, lr) -> (g, w) -> new g``: the math in plain ``jnp`` for the bench, on
+      float32 leaves with the default axes.
+    peer: ``(hp, mask) -> (optax transform, same math?)`` or ``None``.
+  """
+
+  name: str
+  factory: Callable[..., Any]
+  hyperparams: dict[str, float]
+  oracle: Callable[..., np.ndarray]
+  placement: str
+  per_unit: bool = False
+  needs_params: bool = True
+  hand_rule: Callable[[dict[str, float], float], Callable[[Any, Any], Any]] | None = None
+  peer: Callable[[dict[str, float], Any], tuple[Any, bool]] | None = None
+  bench_hyperparams: dict[str, float] | None = None
+
+  def bench_values(self, lr: float) -> dict[str, float]:
+    """Hyperparameters for the bench (training-sized); ``learning_rate`` is the optimizer's."""
+    values = dict(self.bench_hyperparams or self.hyperparams)
+    if "learning_rate" in self.hyperparams:
+      values["learning_rate"] = lr
+    return values
+
+  def make(self, mask=None, axis=None, **overrides):
+    """The transform with the test hyperparameters (or `overrides`)."""
+    hp = {**self.hyperparams, **overrides}
+    extra = {"axis": axis} if self.per_unit else {}
+    return self.factory(**hp, mask=mask, **extra)
+
+  def make_scheduled(self, schedule: Callable[[float], Any], mask=None, axis=None, **overrides):
+    """The transform with every hyperparameter given as ``schedule(value)``."""
+    hp = {k: schedule(v) for k, v in {**self.hyperparams, **overrides}.items()}
+    extra = {"axis": axis} if self.per_unit else {}
+    return self.factory(**hp, mask=mask, **extra)
+
+
+
+def _jnp():
+  import jax.numpy as jnp
+
+  return jnp
+
+
+def _hand_norm(x):
+  jnp = _jnp()
+  return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(x.ndim - 1)), keepdims=True))
+
+
+def _hand_soft(x, t):
+  jnp = _jnp()
+  return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0)
+
+
+def _hand_max_norm_decay(hp, lr):
+  del lr
+  jnp = _jnp()
+
+  def rule(g, w):
+    n = _hand_norm(w)
+    return g + (2 * hp["alpha"]) * jnp.maximum(n - hp["max_norm"], 0) / jnp.where(n > 0, n, 1) * w
+
+  return rule
+
+
+def _hand_group(hp, lr):
+  jnp = _jnp()
+
+  def rule(g, w):
+    v = w + g
+    n = _hand_norm(v)
+    return v * jnp.maximum(1 - (lr * hp["alpha"]) / jnp.maximum(n, 1e-30), 0) - w
+
+  return rule
+
+
+def _optax_peer(build):
+  def peer(hp, mask):
+    import optax
+
+    return build(optax, hp, mask)
+
+  return peer
+
+
+REGISTRY: tuple[Entry, ...] = (
+    Entry(
+        "add_l2_decay", on.add_l2_decay, {"alpha": 0.3},
+        lambda u, w, hp, a: u + 2 * hp["alpha"] * w, "before",
+        hand_rule=lambda hp, lr: lambda g, w: g + (2 * hp["alpha"]) * w,
+        peer=_optax_peer(lambda ox, hp, m: (ox.add_decayed_weights(2 * hp["alpha"], mask=m), True)),
+        bench_hyperparams={"alpha": 1e-4},
+    ),
+    Entry(
+        "add_l1_decay", on.add_l1_decay, {"alpha": 0.3},
+        lambda u, w, hp, a: u + hp["alpha"] * np.sign(w), "before",
+        hand_rule=lambda hp, lr: lambda g, w: g + hp["alpha"] * _jnp().sign(w),
+        bench_hyperparams={"alpha": 1e-4},
+    ),
+    Entry(
+        "elastic", on.elastic, {"l1": 0.2, "l2": 0.3},
+        lambda u, w, hp, a: u + hp["l1"] * np.sign(w) + 2 * hp["l2"] * w, "before",
+        hand_rule=lambda hp, lr: lambda g, w: g + hp["l1"] * _jnp().sign(w) + (2 * hp["l2"]) * w,
+        bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
+    ),
+    Entry(
+        "add_max_norm_decay", on.add_max_norm_decay, {"max_norm": 1.0, "alpha": 0.5},
+        lambda u, w, hp, a: u + 2 * hp["alpha"] * np.maximum(_unit_norm(w, a) - hp["max_norm"], 0)
+        * w / np.where(_unit_norm(w, a) > 0, _unit_norm(w, a), 1),
+        "before", per_unit=True, hand_rule=_hand_max_norm_decay,
+        bench_hyperparams={"max_norm": 1.0, "alpha": 1e-4},
+    ),
+    Entry(
+        "prox_l1", on.prox_l1, {"alpha": 0.5, "learning_rate": 0.4},
+        lambda u, w, hp, a: _soft(w + u, hp["learning_rate"] * hp["alpha"]) - w, "after",
+        hand_rule=lambda hp, lr: lambda g, w: _hand_soft(w + g, lr * hp["alpha"]) - w,
+        bench_hyperparams={"alpha": 1e-4},
+    ),
+    Entry(
+        "prox_elastic", on.prox_elastic, {"l1": 0.5, "l2": 0.25, "learning_rate": 0.4},
+        lambda u, w, hp, a: _soft(w + u, hp["learning_rate"] * hp["l1"])
+        / (1 + 2 * hp["learning_rate"] * hp["l2"]) - w,
+        "after",
+        hand_rule=lambda hp, lr: lambda g, w: _hand_soft(w + g, lr * hp["l1"])
+        / (1 + 2 * lr * hp["l2"]) - w,
+        bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
+    ),
+    Entry(
+        "prox_group_l2", on.prox_group_l2, {"alpha": 1.0, "learning_rate": 0.5},
+        lambda u, w, hp, a: (w + u) * np.maximum(
+            0, 1 - hp["learning_rate"] * hp["alpha"]
+            / np.where(_unit_norm(w + u, a) > 0, _unit_norm(w + u, a), np.inf)) - w,
+        "after", per_unit=True, hand_rule=_hand_group,
+        bench_hyperparams={"alpha": 1e-4},
+    ),
+    Entry(
+        "clip_by_max_abs", on.clip_by_max_abs, {"max_abs": 0.5},
+        lambda u, w, hp, a: np.clip(u, -hp["max_abs"], hp["max_abs"]), "before",
+        needs_params=False,
+        hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(g, -hp["max_abs"], hp["max_abs"]),
+        peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.clip(hp["max_abs"]), m), True)),
+        bench_hyperparams={"max_abs": 0.05},
+    ),
+    Entry(
+        "clip_by_row_norm", on.clip_by_row_norm, {"max_norm": 1.0},
+        lambda u, w, hp, a: _project(u, hp["max_norm"], a), "before",
+        per_unit=True, needs_params=False,
+        hand_rule=lambda hp, lr: lambda g, w: g * (
+            hp["max_norm"] / _jnp().maximum(_hand_norm(g), hp["max_norm"])),
+        # Relative (to ‖w‖) per-unit clip: the nearest peer, not the same math.
+        peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.adaptive_grad_clip(0.05), m), False)),
+        bench_hyperparams={"max_norm": 1.0},
+    ),
+    Entry(
+        "constrain_max_abs", on.constrain_max_abs, {"max_abs": 0.5},
+        lambda u, w, hp, a: np.clip(w + u, -hp["max_abs"], hp["max_abs"]) - w, "after",
+        hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(w + g, -hp["max_abs"], hp["max_abs"]) - w,
+        bench_hyperparams={"max_abs": 0.05},
+    ),
+    Entry(
+        "constrain_row_norm", on.constrain_row_norm, {"max_norm": 1.0},
+        lambda u, w, hp, a: _project(w + u, hp["max_norm"], a) - w, "after", per_unit=True,
+        hand_rule=lambda hp, lr: lambda g, w: (w + g) * (
+            hp["max_norm"] / _jnp().maximum(_hand_norm(w + g), hp["max_norm"])) - w,
+        bench_hyperparams={"max_norm": 1.0},
+    ),
+)
+
+_BY_NAME = {entry.name: entry for entry in REGISTRY}
+
+
+def by_name(name: str) -> Entry:
+  """The registry entry of the transform `name`."""
+  return _BY_NAME[name]
