@@ -31,21 +31,32 @@ def unit_scale(x, max_norm, axes):
 def clip_by_max_abs(
     max_abs: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
-  r"""Clips every update element to ``[−c, c]``: ``u ← clip(u, −c, c)``.
+  """Clips every update element to ``[−c, c]``.
 
-  Max norm on gradients, element-wise: the box ``‖u‖_∞ ≤ c`` (the ℓ∞ ball; called
-  "l1-style" max norm in some texts).
-
-  Same as ``optax.clip(c)``, Keras ``clipvalue`` and PyTorch ``clip_grad_value_``, with a
-  mask and schedules. NaN stays NaN.
+  ``u ← clip(u, −c, c)``: the projection of the update onto the box ``‖u‖_∞ ≤ c`` (max norm
+  on gradients, element-wise; called "l1-style" max norm in some texts). Same as
+  ``optax.clip(c)``, Keras ``clipvalue`` and PyTorch ``clip_grad_value_``, with a mask and
+  schedules. NaN stays NaN.
 
   Args:
-    max_abs: the bound ``c ≥ 0``.
+    max_abs: the bound ``c ≥ 0``: a number or a schedule.
     mask: the leaves to clip; ``None`` is every floating-point leaf.
 
-  Example:
-    >>> import optax, optax_norms
-    >>> tx = optax.chain(optax_norms.clip_by_max_abs(1.0), optax.adam(1e-3))
+  Returns:
+    An ``optax.GradientTransformation`` to place before the optimizer; its ``update`` does
+    not need ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> grads = {"w": jnp.array([0.5, -3.0, 2.0])}
+    >>> tx = optax_norms.clip_by_max_abs(1.0)
+    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates["w"].tolist()
+    [0.5, -1.0, 1.0]
+
+  References:
+    optax ``clip(c)``; Keras optimizers' ``clipvalue=c``; PyTorch
+    ``torch.nn.utils.clip_grad_value_(parameters, c)``.
   """
 
   def rule(u, w, *, max_abs):
@@ -60,23 +71,37 @@ def clip_by_max_abs(
 def clip_by_row_norm(
     max_norm: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
 ) -> optax.GradientTransformation:
-  r"""Clips the update of each unit to norm ``c``: ``u_unit ← u_unit·min(1, c/‖u_unit‖)``.
+  """Clips the update of each unit to norm ``c``.
 
-  Max norm on gradients, l2-style: TF's ``clip_by_norm`` per unit. A unit inside the ball is
-  returned bit for bit unchanged (no epsilon, no ``c/c`` rounding); a zero unit stays zero;
-  a NaN unit stays as it is and never affects other units. Norms accumulate in ≥ float32.
+  ``u_unit ← u_unit·min(1, c/‖u_unit‖)``: the projection of each unit's update onto the ball
+  ``‖u_unit‖₂ ≤ c`` (max norm on gradients, l2-style; TF's ``clip_by_norm`` per unit). A unit
+  inside the ball is returned bit for bit unchanged (no epsilon, no ``c/c`` rounding); a zero
+  unit stays zero; a NaN unit stays as it is and never affects other units. Norms accumulate
+  in ≥ float32.
 
   Args:
-    max_norm: the radius ``c ≥ 0``.
+    max_norm: the radius ``c ≥ 0``: a number or a schedule.
     axis: the reduced axes of a unit: ``None`` is all but the last for rank ≥ 2 (Flax Dense
       ``(in, out)``: each column; Conv ``(h, w, in, out)``: each filter), the whole leaf for
       rank ≤ 1; an int, a tuple, or a callable ``(path, leaf) -> axes`` (PyTorch-layout
       ``(out, in)`` needs ``axis=1``; stacked ``(layers, in, out)`` needs ``axis=1``).
     mask: the leaves to clip; ``None`` is every floating-point leaf.
 
-  Example:
-    >>> import optax, optax_norms
-    >>> tx = optax.chain(optax_norms.clip_by_row_norm(1.0, mask="**/kernel"), optax.adam(1e-3))
+  Returns:
+    An ``optax.GradientTransformation`` to place before the optimizer; its ``update`` does
+    not need ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> grads = {"kernel": jnp.array([[3.0, 0.0], [4.0, 0.5]])}  # unit norms 5 and 0.5
+    >>> tx = optax_norms.clip_by_row_norm(2.5)
+    >>> updates, _ = tx.update(grads, tx.init(grads))
+    >>> updates["kernel"].tolist()
+    [[1.5, 0.0], [2.0, 0.5]]
+
+  References:
+    TensorFlow ``tf.clip_by_norm`` (on one unit); R. Pascanu, T. Mikolov and Y. Bengio, "On
+    the difficulty of training recurrent neural networks", ICML 2013 (clipping by norm).
   """
 
   def rule(u, w, *, max_norm, axes):

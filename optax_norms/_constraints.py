@@ -69,15 +69,28 @@ def _exact_update(w, target, leaf_dtype):
 def constrain_max_abs(
     max_abs: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
-  r"""Keeps every selected weight in ``[−c, c]``: ``w + u' = clip(w + u, −c, c)``.
+  """Keeps every selected weight in ``[−c, c]``: a hard max-abs constraint.
+
+  The new weights are the projection of ``v = w + u`` onto the box ``‖w‖_∞ ≤ c``:
+  ``w + u' = clip(v, −c, c)``, so ``u' = clip(v, −c, c) − w`` where the bound is violated and
+  ``u' = u`` elsewhere. The bound holds exactly on the values ``optax.apply_updates`` stores,
+  in the leaf's dtype (see the notes of this module).
 
   Args:
-    max_abs: the bound ``c ≥ 0``.
+    max_abs: the bound ``c ≥ 0``: a number or a schedule.
     mask: the leaves to constrain; ``None`` is every floating-point leaf.
 
-  Example:
-    >>> import optax, optax_norms
-    >>> tx = optax.chain(optax.adam(1e-3), optax_norms.constrain_max_abs(0.5))
+  Returns:
+    An ``optax.GradientTransformation`` to place last in the chain; its ``update`` needs
+    ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms
+    >>> params = {"w": jnp.array([0.25, 1.0, -2.0])}
+    >>> tx = optax.chain(optax.sgd(1.0), optax_norms.constrain_max_abs(0.5))
+    >>> updates, _ = tx.update({"w": jnp.zeros(3)}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [0.25, 0.5, -0.5]
   """
 
   def rule(u, w, *, max_abs, leaf_dtype):
@@ -95,23 +108,38 @@ def constrain_max_abs(
 def constrain_row_norm(
     max_norm: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
 ) -> optax.GradientTransformation:
-  r"""Keeps each unit's weight vector in the ball ``‖w_unit‖₂ ≤ c`` (Keras ``MaxNorm``).
+  """Keeps each unit's weight vector in the ball ``‖w_unit‖₂ ≤ c`` (Keras ``MaxNorm``).
 
-  ``w + u'`` is the per-unit projection of ``v = w + u``: ``v_unit·min(1, c/‖v_unit‖)``.
-  Units inside the ball are left exactly as ``w + u`` (no Keras-style ``n/(n + 1e-7)``
-  shrink); zero units stay zero. Keras ``MaxNorm(c, axis=0)`` on a Dense kernel and
-  ``MaxNorm(c, axis=[0, 1, 2])`` on a Conv kernel are this transform with the default axis;
-  PyTorch ``torch.renorm(W, 2, 0, c)`` on an ``(out, in)`` weight is ``axis=1``.
+  The new weights are the per-unit projection of ``v = w + u`` onto the ball:
+  ``w + u' = v_unit·min(1, c/‖v_unit‖)``. Units inside the ball are left exactly as ``w + u``
+  (no Keras-style ``n/(n + 1e-7)`` shrink); zero units stay zero; units outside land just
+  inside the ball (``‖w_unit‖ ≤ c`` holds exactly on the stored values). Keras
+  ``MaxNorm(c, axis=0)`` on a Dense kernel and ``MaxNorm(c, axis=[0, 1, 2])`` on a Conv
+  kernel are this transform with the default axis; PyTorch ``torch.renorm(W, 2, 0, c)`` on an
+  ``(out, in)`` weight is ``axis=1``.
 
   Args:
-    max_norm: the radius ``c ≥ 0``.
+    max_norm: the radius ``c ≥ 0``: a number or a schedule.
     axis: the reduced axes of a unit (default all but the last for rank ≥ 2, the whole
       leaf for rank ≤ 1), an int, a tuple, or a callable ``(path, leaf) -> axes``.
     mask: the leaves to constrain; ``None`` is every floating-point leaf.
 
-  Example:
-    >>> import optax, optax_norms
-    >>> tx = optax.chain(optax.adam(1e-3), optax_norms.constrain_row_norm(3.0, mask="**/kernel"))
+  Returns:
+    An ``optax.GradientTransformation`` to place last in the chain; its ``update`` needs
+    ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms
+    >>> params = {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]])}  # unit norms 5 and 1
+    >>> tx = optax.chain(optax.sgd(1.0), optax_norms.constrain_row_norm(2.5))
+    >>> updates, _ = tx.update({"kernel": jnp.zeros((2, 2))}, tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)["kernel"]
+    >>> round(float(jnp.linalg.norm(new[:, 0])), 4), new[:, 1].tolist()
+    (2.5, [0.0, 1.0])
+
+  References:
+    Keras ``keras.constraints.MaxNorm``; PyTorch ``torch.renorm``; N. Srivastava et al.,
+    "Dropout: a simple way to prevent neural networks from overfitting", JMLR 15, 2014.
   """
 
   def rule(u, w, *, max_norm, axes, leaf_dtype):

@@ -28,20 +28,24 @@ __all__ = ["DecayResolution", "LeafDecayResolution", "decay_resolution_report", 
 
 
 def norm_report(params: Any, *, axis: Axis = None, mask: Mask = None) -> dict[str, dict[str, jax.Array]]:
-  """Reports, per selected floating-point leaf, what a training loop logs.
+  """Reports, per selected floating-point leaf, the norms and sparsity a training loop logs.
+
+  For each leaf ``w``: ``l1 = Σ|w|``, ``l2 = ‖w‖₂``, ``max_abs = max|w|``, the largest unit
+  norm ``max_unit ‖w_unit‖₂`` (units as in ``clip_by_row_norm``), the fraction of exact zeros
+  and the number of all-zero units. Norms accumulate in ≥ float32.
 
   Args:
     params: the parameters (any pytree).
-    axis: the reduced axes of a unit, as in :func:`clip_by_row_norm`.
+    axis: the reduced axes of a unit, as in ``clip_by_row_norm``.
     mask: the leaves to report; ``None`` is every floating-point leaf.
 
   Returns:
     ``{path: {"l1": Σ|w|, "l2": ‖w‖₂, "max_abs": max|w|, "max_unit_norm": largest unit
-    norm, "zero_fraction": fraction of exact zeros, "dead_units": number of all-zero units,
-    "units": number of units}}`` as float32 scalars, keyed by ``/``-joined path. Works
-    under ``jax.jit`` (the keys are static).
+      norm, "zero_fraction": fraction of exact zeros, "dead_units": number of all-zero
+      units, "units": number of units}}`` as float32 scalars, keyed by ``/``-joined path.
+      Works under ``jax.jit`` (the keys are static).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> report = optax_norms.norm_report({"kernel": jnp.array([[0.0, 3.0], [0.0, 4.0]])})
     >>> float(report["kernel"]["max_unit_norm"]), float(report["kernel"]["zero_fraction"])
@@ -86,7 +90,7 @@ class LeafDecayResolution(NamedTuple):
 
 
 class DecayResolution(NamedTuple):
-  """The result of :func:`decay_resolution_report`.
+  """The result of ``decay_resolution_report``.
 
   Attributes:
     relative_step: ``lr·2α``, the relative change the decay asks for.
@@ -127,7 +131,7 @@ def decay_resolution_report(
     mask: Mask = None,
     step: int = 0,
 ) -> DecayResolution:
-  r"""Reports, per selected leaf, whether an L2 decay step is below the dtype's resolution.
+  """Reports, per selected leaf, whether an L2 decay step is below the dtype's resolution.
 
   The decay step of ``add_l2_decay(alpha)`` followed by ``optax.sgd(learning_rate)`` moves
   each weight by ``lr·2α·|w|``. An element *loses* its decay when that step is below half
@@ -144,17 +148,17 @@ def decay_resolution_report(
     params: the parameters (any pytree); leaves are read, not changed. Not jittable: the
       result holds Python numbers (only two scalars per leaf leave the device).
     alpha: the L2 weight ``α`` of ``add_l2_decay``: a number, or a schedule evaluated at
-      `step`.
-    learning_rate: the learning rate: a number, or a schedule evaluated at `step`.
-    mask: the leaves to check, as in :func:`add_l2_decay`; ``None`` is every floating-point
+      ``step``.
+    learning_rate: the learning rate: a number, or a schedule evaluated at ``step``.
+    mask: the leaves to check, as in ``add_l2_decay``; ``None`` is every floating-point
       leaf.
     step: the step at which schedules are evaluated.
 
   Returns:
-    A :class:`DecayResolution` with per-leaf results, the paths whose decay rounds away and
-    a one-paragraph ``summary``.
+    A ``DecayResolution`` with per-leaf results, the paths whose decay rounds away and
+      a one-paragraph ``summary``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> params = {"kernel": jnp.full((4, 4), 0.3, jnp.bfloat16)}
     >>> report = optax_norms.decay_resolution_report(params, alpha=0.05, learning_rate=1e-3)

@@ -46,7 +46,22 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ScheduleState(NamedTuple):
-  """State of a transform whose hyperparameters include a schedule."""
+  """State of a transform whose hyperparameters include a schedule.
+
+  Attributes:
+    count: an ``int32`` scalar, the number of updates applied so far; the update that
+      receives it evaluates every schedule at ``count`` (step ``k`` uses ``schedule(k)``,
+      as optax does).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms
+    >>> tx = optax_norms.add_l2_decay(optax.linear_schedule(1e-3, 0.0, 100))
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update(params, state, params)
+    >>> int(state.count)
+    1
+  """
 
   count: jax.Array  # int32, the number of updates applied so far.
 

@@ -45,36 +45,81 @@ def _sum_over(params: Any, mask: Mask, leaf_term, axis: Axis = None) -> jax.Arra
 
 
 def l2_penalty(params: Any, alpha: Scalar, *, mask: Mask = None) -> jax.Array:
-  r"""``α·Σ w²`` over the selected leaves (no ½: Keras ``L2(α)``).
+  """The L2 penalty ``α·Σ w²`` over the selected leaves, as a float32 scalar.
 
-  Example:
+  ``P(w) = α·Σ w²``, without a ½ (Keras ``L2(α)``); its gradient ``2α·w`` is what
+  ``add_l2_decay(α)`` adds to the updates. Sums accumulate in ≥ float32.
+
+  Args:
+    params: the parameters (any pytree).
+    alpha: the penalty weight ``α ≥ 0``: a number, not a schedule.
+    mask: the leaves to include; ``None`` is every floating-point leaf.
+
+  Returns:
+    A float32 scalar ``jax.Array``; differentiable and jittable.
+
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> float(optax_norms.l2_penalty({"kernel": jnp.array([1.0, 2.0])}, 0.5))
     2.5
+
+  References:
+    Keras ``keras.regularizers.L2(α)``.
   """
   alpha = _hyper("alpha", alpha)
   return alpha * _sum_over(params, mask, lambda w, _: jnp.sum(jnp.square(w)))
 
 
 def l1_penalty(params: Any, alpha: Scalar, *, mask: Mask = None) -> jax.Array:
-  r"""``α·Σ |w|`` over the selected leaves; its gradient at ``w = 0`` is 0.
+  """The L1 penalty ``α·Σ |w|`` over the selected leaves, as a float32 scalar.
 
-  Example:
+  ``P(w) = α·Σ |w|`` (Keras ``L1(α)``). Its derivative at ``w = 0`` is 0 here (JAX's own
+  ``abs`` has derivative 1 there), so ``jax.grad`` gives ``α·sign(w)``, what
+  ``add_l1_decay(α)`` adds to the updates.
+
+  Args:
+    params: the parameters (any pytree).
+    alpha: the penalty weight ``α ≥ 0``: a number, not a schedule.
+    mask: the leaves to include; ``None`` is every floating-point leaf.
+
+  Returns:
+    A float32 scalar ``jax.Array``; differentiable and jittable.
+
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> float(optax_norms.l1_penalty({"kernel": jnp.array([1.0, -2.0])}, 0.5))
     1.5
+
+  References:
+    Keras ``keras.regularizers.L1(α)``.
   """
   alpha = _hyper("alpha", alpha)
   return alpha * _sum_over(params, mask, lambda w, _: jnp.sum(abs_zero_subgradient(w)))
 
 
 def elastic_penalty(params: Any, l1: Scalar, l2: Scalar, *, mask: Mask = None) -> jax.Array:
-  r"""``l1·Σ|w| + l2·Σw²`` over the selected leaves.
+  """The elastic-net penalty ``l1·Σ|w| + l2·Σw²`` over the selected leaves, as a float32 scalar.
 
-  Example:
+  ``P(w) = l1·Σ|w| + l2·Σw²`` (Keras ``L1L2(l1, l2)``, no ½); its gradient
+  ``l1·sign(w) + 2·l2·w`` (0 for ``|w|`` at ``w = 0``) is what ``elastic(l1, l2)`` adds to
+  the updates.
+
+  Args:
+    params: the parameters (any pytree).
+    l1: the L1 weight ``≥ 0``: a number, not a schedule.
+    l2: the L2 weight ``≥ 0``: a number, not a schedule.
+    mask: the leaves to include; ``None`` is every floating-point leaf.
+
+  Returns:
+    A float32 scalar ``jax.Array``; differentiable and jittable.
+
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> float(optax_norms.elastic_penalty({"w": jnp.array([1.0, -2.0])}, 1.0, 0.5))
     5.5
+
+  References:
+    Keras ``keras.regularizers.L1L2(l1, l2)``; scikit-learn ``ElasticNet``.
   """
   l1, l2 = _hyper("l1", l1), _hyper("l2", l2)
   return _sum_over(
@@ -87,14 +132,29 @@ def elastic_penalty(params: Any, l1: Scalar, l2: Scalar, *, mask: Mask = None) -
 def group_l2_penalty(
     params: Any, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
 ) -> jax.Array:
-  r"""The group lasso ``α·Σ_units ‖w_unit‖₂``; its gradient at a zero unit is 0.
+  """The group-lasso penalty ``α·Σ_units ‖w_unit‖₂`` over the selected leaves, as a float32 scalar.
 
-  Units as in :func:`prox_group_l2` (``axis`` names the reduced axes).
+  ``P(w) = α·Σ_units ‖w_unit‖₂``, with units as in ``prox_group_l2`` (``axis`` names the
+  reduced axes). Its gradient at a zero unit is 0.
 
-  Example:
+  Args:
+    params: the parameters (any pytree).
+    alpha: the group weight ``α ≥ 0``: a number, not a schedule.
+    axis: the reduced axes of a unit (default all but the last for rank ≥ 2, the whole leaf
+      for rank ≤ 1), an int, a tuple, or a callable ``(path, leaf) -> axes``.
+    mask: the leaves to include; ``None`` is every floating-point leaf.
+
+  Returns:
+    A float32 scalar ``jax.Array``; differentiable and jittable.
+
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> float(optax_norms.group_l2_penalty({"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]])}, 1.0))
     6.0
+
+  References:
+    M. Yuan and Y. Lin, "Model selection and estimation in regression with grouped
+    variables", J. R. Stat. Soc. B 68(1), 2006.
   """
   alpha = _hyper("alpha", alpha)
   return alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(unit_norm(w, axes)), axis)
@@ -103,12 +163,30 @@ def group_l2_penalty(
 def max_norm_penalty(
     params: Any, max_norm: Scalar, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
 ) -> jax.Array:
-  r"""The soft max-norm penalty ``α·Σ_units max(0, ‖w_unit‖ − c)²``; zero inside the ball.
+  """The soft max-norm penalty ``α·Σ_units max(0, ‖w_unit‖ − c)²``, as a float32 scalar.
 
-  Example:
+  ``P(w) = α·Σ_units max(0, ‖w_unit‖ − c)²`` is zero inside the ball of radius ``c``; its
+  gradient is what ``add_max_norm_decay(c, α)`` adds to the updates.
+
+  Args:
+    params: the parameters (any pytree).
+    max_norm: the radius ``c ≥ 0``: a number, not a schedule.
+    alpha: the penalty weight ``α ≥ 0``: a number, not a schedule.
+    axis: the reduced axes of a unit (default all but the last for rank ≥ 2, the whole leaf
+      for rank ≤ 1), an int, a tuple, or a callable ``(path, leaf) -> axes``.
+    mask: the leaves to include; ``None`` is every floating-point leaf.
+
+  Returns:
+    A float32 scalar ``jax.Array``; differentiable and jittable.
+
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> float(optax_norms.max_norm_penalty({"kernel": jnp.array([[3.0], [4.0]])}, 2.0, 1.0))
     9.0
+
+  References:
+    N. Srivastava et al., "Dropout: a simple way to prevent neural networks from
+    overfitting", JMLR 15, 2014 (the hard max-norm constraint that this penalty softens).
   """
   max_norm, alpha = _hyper("max_norm", max_norm), _hyper("alpha", alpha)
 

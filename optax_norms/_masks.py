@@ -1,9 +1,9 @@
 """Masks: which leaves a transform touches, chosen by path, compiled once.
 
 A mask is ``None`` (every leaf), a glob or a list of globs over ``/``-joined paths, a
-:class:`PathMask`, a bool pytree (possibly a prefix of the parameters) or a callable
-``params -> bool pytree`` (optax's contract). :func:`compile_mask` turns any of them into a
-:class:`Selector` when a transform is built, so a malformed glob fails at construction and
+``PathMask``, a bool pytree (possibly a prefix of the parameters) or a callable
+``params -> bool pytree`` (optax's contract). ``compile_mask`` turns any of them into a
+``Selector`` when a transform is built, so a malformed glob fails at construction and
 ``init``/``update`` do no parsing.
 """
 
@@ -152,14 +152,20 @@ def _nothing_matched(what: str, texts: Sequence[str]) -> ValueError:
 class PathMask:
   """Selects leaves by path: include/exclude globs, a regex, and a predicate.
 
-  A leaf is selected when it passes every given criterion: it matches one of `include`
-  (or `include` is empty), matches none of `exclude`, matches `regex` (``re.search`` on the
-  ``/``-joined path) and satisfies ``where(path, leaf)``. Each glob and the regex must match
-  at least one parameter, else ``ValueError`` lists the real paths: a silent typo is the
-  usual way regularization quietly does nothing.
+  A leaf is selected when it passes every given criterion: it matches one of ``include``
+  (or ``include`` is empty), matches none of ``exclude``, matches ``regex`` (``re.search`` on
+  the ``/``-joined path) and satisfies ``where(path, leaf)``. Each glob and the regex must
+  match at least one parameter, else ``ValueError`` lists the real paths: a silent typo is the
+  usual way regularization quietly does nothing. Build one with ``path_mask``.
 
   Calling a ``PathMask`` on a pytree returns a bool pytree of the same structure, so it is
   also a valid ``mask=`` for optax (``optax.adamw(..., mask=path_mask("**/kernel"))``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> mask = optax_norms.PathMask(include=["**/kernel"], where=lambda path, w: w.ndim == 2)
+    >>> mask({"a": {"kernel": jnp.ones((2, 2))}, "b": {"kernel": jnp.ones(2)}})
+    {'a': {'kernel': True}, 'b': {'kernel': False}}
   """
 
   def __init__(
@@ -232,17 +238,22 @@ def path_mask(
 ) -> PathMask:
   r"""Builds a mask that selects leaves by path.
 
+  A leaf is selected when its ``/``-joined path matches one of ``include`` (every leaf when
+  ``include`` is empty), matches none of ``exclude``, contains ``regex`` and satisfies
+  ``where``. Globs: ``*`` and ``?`` stay inside one segment, ``**`` spans any number of
+  segments, ``[...]`` is a character class.
+
   Args:
     include: glob(s) over ``/``-joined paths; a leaf must match one. Empty: every leaf.
-      A glob starting with ``!`` is moved to `exclude` (``\!`` is a literal ``!``).
+      A glob starting with ``!`` is moved to ``exclude`` (``\!`` is a literal ``!``).
     exclude: glob(s); a leaf matching one is not selected.
     regex: a regular expression the ``/``-joined path must contain (``re.search``).
-    where: a predicate ``(path, leaf) -> bool``; `path` is a tuple of ``str | int``.
+    where: a predicate ``(path, leaf) -> bool``; ``path`` is a tuple of ``str | int``.
 
   Returns:
-    A :class:`PathMask`, usable as ``mask=`` here and in optax.
+    A ``PathMask``, usable as ``mask=`` here and in optax.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> mask = optax_norms.path_mask("**/kernel", exclude="head/**")
     >>> mask({"body": {"kernel": jnp.ones(2)}, "head": {"kernel": jnp.ones(2)}})
@@ -278,7 +289,7 @@ def _norm_module_paths(tree: Any) -> list[Path]:
 
 
 class _WeightsOnly(PathMask):
-  """:func:`weights_only`: also drops leaves inside modules whose class name has 'Norm'."""
+  """``weights_only``: also drops leaves inside modules whose class name has 'Norm'."""
 
   def select(self, tree, paths, leaves, check=True):
     norm_modules = _norm_module_paths(tree)
@@ -302,9 +313,9 @@ def weights_only() -> PathMask:
   whose class name contains ``Norm`` are excluded too.
 
   Returns:
-    A :class:`PathMask`, usable as ``mask=`` here and in optax.
+    A ``PathMask``, usable as ``mask=`` here and in optax.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> params = {"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
     ...           "layer_norm": {"scale": jnp.ones((3, 2))}}
@@ -425,17 +436,21 @@ def compile_mask(mask: Mask) -> Selector:
 def path_labels(rules: Mapping[str, Mask], default: str | None = None) -> Callable[[Any], Any]:
   """Labels every leaf for ``optax.partition`` (or ``optax.multi_transform``).
 
+  Each leaf takes the label of the first rule whose mask selects it, else ``default``.
+
   Args:
-    rules: ``label -> mask`` (a glob, a list of globs, or a :class:`PathMask`), tried in
+    rules: ``label -> mask`` (a glob, a list of globs, or a ``PathMask``), tried in
       order; a leaf takes the label of the first mask that selects it.
     default: the label of leaves no rule selects; ``None`` makes such a leaf an error.
 
   Returns:
     A function ``params -> label pytree``.
 
-  Example:
-    >>> import optax, optax_norms
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms
     >>> labels = optax_norms.path_labels({"decay": "**/kernel"}, default="no_decay")
+    >>> labels({"dense": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}})
+    {'dense': {'bias': 'no_decay', 'kernel': 'decay'}}
     >>> tx = optax.partition(
     ...     {"decay": optax.adamw(1e-3, weight_decay=1e-2), "no_decay": optax.adam(1e-3)},
     ...     labels)

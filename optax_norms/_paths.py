@@ -106,9 +106,10 @@ def check_unambiguous(paths: Sequence[Path]) -> list[str]:
 
 
 def tree_paths(tree: Any) -> list[str]:
-  """The ``/``-joined path of every leaf of `tree`, in flattening order.
+  """The ``/``-joined path of every leaf of ``tree``, in flattening order.
 
-  Use it to see what a glob will be matched against.
+  Use it to see what a glob will be matched against: dict keys, attribute names and
+  sequence indices joined by ``/``, with NNX's trailing ``value`` dropped.
 
   Args:
     tree: any pytree (Linen params, ``nnx.State``, an Equinox module, dicts and lists).
@@ -116,7 +117,7 @@ def tree_paths(tree: Any) -> list[str]:
   Returns:
     One string per leaf (``None`` leaves excluded), e.g. ``'layers/0/kernel'``.
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> optax_norms.tree_paths({"dense": {"kernel": jnp.ones(2), "bias": jnp.ones(2)}})
     ['dense/bias', 'dense/kernel']

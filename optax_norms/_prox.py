@@ -27,10 +27,12 @@ def soft_threshold(x, threshold):
 def prox_l1(
     alpha: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
-  r"""Proximal step of ``α·Σ|w|``: ``w + u' = soft(w + u, lr·α)``.
+  """Proximal step of the L1 penalty ``α·Σ|w|``: exact zeros.
 
-  Solves ``argmin_y ½‖y − (w+u)‖² + lr·α·‖y‖₁`` (jaxopt's ``prox_lasso`` with
-  ``scaling=lr``). Weights whose step lands within ``lr·α`` of zero become exactly zero.
+  With ``v = w + u`` (the optimizer's step) and ``t = lr·α``, the new weights are
+  ``soft(v, t) = sign(v)·max(|v| − t, 0)``, the solution of ``argmin_y ½‖y − v‖² + t·‖y‖₁``;
+  the update becomes ``u' = soft(v, t) − w``. Weights whose step lands within ``t`` of zero
+  become exactly zero. After ``optax.sgd(lr)`` this is proximal gradient descent (ISTA).
 
   Args:
     alpha: the L1 weight ``α ≥ 0``: a number or a schedule.
@@ -38,10 +40,23 @@ def prox_l1(
       schedule, step ``k`` uses ``learning_rate(k)``, as ``optax.sgd`` does.
     mask: the leaves to threshold; ``None`` is every floating-point leaf.
 
-  Example:
-    >>> import optax, optax_norms
-    >>> lr = 0.1
-    >>> tx = optax.chain(optax.sgd(lr), optax_norms.prox_l1(1e-3, lr, mask="**/kernel"))
+  Returns:
+    An ``optax.GradientTransformation`` to place last in the chain; its ``update`` needs
+    ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms
+    >>> params = {"w": jnp.array([1.0, 0.25, -2.0])}
+    >>> tx = optax.chain(optax.sgd(0.5), optax_norms.prox_l1(1.0, 0.5))
+    >>> grads = {"w": jnp.array([1.0, 0.0, -1.0])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [0.0, 0.0, -1.0]
+
+  References:
+    jaxopt ``prox_lasso(x, l1reg=α, scaling=lr)``; scikit-learn ``Lasso``; A. Beck and
+    M. Teboulle, "A fast iterative shrinkage-thresholding algorithm for linear inverse
+    problems", SIAM J. Imaging Sci. 2(1), 2009.
   """
 
   def rule(u, w, *, alpha, learning_rate):
@@ -60,21 +75,37 @@ def prox_elastic(
     *,
     mask: Mask = None,
 ) -> optax.GradientTransformation:
-  r"""Proximal step of ``l1·Σ|w| + l2·Σw²``: ``w + u' = soft(w + u, lr·l1) / (1 + 2·lr·l2)``.
+  """Proximal step of the elastic-net penalty ``l1·Σ|w| + l2·Σw²``: exact zeros.
 
-  Solves ``argmin_y ½‖y − (w+u)‖² + lr·(l1·‖y‖₁ + l2·‖y‖²)``. scikit-learn's
-  ``ElasticNet(alpha=a, l1_ratio=ρ)`` is ``prox_elastic(a·ρ, a·(1−ρ)/2, lr)`` after a
-  gradient step on ``½·mean(r²)``.
+  With ``v = w + u`` (the optimizer's step), the new weights are
+  ``soft(v, lr·l1) / (1 + 2·lr·l2)``, the solution of
+  ``argmin_y ½‖y − v‖² + lr·(l1·‖y‖₁ + l2·‖y‖²)``; the update becomes ``u' = that − w``.
+  scikit-learn's ``ElasticNet(alpha=a, l1_ratio=ρ)`` is ``prox_elastic(a·ρ, a·(1−ρ)/2, lr)``
+  after a gradient step on ``½·mean(r²)``.
 
   Args:
-    l1: the L1 weight ``≥ 0``.
-    l2: the L2 weight ``≥ 0`` (penalty ``l2·Σw²``, no ½).
+    l1: the L1 weight ``≥ 0``: a number or a schedule.
+    l2: the L2 weight ``≥ 0`` (penalty ``l2·Σw²``, no ½): a number or a schedule.
     learning_rate: the optimizer's learning rate (number or the same schedule).
     mask: the leaves to threshold; ``None`` is every floating-point leaf.
 
-  Example:
-    >>> import optax, optax_norms
-    >>> tx = optax.chain(optax.sgd(0.1), optax_norms.prox_elastic(1e-3, 1e-3, 0.1))
+  Returns:
+    An ``optax.GradientTransformation`` to place last in the chain; its ``update`` needs
+    ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms
+    >>> params = {"w": jnp.array([1.0, 0.25, -2.0])}
+    >>> tx = optax.chain(optax.sgd(0.5), optax_norms.prox_elastic(1.0, 1.0, 0.5))
+    >>> grads = {"w": jnp.array([1.0, 0.0, -1.0])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [0.0, 0.0, -0.5]
+
+  References:
+    jaxopt ``prox_elastic_net(x, (l1, 2·l2/l1), scaling=lr)``; scikit-learn ``ElasticNet``;
+    H. Zou and T. Hastie, "Regularization and variable selection via the elastic net",
+    J. R. Stat. Soc. B 67(2), 2005.
   """
 
   def rule(u, w, *, l1, l2, learning_rate):
@@ -93,24 +124,37 @@ def prox_group_l2(
     axis: Axis = None,
     mask: Mask = None,
 ) -> optax.GradientTransformation:
-  r"""Proximal step of the group lasso ``α·Σ_units ‖w_unit‖₂``, unit by unit.
+  """Proximal step of the group lasso ``α·Σ_units ‖w_unit‖₂``: whole units become zero.
 
-  With ``v = w + u`` and ``t = lr·α``, each unit becomes ``v·max(0, 1 − t/‖v‖)``: a unit
-  whose norm is at most ``t`` becomes exactly zero (a dead neuron or filter), the others
-  shrink towards zero. Solves ``argmin_y ½‖y − v‖² + t‖y‖₂`` per unit.
+  With ``v = w + u`` (the optimizer's step) and ``t = lr·α``, each unit becomes
+  ``v_unit·max(0, 1 − t/‖v_unit‖)``, the solution of ``argmin_y ½‖y − v_unit‖² + t·‖y‖₂``:
+  a unit whose norm is at most ``t`` becomes exactly zero (a dead neuron or filter), the
+  others shrink towards zero. The update becomes ``u' = that − w``.
 
   Args:
-    alpha: the group weight ``α ≥ 0``.
+    alpha: the group weight ``α ≥ 0``: a number or a schedule.
     learning_rate: the optimizer's learning rate (number or the same schedule).
     axis: the reduced axes of a unit (default: all but the last for rank ≥ 2, so a unit is
       the incoming weights of one output; the whole leaf for rank ≤ 1), an int, a tuple or
       a callable ``(path, leaf) -> axes``.
     mask: the leaves to threshold; ``None`` is every floating-point leaf.
 
-  Example:
-    >>> import optax, optax_norms
-    >>> tx = optax.chain(optax.sgd(0.1),
-    ...                  optax_norms.prox_group_l2(1e-2, 0.1, mask="**/kernel"))
+  Returns:
+    An ``optax.GradientTransformation`` to place last in the chain; its ``update`` needs
+    ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms
+    >>> params = {"kernel": jnp.array([[3.0, 0.5], [4.0, 0.5]])}  # unit norms 5 and 0.71
+    >>> tx = optax.chain(optax.sgd(1.0), optax_norms.prox_group_l2(2.5, 1.0))
+    >>> updates, _ = tx.update({"kernel": jnp.zeros((2, 2))}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["kernel"].tolist()
+    [[1.5, 0.0], [2.0, 0.0]]
+
+  References:
+    jaxopt ``prox_group_lasso(x, l2reg=α, scaling=lr)`` applied per unit; M. Yuan and Y. Lin,
+    "Model selection and estimation in regression with grouped variables", J. R. Stat. Soc.
+    B 68(1), 2006.
   """
 
   def rule(u, w, *, alpha, learning_rate, axes):

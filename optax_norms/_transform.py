@@ -11,7 +11,7 @@ A transform is a *rule* for one leaf, written in the compute dtype (>= float32):
   def rule(u, w, *, max_norm, axes, state):   # with per-leaf state: returns (u', state')
     ...
 
-:func:`leafwise_transform` checks the rule's keyword-only parameters against the
+``leafwise_transform`` checks the rule's keyword-only parameters against the
 hyperparameters at construction, compiles the mask once, and does the rest: selection by
 path, ``None``/integer leaves passed through, casts to the compute dtype and back,
 schedules, run-time validity of hyperparameters, and per-leaf state (``init_leaf``), which
@@ -160,10 +160,10 @@ def leafwise_transform(
     rule: ``rule(u, w, *, <hyperparameters>[, axes][, state])`` in the compute dtype;
       returns the new update, or ``(new update, new leaf state)`` when `init_leaf` is given.
     hyperparams: the scalar hyperparameters (numbers or schedules), validated here.
-    mask: which leaves to transform (see :func:`optax_norms.path_mask`).
+    mask: which leaves to transform (see ``path_mask``).
     needs_params: whether the rule reads the parameters (`w` is ``None`` otherwise).
     per_unit: whether the rule reduces over units; it then receives ``axes``.
-    axis: the reduced axes of per-unit rules (see :func:`optax_norms.clip_by_row_norm`).
+    axis: the reduced axes of per-unit rules (see ``clip_by_row_norm``).
     bounds: hyperparameters that bound stored values; cast rounding towards zero.
     init_leaf: ``(path, leaf, axes) -> leaf state`` for rules with per-leaf state.
   """
