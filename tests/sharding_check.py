@@ -35,25 +35,13 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import optax_norms as on  # noqa: E402
+from optax_norms.tools.registry import REGISTRY  # noqa: E402
 
 ROWS, COLS = 32, 16
 RTOL = 1e-5
 
-# name -> (factory, per_unit)
-TRANSFORMS = {
-    "add_l2_decay": (lambda: on.add_l2_decay(0.3), False),
-    "add_l1_decay": (lambda: on.add_l1_decay(0.3), False),
-    "elastic": (lambda: on.elastic(0.2, 0.3), False),
-    "add_max_norm_decay": (lambda: on.add_max_norm_decay(1.0, 0.5), True),
-    "prox_l1": (lambda: on.prox_l1(0.5, 0.5), False),
-    "prox_elastic": (lambda: on.prox_elastic(0.5, 0.2, 0.5), False),
-    "prox_group_l2": (lambda: on.prox_group_l2(1.0, 0.5), True),
-    "clip_by_max_abs": (lambda: on.clip_by_max_abs(0.5), False),
-    "clip_by_row_norm": (lambda: on.clip_by_row_norm(1.0), True),
-    "constrain_max_abs": (lambda: on.constrain_max_abs(0.5), False),
-    "constrain_row_norm": (lambda: on.constrain_row_norm(1.0), True),
-}
+# name -> (factory, per_unit), from the registry of every transform.
+TRANSFORMS = {entry.name: (entry.make, entry.per_unit) for entry in REGISTRY}
 
 # layout -> (kernel spec, bias spec); the mesh is ("x": 2, "y": 4).
 LAYOUTS = {

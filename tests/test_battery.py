@@ -230,3 +230,40 @@ def test_missing_params(case):
   else:
     updates, _ = tx.update(grads, state)
     _assert_close(updates, _oracle_tree(case, grads, params, case.hyperparams))
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
+def test_inject_hyperparams_with_half_precision_params(case, dtype):
+  """optax.inject_hyperparams casts injected values to the params' dtype (bf16 here)."""
+  params = jax.tree.map(
+      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, _params())
+  grads = _grads(params)
+  injected = optax.inject_hyperparams(case.factory)(**case.hyperparams)
+  state = injected.init(params)
+  updates, _ = jax.jit(injected.update)(grads, state, params)
+  for leaf in jax.tree.leaves(updates):
+    assert leaf.dtype in (dtype, jnp.int32)
+  # The hyperparameters themselves are rounded to the half dtype by optax.
+  hp = {k: float(jnp.asarray(v, dtype)) for k, v in case.hyperparams.items()}
+  _assert_close(updates, _oracle_tree(case, grads, params, hp), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_update_inside_lax_cond(case):
+  """``lax.cond`` around ``update`` itself (optax's own tests do this): both branches must
+  type-check, and the taken branch equals the plain update."""
+  params, grads = _params(), _grads(_params())
+  tx = case.make()
+  state = tx.init(params)
+  plain, _ = tx.update(grads, state, params)
+
+  @jax.jit
+  def step(flag, g, s, p):
+    return jax.lax.cond(flag, lambda: tx.update(g, s, p), lambda: (g, s))
+
+  taken, _ = step(True, grads, state, params)
+  skipped, _ = step(False, grads, state, params)
+  _assert_close(taken, plain, rtol=1e-6, atol=1e-7)
+  _assert_close(skipped, grads, rtol=0, atol=0)
