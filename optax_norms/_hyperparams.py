@@ -63,7 +63,7 @@ class ScheduleState(NamedTuple):
     1
   """
 
-  count: jax.Array  # int32, the number of updates applied so far.
+  count: jax.Array  # type: ignore[assignment]  # int32: updates applied so far.
 
 
 def is_schedule(value: Any) -> bool:
@@ -114,7 +114,7 @@ def check_value(name: str, value: Any, what: str = "") -> None:
     )
 
 
-def evaluate_schedule(name: str, schedule: Callable[[jax.Array], Any], step: int | jax.Array) -> Any:
+def evaluate_schedule(name: str, schedule: Any, step: int | jax.Array) -> Any:
   """``schedule(step)``; a schedule that raises becomes a ValueError naming `name`."""
   try:
     return schedule(jnp.asarray(step, jnp.int32))
@@ -133,7 +133,7 @@ def _as_constant(value: Any) -> Any:
   return np.float64(np.asarray(value, np.float64))
 
 
-def round_down(value: np.float64, dtype: Any) -> Any:
+def round_down(value: np.floating, dtype: Any) -> Any:
   """The largest value of `dtype` that is ``<= value`` (for bounds: ``c`` in float32 never
   exceeds the ``c`` the user gave)."""
   cast = np.asarray(value).astype(dtype)

@@ -67,7 +67,7 @@ def l2_penalty(params: Any, alpha: Scalar, *, mask: Mask = None) -> jax.Array:
     Keras ``keras.regularizers.L2(α)``.
   """
   alpha = _hyper("alpha", alpha)
-  return alpha * _sum_over(params, mask, lambda w, _: jnp.sum(jnp.square(w)))
+  return jnp.asarray(alpha * _sum_over(params, mask, lambda w, _: jnp.sum(jnp.square(w))))
 
 
 def l1_penalty(params: Any, alpha: Scalar, *, mask: Mask = None) -> jax.Array:
@@ -94,7 +94,7 @@ def l1_penalty(params: Any, alpha: Scalar, *, mask: Mask = None) -> jax.Array:
     Keras ``keras.regularizers.L1(α)``.
   """
   alpha = _hyper("alpha", alpha)
-  return alpha * _sum_over(params, mask, lambda w, _: jnp.sum(abs_zero_subgradient(w)))
+  return jnp.asarray(alpha * _sum_over(params, mask, lambda w, _: jnp.sum(abs_zero_subgradient(w))))
 
 
 def elastic_penalty(params: Any, l1: Scalar, l2: Scalar, *, mask: Mask = None) -> jax.Array:
@@ -157,7 +157,7 @@ def group_l2_penalty(
     variables", J. R. Stat. Soc. B 68(1), 2006.
   """
   alpha = _hyper("alpha", alpha)
-  return alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(unit_norm(w, axes)), axis)
+  return jnp.asarray(alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(unit_norm(w, axes)), axis))
 
 
 def max_norm_penalty(
@@ -193,4 +193,4 @@ def max_norm_penalty(
   def term(w, axes):
     return jnp.sum(jnp.square(jnp.maximum(unit_norm(w, axes) - max_norm, 0)))
 
-  return alpha * _sum_over(params, mask, term, axis)
+  return jnp.asarray(alpha * _sum_over(params, mask, term, axis))

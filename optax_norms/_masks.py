@@ -457,11 +457,12 @@ def path_labels(rules: Mapping[str, Mask], default: str | None = None) -> Callab
   """
   if not isinstance(rules, Mapping) or not rules:
     raise ValueError("`rules` must be a non-empty dict label -> glob(s) or PathMask.")
-  masks = {}
+  masks: dict[str, PathMask] = {}
   for label, rule in rules.items():
-    masks[label] = _as_path_mask(rule)
-    if masks[label] is None:
+    compiled = _as_path_mask(rule)
+    if compiled is None:
       raise ValueError(f"The rule for label {label!r} must be a glob, globs or a PathMask.")
+    masks[label] = compiled
 
   def label_fn(params: Any) -> Any:
     paths, leaves, treedef = flatten(params)
@@ -470,14 +471,14 @@ def path_labels(rules: Mapping[str, Mask], default: str | None = None) -> Callab
       for i, keep in enumerate(mask.select(params, paths, leaves, check=True)):
         if keep and labels[i] is None:
           labels[i] = label
-    for path, leaf, label in zip(paths, leaves, labels):
-      if label is None and default is None and leaf is not None:
+    for path, leaf, found in zip(paths, leaves, labels):
+      if found is None and default is None and leaf is not None:
         raise ValueError(
             f"No rule labels the parameter {format_path(path)!r}; add a rule or a `default`."
         )
     return jax.tree_util.tree_unflatten(
-        treedef, [None if leaf is None else default if label is None else label
-                  for leaf, label in zip(leaves, labels)]
+        treedef, [None if leaf is None else default if found is None else found
+                  for leaf, found in zip(leaves, labels)]
     )
 
   return label_fn

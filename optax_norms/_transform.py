@@ -51,7 +51,7 @@ class LeafwiseState(NamedTuple):
       ``optax.MaskedNode()``.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]
   leaves: Any
 
 
@@ -114,11 +114,12 @@ def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   p_paths, p_leaves, _ = flatten(params)
   if p_paths != u_paths:
     padded = max(len(u_paths), len(p_paths))
-    u_padded = u_paths + [None] * (padded - len(u_paths))
-    p_padded = p_paths + [None] * (padded - len(p_paths))
+    u_padded: list[Path | None] = [*u_paths, *[None] * (padded - len(u_paths))]
+    p_padded: list[Path | None] = [*p_paths, *[None] * (padded - len(p_paths))]
     i = next(k for k in range(padded) if u_padded[k] != p_padded[k])
-    where_u = "(end)" if u_padded[i] is None else repr(format_path(u_padded[i]))
-    where_p = "(end)" if p_padded[i] is None else repr(format_path(p_padded[i]))
+    u_at, p_at = u_padded[i], p_padded[i]
+    where_u = "(end)" if u_at is None else repr(format_path(u_at))
+    where_p = "(end)" if p_at is None else repr(format_path(p_at))
     raise ValueError(
         "`params` must have the structure of `updates`; they first differ at leaf "
         f"{i}: updates {where_u}, params {where_p}."
