@@ -34,6 +34,8 @@ __all__ = ["constrain_max_abs", "constrain_row_norm"]
 
 def _toward_zero(x, leaf_dtype):
   """`x` (compute dtype) rounded to `leaf_dtype` towards zero, returned in the leaf dtype."""
+  if x.dtype == leaf_dtype:  # Nothing to round (float32 leaves): no ops traced.
+    return x
   nearest = x.astype(leaf_dtype)
   outward = jnp.abs(nearest.astype(x.dtype)) > jnp.abs(x)
   return jnp.where(outward, _one_ulp(nearest, jnp.zeros_like(nearest)), nearest)

@@ -116,38 +116,39 @@ def _abs_jvp(primals, tangents):
   return jnp.abs(x), jnp.sign(x) * t
 
 
-def _norm_scales(dtype: Any) -> tuple[float, float, float, float]:
-  """(big scale, small scale, high threshold, low threshold) for `dtype`: powers of 2."""
+def _norm_scales(dtype: Any) -> tuple[float, float, float]:
+  """(up scale, down scale, overflow threshold) for `dtype`: powers of two.
+
+  float32 (emax 128): up 2^31, down 2^-64, threshold 2^126.
+  """
   emax = int(jnp.finfo(dtype).maxexp)  # 128 for float32, 1024 for float64.
-  return 2.0 ** -(emax * 9 // 16), 2.0 ** (emax // 2), 2.0 ** (emax - 8), 2.0 ** -(emax - 28)
+  return 2.0 ** (emax // 4 - 1), 2.0 ** -(emax // 2), 2.0 ** (emax - 2)
 
 
 def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Per-unit l2 norm, dims kept, in the compute dtype, without overflow or underflow.
 
-  Three sums of squares: of ``x``, of ``x`` scaled down and of ``x`` scaled up by powers
-  of two (exact). The plain one is used unless it overflowed (a unit of values ~1e19 in
-  float32) or is so small that its terms underflowed (values ~1e-20); then the scaled one
-  that is safe is. The three sums read the same input, so on a GPU they fuse into one pass;
-  the plain sum gives bit for bit the textbook result on ordinary values.
+  Two sums of squares of ``x`` scaled by powers of two (exact): scaled up (by 2^31 for
+  float32), used unless it overflows, and scaled down (by 2^-64), used for units with values
+  beyond ~1e7. Scaling by a power of two commutes with rounding, so on ordinary values the
+  result is bit for bit ``sqrt(Σx²)``; units of ~1e19 (whose squares overflow float32) and of
+  ~1e-20 (whose squares underflow) get their true norm. The two sums read the same input: on
+  a GPU they fuse into one pass.
   """
   wide = lax.convert_element_type(x, compute_dtype(x.dtype))
   dtype = wide.dtype
-  down, up, high, low = _norm_scales(dtype)
+  up, down, high = _norm_scales(dtype)
 
-  def sum_sq(y):
-    return lax.expand_dims(lax.reduce_sum(lax.square(y), axes), axes)
+  def sum_sq(scale):
+    scaled = wide * lax.full((), scale, dtype)
+    return lax.expand_dims(lax.reduce_sum(lax.square(scaled), axes), axes)
 
-  plain = sum_sq(wide)
-  big = sum_sq(wide * lax.full((), down, dtype))
-  small = sum_sq(wide * lax.full((), up, dtype))
-  shape = plain.shape
-  use_big = ~(plain < lax.full(shape, high, dtype))  # also when plain is inf or NaN.
-  use_small = plain < lax.full(shape, low, dtype)
-  plain_norm = lax.sqrt(plain)
-  big_norm = lax.sqrt(big) * lax.full(shape, 1 / down, dtype)
+  small, large = sum_sq(up), sum_sq(down)
+  shape = small.shape
+  use_large = ~(small < lax.full(shape, high, dtype))  # also when the sum is inf or NaN.
   small_norm = lax.sqrt(small) * lax.full(shape, 1 / up, dtype)
-  return lax.select(use_big, big_norm, lax.select(use_small, small_norm, plain_norm))
+  large_norm = lax.sqrt(large) * lax.full(shape, 1 / down, dtype)
+  return lax.select(use_large, large_norm, small_norm)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
