@@ -226,12 +226,39 @@ CASES = [
     Case("decay_report_negative_alpha", "decay_resolution_report(params, -1.0, 1e-3)",
          lambda: decay_resolution_report(PARAMS, -1.0, 1e-3),
          ValueError, r"must be non-negative", "`alpha`"),
+    # --- found by an adversarial review -------------------------------------------------
+    Case("glob_empty_range", 'mask="[z-a]x"', lambda: on.add_l2_decay(0.1, mask="[z-a]x"),
+         ValueError, r"the range 'z-a' is empty", "'[z-a]x'"),
+    Case("glob_negated_unclosed", 'mask="[!]"', lambda: on.add_l2_decay(0.1, mask="[!]"),
+         ValueError, r"is never closed", "'[!]'"),
+    Case("mask_factory_uncalled", "mask=on.path_mask", lambda: on.add_l2_decay(0.1, mask=on.path_mask),
+         ValueError, r"is the function `path_mask` itself: call it", "`mask`"),
+    Case("paths_collide", '{"a/b": x, "a": {"b": y}} with mask="a/b"',
+         lambda: _init(on.add_l2_decay(0.1, mask="a/b"),
+                       {"a/b": jnp.ones(2), "a": {"b": jnp.ones(2)}}),
+         ValueError, r"names two parameters", "'a/b'"),
+    Case("mask_called_as_schedule", "inject_hyperparams(add_l2_decay)(mask=path_mask(...))",
+         lambda: _init(optax.inject_hyperparams(on.add_l2_decay)(
+             alpha=0.1, mask=on.path_mask("**/kernel"))),
+         ValueError, r"static_args=\('mask',\)", "static_args"),
+    Case("axis_float_array", "clip_by_row_norm(1.0, axis=jnp.array(0.9))",
+         lambda: on.clip_by_row_norm(1.0, axis=jnp.array(0.9)),
+         ValueError, r"`axis` must be None, an int", "`axis`"),
+    Case("alpha_overflows_float32", "add_l2_decay(1e39)", lambda: on.add_l2_decay(1e39),
+         ValueError, r"overflows float32", "`alpha`"),
+    Case("schedule_vector_valued", "add_l2_decay(lambda s: jnp.array([0.1, 5.0]))",
+         lambda: on.add_l2_decay(lambda s: jnp.array([0.1, 5.0])),
+         ValueError, r"must be a scalar, got an array of shape \(2,\) \(the schedule's value at step 0\)",
+         "`alpha`"),
+    Case("decay_report_under_jit", "jax.jit(decay_resolution_report)",
+         lambda: jax.jit(lambda p: decay_resolution_report(p, 0.1, 1e-3).relative_step)(PARAMS),
+         ValueError, r"call it outside `jax.jit`", "decay_resolution_report"),
 ]
 
 
 def test_catalogue_has_at_least_25_distinct_cases():
   ids = [case.id for case in CASES]
-  assert len(set(ids)) == len(ids) >= 25
+  assert len(set(ids)) == len(ids) >= 60
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -254,10 +281,19 @@ def _markdown_table() -> str:
       message = "(no error!)"
     except Exception as error:  # noqa: BLE001 - the table shows what is raised.
       message = str(error).split(". ")[0][:110]
-    message = message.replace("|", "\\|")
+    for char in "|*_":  # Markdown: keep the message literal.
+      message = message.replace(char, "\\" + char)
     rows.append(f"| {i} | `{case.what}` | `{case.error.__name__}` | {message} |")
   return "\n".join(rows)
 
 
 if __name__ == "__main__":
   print(_markdown_table())
+
+
+def test_docs_table_is_current():
+  """docs/bad-inputs.md holds the table this file generates (regenerate it if this fails)."""
+  import pathlib
+
+  docs = pathlib.Path(__file__).resolve().parent.parent / "docs" / "bad-inputs.md"
+  assert _markdown_table() in docs.read_text()
