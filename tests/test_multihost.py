@@ -126,13 +126,16 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
   assert all("ShardingTypeError" in c["problems"][0] for c in known), json.dumps(known, indent=1)
 
   # What the library adds to the communication: nothing for element-wise transforms; for
-  # per-unit ones, only all-reduces of norm vectors (3 per leaf whose reduced axis is sharded).
+  # per-unit ones, only all-reduces of norm vectors, the same few per leaf whose reduced axis
+  # is sharded (the check verifies the vector lengths: units of those leaves).
   per_unit = {e.name for e in REGISTRY if e.per_unit}
   for cell in others:
     if cell["transform"] in per_unit:
-      assert cell["collectives"] and all(c.startswith("all-reduce[") for c in cell["collectives"])
+      assert all(c.startswith("all-reduce[") for c in cell["collectives"]), cell
+      assert cell["vectors_per_leaf"] in (1, 2, 3), cell
     else:
-      assert cell["collectives"] == [], cell
+      assert cell["collectives"] == [] and cell["vectors_per_leaf"] == 0, cell
+  assert len({c["vectors_per_leaf"] for c in others if c["transform"] in per_unit}) == 1
 
   # Diagnostics on arrays that are not fully addressable.
   for _, out, _ in run:
