@@ -24,8 +24,10 @@ def unit_scale(x, max_norm, axes):
   """
   norm = unit_norm(x, axes)
   outside = norm > max_norm
-  one = lax.full(norm.shape, 1, norm.dtype)
-  return lax.select(outside, lax.broadcast(max_norm, norm.shape), one) / lax.select(outside, norm, one)
+  # full_like (not full/broadcast): the constants take the norm's sharding, which explicit
+  # mesh axes (jax.set_mesh) require of select's operands.
+  one = lax.full_like(norm, 1)
+  return lax.select(outside, lax.full_like(norm, max_norm), one) / lax.select(outside, norm, one)
 
 
 def clip_by_max_abs(

@@ -144,10 +144,9 @@ def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return lax.expand_dims(lax.reduce_sum(lax.square(scaled), axes), axes)
 
   small, large = sum_sq(up), sum_sq(down)
-  shape = small.shape
-  use_large = ~(small < lax.full(shape, high, dtype))  # also when the sum is inf or NaN.
-  small_norm = lax.sqrt(small) * lax.full(shape, 1 / up, dtype)
-  large_norm = lax.sqrt(large) * lax.full(shape, 1 / down, dtype)
+  use_large = ~(small < lax.full_like(small, high))  # also when the sum is inf or NaN.
+  small_norm = lax.sqrt(small) * lax.full_like(small, 1 / up)
+  large_norm = lax.sqrt(large) * lax.full_like(large, 1 / down)
   return lax.select(use_large, large_norm, small_norm)
 
 
@@ -165,8 +164,8 @@ def _unit_norm_jvp(axes, primals, tangents):
   (x,), (t,) = primals, tangents
   norm = _unit_norm_value(x, axes)
   positive = norm > 0
-  one = lax.full(norm.shape, 1, norm.dtype)
-  inverse = lax.select(positive, one / lax.select(positive, norm, one), lax.full(norm.shape, 0, norm.dtype))
+  one = lax.full_like(norm, 1)
+  inverse = lax.select(positive, one / lax.select(positive, norm, one), lax.full_like(norm, 0))
   wide = lax.convert_element_type(x, norm.dtype)
   direction = wide * inverse
   tangent = lax.convert_element_type(t, norm.dtype)

@@ -295,9 +295,8 @@ def diagnostics(mesh) -> dict:
 
 # --- checkpoint ------------------------------------------------------------------------------
 
-# The checkpointed run uses auto mesh axes: on explicit axes clip_by_row_norm and
-# constrain_row_norm do not trace yet (see tests/test_multihost.py, KNOWN_EXPLICIT).
-CKPT_MESH = "auto"
+# The checkpointed run uses explicit mesh axes (jax.set_mesh), the stricter of the two.
+CKPT_MESH = "explicit"
 
 
 def _ckpt_chain():

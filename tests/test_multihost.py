@@ -34,7 +34,7 @@ MESHES = ("explicit", "auto")
 # `lax.full(norm.shape, ...)` / `lax.broadcast(max_norm, norm.shape)` cases and JAX raises
 # ShardingTypeError (single process too). Fix: build both cases with `lax.full_like(norm, .)`.
 # When the fix lands this test fails with "now passes": empty the set.
-KNOWN_EXPLICIT = {"clip_by_row_norm", "constrain_row_norm"}
+KNOWN_EXPLICIT: set[str] = set()
 
 
 def _free_port() -> int:
