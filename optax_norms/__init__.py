@@ -23,6 +23,7 @@ from optax_norms._masks import PathMask, path_labels, path_mask, weights_only
 from optax_norms._paths import tree_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
+from optax_norms._units import UnitAxes, unit_axes
 
 try:
   __version__ = version("optax-norms")
@@ -34,6 +35,7 @@ __all__ = [
     "LeafDecayResolution",
     "PathMask",
     "ScheduleState",
+    "UnitAxes",
     "add_l1_decay",
     "add_l2_decay",
     "add_max_norm_decay",
@@ -55,5 +57,6 @@ __all__ = [
     "prox_group_l2",
     "prox_l1",
     "tree_paths",
+    "unit_axes",
     "weights_only",
 ]
