@@ -11,6 +11,7 @@ from optax_norms._diagnostics import (
     decay_resolution_report,
     norm_report,
 )
+from optax_norms._groups import describe_rules, regularize
 from optax_norms._hyperparams import ScheduleState
 from optax_norms._losses import (
     elastic_penalty,
@@ -44,6 +45,7 @@ __all__ = [
     "constrain_max_abs",
     "constrain_row_norm",
     "decay_resolution_report",
+    "describe_rules",
     "elastic",
     "elastic_penalty",
     "group_l2_penalty",
@@ -56,6 +58,7 @@ __all__ = [
     "prox_elastic",
     "prox_group_l2",
     "prox_l1",
+    "regularize",
     "tree_paths",
     "unit_axes",
     "weights_only",
