@@ -157,7 +157,8 @@ def _parse_rules(rules: Any) -> list[_Rule]:
       raise ValueError(f"{where}: settings must be a dict or None, got {type(settings).__name__}.")
     for key in settings:
       if key not in _KEYS:
-        close = difflib.get_close_matches(str(key), _KEYS, n=1)
+        prefixes = sorted((k for k in _KEYS if str(key).startswith(k) or k.startswith(str(key))), key=len)
+        close = prefixes[-1:] or difflib.get_close_matches(str(key), _KEYS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
             f"{where}: unknown setting {key!r}.{hint} Valid settings: {', '.join(_KEYS)}."

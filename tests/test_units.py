@@ -71,13 +71,13 @@ def test_unit_axes_norms_match_float64_numpy_per_unit_norms(layout, cases):
   axis = on.unit_axes(layout, stacked=["blocks/**", "layers/**"])
   for path, shape, axes in cases:
     w = _f32(*shape)
-    report = on.norm_report({"/".join(path): w}, axis=lambda p, leaf: axis(path, leaf))
+    report = on.norm_report({"/".join(path): w}, axis=lambda p, leaf, path=path: axis(path, leaf))
     stats = report["/".join(path)]
     norms = _np_unit_norms(w, axes)
     np.testing.assert_allclose(float(stats["max_unit_norm"]), norms.max(), rtol=1e-6)
     assert float(stats["units"]) == norms.size
     # clip_by_row_norm with the same axes: every unit of norm > c lands on c (float64).
-    tx = on.clip_by_row_norm(0.5, axis=lambda p, leaf: axis(path, leaf))
+    tx = on.clip_by_row_norm(0.5, axis=lambda p, leaf, path=path: axis(path, leaf))
     clipped, _ = tx.update({"w": w}, tx.init({"w": w}))
     np.testing.assert_allclose(_np_unit_norms(clipped["w"], axes),
                                np.minimum(norms, 0.5), rtol=2e-6)
