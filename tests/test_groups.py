@@ -391,3 +391,33 @@ def test_path_mask_selectors_and_none_settings_leave_leaves_alone():
   new = optax.apply_updates(params, updates)
   np.testing.assert_array_equal(new["dense"]["kernel"], 0.5)
   np.testing.assert_array_equal(new["dense"]["bias"], 1.0)
+
+
+@pytest.mark.standard_promotion
+def test_readme_transformer_example_runs_and_prints_the_table_shown(capsys):
+  import pathlib
+  import re
+
+  readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+  section = readme.split("## Regularizing a transformer", 1)[1]
+  code, table = re.findall(r"```(?:python)?\n(.*?)```", section, re.DOTALL)[:2]
+  exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+  printed = capsys.readouterr().out
+  assert printed.startswith(table)
+  per_layer = np.array([float(v) for v in printed[len(table):].strip().strip("[]").split()])
+  assert per_layer.shape == (2,) and np.all(per_layer <= 2.0)
+
+
+@pytest.mark.standard_promotion
+def test_regularize_under_jit_with_named_sharding_keeps_shardings():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
+  params = {"dense": {"kernel": jax.device_put(jnp.ones((4, 2)), spec),
+                      "bias": jax.device_put(jnp.ones(2), jax.sharding.NamedSharding(
+                          mesh, jax.sharding.PartitionSpec("x")))}}
+  tx = on.regularize(optax.adam(0.1), [("**/kernel", {"max_norm": 1.0, "l2": 1e-3}), ("**", None)])
+  state = jax.jit(tx.init)(params)
+  updates, _ = jax.jit(tx.update)(params, state, params)
+  assert updates["dense"]["kernel"].sharding.is_equivalent_to(spec, 2)
+  new = optax.apply_updates(params, updates)
+  assert np.max(np.linalg.norm(np.asarray(new["dense"]["kernel"]), axis=0)) <= 1.0
