@@ -11,6 +11,7 @@ from optax_norms._diagnostics import (
     decay_resolution_report,
     norm_report,
 )
+from optax_norms._groups import describe_rules, regularize
 from optax_norms._hyperparams import ScheduleState
 from optax_norms._losses import (
     elastic_penalty,
@@ -23,6 +24,7 @@ from optax_norms._masks import PathMask, path_labels, path_mask, weights_only
 from optax_norms._paths import tree_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
+from optax_norms._units import UnitAxes, unit_axes
 
 try:
   __version__ = version("optax-norms")
@@ -34,6 +36,7 @@ __all__ = [
     "LeafDecayResolution",
     "PathMask",
     "ScheduleState",
+    "UnitAxes",
     "add_l1_decay",
     "add_l2_decay",
     "add_max_norm_decay",
@@ -42,6 +45,7 @@ __all__ = [
     "constrain_max_abs",
     "constrain_row_norm",
     "decay_resolution_report",
+    "describe_rules",
     "elastic",
     "elastic_penalty",
     "group_l2_penalty",
@@ -54,6 +58,8 @@ __all__ = [
     "prox_elastic",
     "prox_group_l2",
     "prox_l1",
+    "regularize",
     "tree_paths",
+    "unit_axes",
     "weights_only",
 ]

@@ -11,7 +11,7 @@ decay silently does nothing. For bfloat16 (8 significant bits) this happens as s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -23,11 +23,14 @@ from optax_norms._masks import Mask
 from optax_norms._numerics import Axis, compute_dtype, resolve_axes, unit_norm
 from optax_norms._paths import format_path
 from optax_norms._transform import selected_leaves
+from optax_norms._units import UnitAxes, unit_axes
 
 __all__ = ["DecayResolution", "LeafDecayResolution", "decay_resolution_report", "norm_report"]
 
 
-def norm_report(params: Any, *, axis: Axis = None, mask: Mask = None) -> dict[str, dict[str, jax.Array]]:
+def norm_report(
+    params: Any, *, axis: Axis = None, mask: Mask = None, stacked: str | Sequence[str] | None = None,
+) -> dict[str, dict[str, jax.Array]]:
   """Reports, per selected floating-point leaf, the norms and sparsity a training loop logs.
 
   For each leaf ``w``: ``l1 = Σ|w|``, ``l2 = ‖w‖₂``, ``max_abs = max|w|``, the largest unit
@@ -38,35 +41,61 @@ def norm_report(params: Any, *, axis: Axis = None, mask: Mask = None) -> dict[st
     params: the parameters (any pytree).
     axis: the reduced axes of a unit, as in ``clip_by_row_norm``.
     mask: the leaves to report; ``None`` is every floating-point leaf.
+    stacked: glob(s) of leaves with one leading layer axis (scanned or vmapped stacks);
+      their statistics are per layer. A leaf is also stacked when `axis` is a
+      ``unit_axes`` whose ``stacked=`` matches it. With ``axis=None``, `stacked` sets
+      ``axis=unit_axes(stacked=stacked)``.
 
   Returns:
     ``{path: {"l1": Σ|w|, "l2": ‖w‖₂, "max_abs": max|w|, "max_unit_norm": largest unit
       norm, "zero_fraction": fraction of exact zeros, "dead_units": number of all-zero
-      units, "units": number of units}}`` as float32 scalars, keyed by ``/``-joined path.
-      Works under ``jax.jit`` (the keys are static).
+      units, "units": number of units, "axes": the reduced axes (int32)}}``, keyed by
+      ``/``-joined path. The statistics are float32 scalars, or ``(layers,)`` vectors for a
+      stacked leaf (one entry per layer). Works under ``jax.jit`` (the keys are static).
 
   Examples:
     >>> import jax.numpy as jnp, optax_norms
     >>> report = optax_norms.norm_report({"kernel": jnp.array([[0.0, 3.0], [0.0, 4.0]])})
     >>> float(report["kernel"]["max_unit_norm"]), float(report["kernel"]["zero_fraction"])
     (5.0, 0.5)
+    >>> stack = {"blocks": {"kernel": jnp.ones((3, 4, 2))}}
+    >>> optax_norms.norm_report(stack, stacked="blocks/**")["blocks/kernel"]["units"]
+    Array([2., 2., 2.], dtype=float32)
   """
+  layers = unit_axes(stacked=stacked) if stacked is not None else None
+  if axis is None and layers is not None:
+    axis = layers
   paths, leaves, _, active = selected_leaves(mask, params, check=True)
+  for found in {id(a): a for a in (axis, layers) if isinstance(a, UnitAxes)}.values():
+    found.check([p for p, on in zip(paths, active) if on])
   report = {}
   for path, leaf, on in zip(paths, leaves, active):
     if not on:
       continue
     acc = compute_dtype(leaf.dtype)
     w = leaf.astype(acc)
-    unit_norms = unit_norm(w, resolve_axes(axis, path, leaf))
+    axes = resolve_axes(axis, path, leaf)
+    per_layer = any(isinstance(a, UnitAxes) and a.is_stacked(path) for a in (axis, layers))
+    if per_layer and 0 in axes:
+      raise ValueError(
+          f"`axis` reduces the layer axis 0 of the stacked parameter {format_path(path)!r} "
+          f"(shape {leaf.shape}): use axis=optax_norms.unit_axes(stacked=...)."
+      )
+    lead = 1 if per_layer else 0  # the statistics keep the leading layer axis
+    every = tuple(range(lead, w.ndim))
+    unit_norms = unit_norm(w, axes)
+    norms = unit_norms.reshape(unit_norms.shape[:lead] + (-1,))
+    empty = w.size == 0
+    zero = jnp.zeros(w.shape[:lead], acc)
     report[format_path(path)] = {
-        "l1": jnp.sum(jnp.abs(w)).astype(jnp.float32),
-        "l2": unit_norm(w, tuple(range(w.ndim))).reshape(()).astype(jnp.float32),
-        "max_abs": (jnp.max(jnp.abs(w)) if w.size else jnp.zeros([], acc)).astype(jnp.float32),
-        "max_unit_norm": (jnp.max(unit_norms) if unit_norms.size else jnp.zeros([], acc)).astype(jnp.float32),
-        "zero_fraction": (jnp.mean(w == 0) if w.size else jnp.zeros([])).astype(jnp.float32),
-        "dead_units": jnp.sum(unit_norms == 0).astype(jnp.float32),
-        "units": jnp.asarray(unit_norms.size, jnp.float32),
+        "l1": jnp.sum(jnp.abs(w), axis=every).astype(jnp.float32),
+        "l2": unit_norm(w, every).reshape(w.shape[:lead]).astype(jnp.float32),
+        "max_abs": (zero if empty else jnp.max(jnp.abs(w), axis=every)).astype(jnp.float32),
+        "max_unit_norm": (zero if norms.size == 0 else jnp.max(norms, axis=-1)).astype(jnp.float32),
+        "zero_fraction": (zero if empty else jnp.mean(w == 0, axis=every)).astype(jnp.float32),
+        "dead_units": jnp.sum(norms == 0, axis=-1).astype(jnp.float32),
+        "units": jnp.full(w.shape[:lead], norms.shape[-1], jnp.float32),
+        "axes": jnp.asarray(axes, jnp.int32),
     }
   return report
 

@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 
 from optax_norms._paths import Path, format_path
+from optax_norms._units import default_axes
 
 __all__ = [
     "Axis",
@@ -32,10 +33,6 @@ def compute_dtype(dtype: Any) -> Any:
   without type promotion so it holds under ``jax_numpy_dtype_promotion='strict'``."""
   dtype = jnp.dtype(dtype)
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
-
-
-def _default_axes(ndim: int) -> tuple[int, ...]:
-  return tuple(range(ndim - 1)) if ndim >= 2 else tuple(range(ndim))
 
 
 def _is_int(value: Any) -> bool:
@@ -72,15 +69,18 @@ def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
   """The reduced axes of one leaf, as sorted non-negative ints.
 
   `axis` names the axes that are reduced (Keras/TF convention): ``None`` is all but the
-  last for rank >= 2 and the whole leaf for rank <= 1; an int or tuple of ints (negative
-  allowed); or a callable ``(path, leaf) -> axes`` (it may return ``None`` for the default).
+  last for rank >= 2 and the whole leaf for rank <= 1, except where the path gives the leaf
+  a role (embedding tables, attention kernels) or leaves its unit ambiguous (a rank-3
+  kernel, a stacked one): then the role's axes, or ``ValueError`` naming the readings
+  (:func:`optax_norms._units.default_axes`); an int or tuple of ints (negative allowed); or
+  a callable ``(path, leaf) -> axes`` (it may return ``None`` for the default).
   """
   ndim = jnp.ndim(leaf)
   if callable(axis) and not isinstance(axis, jax.Array):
     axis = axis(path, leaf)
     check_axis_spec(axis)
   if axis is None:
-    return _default_axes(ndim)
+    return default_axes(path, tuple(jnp.shape(leaf)))
   if isinstance(axis, jax.core.Tracer):
     raise ValueError(
         "`axis` is traced. Under optax.inject_hyperparams pass "

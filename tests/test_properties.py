@@ -48,16 +48,17 @@ dtypes = st.sampled_from(sorted(DTYPES))
 
 @st.composite
 def trees(draw, dtype_names=("float32",)):
-  """(params, updates, mask) with two leaves and a random mask form."""
+  """(params, updates, mask) with two leaves and a random mask form. The kernel sits under
+  a 'conv' module: a rank-3 kernel elsewhere has an ambiguous unit with axis=None."""
   dtype = DTYPES[draw(st.sampled_from(dtype_names))]
   wa, wk = draw(arrays()), draw(arrays())
   ua, uk = draw(arrays(wa.shape)), draw(arrays(wk.shape))
   cast = lambda x: jnp.asarray(x, dtype)
-  params = {"a": cast(wa), "enc": {"kernel": cast(wk)}}
-  updates = {"a": cast(ua), "enc": {"kernel": cast(uk)}}
+  params = {"a": cast(wa), "conv": {"kernel": cast(wk)}}
+  updates = {"a": cast(ua), "conv": {"kernel": cast(uk)}}
   mask = draw(st.sampled_from([
-      None, "**/kernel", ["a"], {"a": True, "enc": {"kernel": False}},
-      on.path_mask(exclude="a"), lambda p: {"a": False, "enc": {"kernel": True}},
+      None, "**/kernel", ["a"], {"a": True, "conv": {"kernel": False}},
+      on.path_mask(exclude="a"), lambda p: {"a": False, "conv": {"kernel": True}},
   ]))
   return params, updates, mask
 
@@ -70,11 +71,11 @@ def _selected(mask, params):
     return {"a": False, "kernel": True}
   if mask == ["a"]:
     return {"a": True, "kernel": False}
-  return {"a": mask["a"], "kernel": mask["enc"]["kernel"]}
+  return {"a": mask["a"], "kernel": mask["conv"]["kernel"]}
 
 
 def _leaves(tree):
-  return {"a": tree["a"], "kernel": tree["enc"]["kernel"]}
+  return {"a": tree["a"], "kernel": tree["conv"]["kernel"]}
 
 
 def _unit_axes(x):

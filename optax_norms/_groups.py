@@ -1,0 +1,451 @@
+"""A whole model in one table: ``regularize(optimizer, rules)`` and ``describe_rules``.
+
+A rule table is a sequence of ``(selector, settings)``; each floating-point leaf takes the
+settings of the first rule whose selector matches its path. :func:`regularize` turns the
+table into one ``optax.chain``: for every setting of every rule, one single transform of
+this library, masked to the leaves of that rule, placed at its stage. The optimizer is
+applied once to the whole tree (one optimizer state, no per-group copy).
+
+To make a new transform reachable from a rule, add a row to ``SETTINGS``: the setting's
+name, its stage, and a builder ``(value, *, mask, axis, learning_rate) -> transform``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import optax
+
+from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
+from optax_norms._constraints import constrain_max_abs, constrain_row_norm
+from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
+from optax_norms._masks import PathMask, path_mask
+from optax_norms._numerics import check_axis_spec, resolve_axes
+from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
+from optax_norms._penalties import add_l1_decay, add_l2_decay
+from optax_norms._prox import prox_group_l2, prox_l1
+from optax_norms._transform import _leaf_kind, leafwise_transform
+from optax_norms._units import UnitAxes
+
+__all__ = ["SETTINGS", "describe_rules", "regularize"]
+
+# The stages, in the order they run on each leaf; the optimizer runs between
+# "coupled" and "scale".
+STAGES = ("clip", "coupled", "optimizer", "scale", "decoupled", "prox", "constraint")
+
+
+def _scale_updates(lr_scale: ScalarOrSchedule, *, mask: Any) -> optax.GradientTransformation:
+  """``u ← lr_scale·u`` on the selected leaves (the optimizer's step, scaled per group)."""
+
+  def rule(u, w, *, lr_scale):
+    del w
+    return u * lr_scale
+
+  return leafwise_transform("regularize", rule, {"lr_scale": lr_scale}, mask=mask, needs_params=False)
+
+
+def _decoupled_decay(
+    decoupled_decay: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *, mask: Any
+) -> optax.GradientTransformation:
+  """``u ← u − lr·λ·w`` after the optimizer: ``w ← w − lr·λ·w`` as in ``optax.adamw``."""
+
+  def rule(u, w, *, decoupled_decay, learning_rate):
+    return u - (learning_rate * decoupled_decay) * w
+
+  return leafwise_transform(
+      "regularize", rule, {"decoupled_decay": decoupled_decay, "learning_rate": learning_rate},
+      mask=mask, needs_params=True,
+  )
+
+
+class Setting(NamedTuple):
+  """One row of the settings table.
+
+  Attributes:
+    stage: where it runs (one of ``STAGES``).
+    build: ``(value, *, mask, axis, learning_rate) -> GradientTransformation``.
+    needs_learning_rate: whether ``regularize(..., learning_rate=)`` is required.
+    per_unit: whether it reduces over units (reads the group's ``axis``).
+  """
+
+  stage: str
+  build: Callable[..., optax.GradientTransformation]
+  needs_learning_rate: bool = False
+  per_unit: bool = False
+
+
+# Order inside a stage is the order of this table.
+SETTINGS: dict[str, Setting] = {
+    "clip_max_abs": Setting("clip", lambda v, *, mask, axis, learning_rate: clip_by_max_abs(v, mask=mask)),
+    "clip_unit_norm": Setting(
+        "clip", lambda v, *, mask, axis, learning_rate: clip_by_row_norm(v, axis=axis, mask=mask),
+        per_unit=True),
+    "l2": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l2_decay(v, mask=mask)),
+    "l1": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l1_decay(v, mask=mask)),
+    "lr_scale": Setting("scale", lambda v, *, mask, axis, learning_rate: _scale_updates(v, mask=mask)),
+    "decoupled_decay": Setting(
+        "decoupled",
+        lambda v, *, mask, axis, learning_rate: _decoupled_decay(v, learning_rate, mask=mask),
+        needs_learning_rate=True),
+    "prox_l1": Setting(
+        "prox", lambda v, *, mask, axis, learning_rate: prox_l1(v, learning_rate, mask=mask),
+        needs_learning_rate=True),
+    "prox_group": Setting(
+        "prox",
+        lambda v, *, mask, axis, learning_rate: prox_group_l2(v, learning_rate, axis=axis, mask=mask),
+        needs_learning_rate=True, per_unit=True),
+    "max_norm": Setting(
+        "constraint",
+        lambda v, *, mask, axis, learning_rate: constrain_row_norm(v, axis=axis, mask=mask),
+        per_unit=True),
+    "max_abs": Setting(
+        "constraint", lambda v, *, mask, axis, learning_rate: constrain_max_abs(v, mask=mask)),
+}
+_KEYS = tuple(sorted((*SETTINGS, "axis")))
+
+
+# --- the rule table --------------------------------------------------------------------------
+
+
+class _Rule(NamedTuple):
+  selector: Any  # as the user gave it (for messages and describe_rules)
+  mask: PathMask
+  settings: dict[str, Any]  # without None values; may hold "axis"
+
+
+def _selector_text(selector: Any) -> str:
+  if isinstance(selector, str):
+    return repr(selector)
+  if isinstance(selector, (list, tuple)):
+    return repr(list(selector))
+  return repr(selector)
+
+
+def _parse_rules(rules: Any) -> list[_Rule]:
+  if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence) or not rules:
+    raise ValueError(
+        "`rules` must be a non-empty list of (selector, settings) pairs, e.g. "
+        "[('**/kernel', {'l2': 1e-4}), ('**', None)]."
+    )
+  parsed = []
+  for i, rule in enumerate(rules):
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise ValueError(f"Rule {i} must be a (selector, settings) pair, got {rule!r}.")
+    selector, settings = rule
+    where = f"Rule {i} ({_selector_text(selector)})"
+    if isinstance(selector, PathMask):
+      mask = selector
+    elif isinstance(selector, str) or (
+        isinstance(selector, (list, tuple)) and selector and all(isinstance(g, str) for g in selector)
+    ):
+      try:
+        mask = path_mask(selector)
+      except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    else:
+      raise ValueError(
+          f"{where}: the selector must be a glob, a list of globs or a path_mask(...), got "
+          f"{type(selector).__name__}."
+      )
+    if settings is None:
+      settings = {}
+    if not isinstance(settings, Mapping):
+      raise ValueError(f"{where}: settings must be a dict or None, got {type(settings).__name__}.")
+    for key in settings:
+      if key not in _KEYS:
+        prefixes = sorted((k for k in _KEYS if str(key).startswith(k) or k.startswith(str(key))), key=len)
+        close = prefixes[-1:] or difflib.get_close_matches(str(key), _KEYS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"{where}: unknown setting {key!r}.{hint} Valid settings: {', '.join(_KEYS)}."
+        )
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if "axis" in settings:
+      try:
+        check_axis_spec(settings["axis"])
+      except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    parsed.append(_Rule(selector, mask, dict(settings)))
+  return parsed
+
+
+def _assign(rules: list[_Rule], tree: Any, paths: list[Path], leaves: list[Any]) -> list[int | None]:
+  """The index of the rule of every leaf (``None`` for ``None``, integer and bool leaves);
+  raises for an uncovered floating-point leaf and for a rule that matches no leaf."""
+  check_unambiguous(paths)
+  floating = [leaf is not None and _leaf_kind(path, leaf) == "float" for path, leaf in zip(paths, leaves)]
+  owner: list[int | None] = [None] * len(leaves)
+  matched: list[list[int]] = []
+  for i, rule in enumerate(rules):
+    try:
+      selection = rule.mask.select(tree, paths, leaves, check=True)
+    except ValueError as error:
+      raise ValueError(f"Rule {i} ({_selector_text(rule.selector)}): {error}") from None
+    hits = [k for k, (keep, fl) in enumerate(zip(selection, floating)) if keep and fl]
+    matched.append(hits)
+    for k in hits:
+      if owner[k] is None:
+        owner[k] = i
+  uncovered = [paths[k] for k in range(len(leaves)) if floating[k] and owner[k] is None]
+  if uncovered:
+    table = ", ".join(f"{i}: {_selector_text(r.selector)}" for i, r in enumerate(rules))
+    raise ValueError(
+        f"No rule matches the floating-point parameter(s) {shown_paths(uncovered)}: every "
+        "floating-point leaf must be matched by a rule (first match wins). Add a rule for "
+        f"them, or end the table with ('**', None) to leave the rest alone. Rules: {table}."
+    )
+  for i, rule in enumerate(rules):
+    if any(owner[k] == i for k in matched[i]):
+      continue
+    where = f"Rule {i} ({_selector_text(rule.selector)})"
+    if not matched[i]:
+      raise ValueError(
+          f"{where} matches no floating-point parameter, so it would do nothing. The "
+          f"parameter paths are: {shown_paths([p for p, f in zip(paths, floating) if f])}."
+      )
+    earlier = sorted({owner[k] for k in matched[i]})
+    taken = ", ".join(f"{j} ({_selector_text(rules[j].selector)})" for j in earlier)
+    raise ValueError(
+        f"{where} matches no leaf: every parameter it selects ({shown_paths([paths[k] for k in matched[i]])}) "
+        f"is taken by an earlier rule (first match wins): rule {taken}. Put the more specific "
+        "rule first, or remove this one."
+    )
+  return owner
+
+
+class _Table:
+  """The parsed rules, with the assignment of leaves to rules cached per tree layout."""
+
+  def __init__(self, rules: list[_Rule]):
+    self.rules = rules
+    self._cache: dict[Any, list[int | None]] = {}
+
+  def assign(self, tree: Any) -> tuple[list[Path], list[Any], Any, list[int | None]]:
+    paths, leaves, treedef = flatten(tree)
+    key = (treedef, tuple(paths), tuple(
+        None if leaf is None else (np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))))
+        for leaf in leaves))
+    try:
+      owner = self._cache.get(key)
+    except TypeError:  # an unhashable treedef node: no cache.
+      key, owner = None, None
+    if owner is None:
+      owner = _assign(self.rules, tree, paths, leaves)
+      if key is not None:
+        self._cache[key] = owner
+    return paths, leaves, treedef, owner
+
+  def axis(self, index: int) -> Any:
+    return self.rules[index].settings.get("axis")
+
+
+class _GroupMask(PathMask):
+  """Selects the leaves whose first matching rule is `index` (a valid optax mask too)."""
+
+  def __init__(self, table: _Table, index: int):
+    super().__init__()
+    self.table = table
+    self.index = index
+
+  def select(self, tree, paths, leaves, check=True):
+    del paths, leaves, check
+    _, _, _, owner = self.table.assign(tree)
+    return [o == self.index for o in owner]
+
+  def __repr__(self) -> str:
+    rule = self.table.rules[self.index]
+    return f"rule {self.index} ({_selector_text(rule.selector)})"
+
+
+# --- regularize ------------------------------------------------------------------------------
+
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _check_stacked_globs(table: _Table, paths: list[Path]) -> None:
+  for rule in table.rules:
+    axis = rule.settings.get("axis")
+    if isinstance(axis, UnitAxes):
+      axis.check(paths)
+
+
+def regularize(
+    optimizer: optax.GradientTransformation,
+    rules: Sequence[tuple[Any, Mapping[str, Any] | None]],
+    *,
+    learning_rate: ScalarOrSchedule | None = None,
+) -> optax.GradientTransformation:
+  r"""Wraps `optimizer` with the regularization of a whole model, written as one table.
+
+  `rules` is a list of ``(selector, settings)``. A selector is a glob, a list of globs or a
+  :func:`path_mask`; each floating-point leaf takes the settings of the **first** rule that
+  matches it. Settings is a dict or ``None`` (leave these leaves alone); every key is
+  optional, every value a number or an optax schedule (``None`` is "not set"):
+
+  | setting | does | stage |
+  |---|---|---|
+  | ``clip_max_abs`` | :func:`clip_by_max_abs` on the gradient | 1, before the optimizer |
+  | ``clip_unit_norm`` | :func:`clip_by_row_norm` on the gradient | 1 |
+  | ``l2``, ``l1`` | :func:`add_l2_decay`, :func:`add_l1_decay` (coupled) | 2 |
+  | — | `optimizer`, once on the whole tree | 3 |
+  | ``lr_scale`` | multiplies the optimizer's step | 4 |
+  | ``decoupled_decay`` | ``w ← w − lr·λ·w`` (as ``optax.adamw``; ``lr`` is `learning_rate`, not scaled by ``lr_scale``) | 5 |
+  | ``prox_l1``, ``prox_group`` | :func:`prox_l1`, :func:`prox_group_l2` with `learning_rate` | 6 |
+  | ``max_norm``, ``max_abs`` | :func:`constrain_row_norm`, :func:`constrain_max_abs` | 7, last |
+  | ``axis`` | the units of this rule's per-unit settings (as ``axis=`` of the transforms) | |
+
+  ``prox_l1`` then ``prox_group`` on the same leaves is the exact proximal step of the
+  sparse group lasso. With the default ``axis=None`` a leaf whose unit is ambiguous (a
+  stacked kernel, a stacked attention kernel) raises at ``init``: pass
+  ``axis=optax_norms.unit_axes(stacked=...)``.
+
+  Errors, at construction: an unknown setting key (with the valid ones), a bad value, a
+  setting that needs `learning_rate` without it. At ``init``: a floating-point leaf no rule
+  matches (listed), a rule that matches no leaf (or only leaves an earlier rule took), a
+  glob that matches nothing, an ambiguous unit. Each names the rule by index and selector.
+
+  Args:
+    optimizer: any ``optax.GradientTransformation`` that includes the learning rate
+      (``optax.adam(lr)``, ``optax.sgd(schedule)``, an ``optax.chain``).
+    rules: the table, ``[(selector, settings), ...]``; :func:`describe_rules` prints what
+      it does to each leaf.
+    learning_rate: the optimizer's learning rate (the same number or schedule), needed by
+      ``decoupled_decay``, ``prox_l1`` and ``prox_group``.
+
+  Returns:
+    One ``optax.GradientTransformation`` (an ``optax.chain``); its ``update`` needs
+    ``params``. It works in ``nnx.Optimizer``, with Linen and Equinox trees, under
+    ``jax.jit`` and sharding, and its state checkpoints with orbax.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms as on
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+    ...           "embed": {"embedding": jnp.ones((5, 3))}}
+    >>> tx = on.regularize(optax.adam(1e-3), [
+    ...     ("**/kernel", {"l2": 1e-4, "max_norm": 3.0}),
+    ...     ("**/embedding", {"decoupled_decay": 0.1}),
+    ...     ("**", None),
+    ... ], learning_rate=1e-3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+  """
+  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    raise ValueError(
+        f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}."
+    )
+  table = _Table(_parse_rules(rules))
+  by_stage: dict[str, list[optax.GradientTransformation]] = {s: [] for s in STAGES}
+  by_stage["optimizer"].append(optimizer)
+  for name, setting in SETTINGS.items():
+    for i, rule in enumerate(table.rules):
+      if name not in rule.settings:
+        continue
+      where = f"Rule {i} ({_selector_text(rule.selector)}), setting {name!r}"
+      if setting.needs_learning_rate and learning_rate is None:
+        raise ValueError(
+            f"{where} needs the optimizer's learning rate: pass regularize(optimizer, rules, "
+            "learning_rate=...) with the same number or schedule as the optimizer."
+        )
+      try:
+        transform = setting.build(
+            rule.settings[name], mask=_GroupMask(table, i), axis=table.axis(i),
+            learning_rate=learning_rate,
+        )
+      except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+      by_stage[setting.stage].append(transform)
+  chain = optax.chain(*(t for stage in STAGES for t in by_stage[stage]))
+
+  def init_fn(params: Any) -> optax.OptState:
+    paths, _, _, _ = table.assign(params)
+    _check_stacked_globs(table, paths)
+    return chain.init(params)
+
+  def update_fn(updates: Any, state: optax.OptState, params: Any = None, **extra_args: Any):
+    if params is None:
+      raise ValueError(
+          "regularize(...) reads the current parameters: call tx.update(updates, state, params)."
+      )
+    return chain.update(updates, state, params, **extra_args)
+
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  _TABLES[init_fn] = (table, learning_rate)
+  return tx
+
+
+# --- describe_rules --------------------------------------------------------------------------
+
+
+def _value_text(value: Any) -> str:
+  if is_schedule(value):
+    return "schedule"
+  if isinstance(value, UnitAxes):
+    return repr(value)
+  try:
+    return f"{float(np.asarray(value)):g}"
+  except (TypeError, ValueError):
+    return repr(value)
+
+
+def describe_rules(rules_or_tx: Any, params: Any) -> str:
+  """A table of what a rule table does to each leaf of `params`: one line per leaf.
+
+  Columns: the path, the shape, the rule (index and selector) that took the leaf, its
+  settings, and for leaves with a per-unit setting the reduced axes and the number of units.
+  It runs the same checks as ``init`` (uncovered leaves, rules that match nothing,
+  ambiguous units), so it is also the quickest way to debug a table.
+
+  Args:
+    rules_or_tx: the rules, or the transform :func:`regularize` returned.
+    params: the parameters (any pytree, e.g. ``nnx.state(model, nnx.Param)``).
+
+  Returns:
+    The table as a string (print it).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms as on
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> print(on.describe_rules([("**/kernel", {"max_norm": 3.0}), ("**", None)], params))
+    path          shape   rule           settings    axes  units
+    dense/bias    (2,)    1 '**'         -
+    dense/kernel  (3, 2)  0 '**/kernel'  max_norm=3  (0,)  2
+  """
+  if isinstance(rules_or_tx, tuple) and hasattr(rules_or_tx, "init") and hasattr(rules_or_tx, "update"):
+    found = _TABLES.get(rules_or_tx.init)
+    if found is None:
+      raise ValueError(
+          "describe_rules takes the rules, or the transform that optax_norms.regularize "
+          "returned (not one wrapped in another chain)."
+      )
+    table = found[0]
+  else:
+    table = _Table(_parse_rules(rules_or_tx))
+  paths, leaves, _, owner = table.assign(params)
+  _check_stacked_globs(table, paths)
+  rows = [("path", "shape", "rule", "settings", "axes", "units")]
+  for path, leaf, index in zip(paths, leaves, owner):
+    if leaf is None:
+      continue
+    shape = tuple(np.shape(leaf))
+    if index is None:
+      rows.append((format_path(path), str(shape), "-", "(not floating-point: untouched)", "", ""))
+      continue
+    rule = table.rules[index]
+    settings = " ".join(f"{k}={_value_text(rule.settings[k])}" for k in SETTINGS if k in rule.settings)
+    axes_text = units_text = ""
+    if any(SETTINGS[k].per_unit for k in rule.settings if k != "axis"):
+      axes = resolve_axes(rule.settings.get("axis"), path, leaf)
+      axes_text = str(axes)
+      units = int(np.prod([d for a, d in enumerate(shape) if a not in axes], dtype=np.int64))
+      units_text = str(units)
+      axis = rule.settings.get("axis")
+      if isinstance(axis, UnitAxes) and axis.is_stacked(path) and shape[0]:
+        units_text += f" ({shape[0]} layers × {units // shape[0]})"
+    rows.append((format_path(path), str(shape), f"{index} {_selector_text(rule.selector)}",
+                 settings or "-", axes_text, units_text))
+  widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
