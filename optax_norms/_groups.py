@@ -1,7 +1,7 @@
 """A whole model in one table: ``regularize(optimizer, rules)`` and ``describe_rules``.
 
 A rule table is a sequence of ``(selector, settings)``; each floating-point leaf takes the
-settings of the first rule whose selector matches its path. :func:`regularize` turns the
+settings of the first rule whose selector matches its path. ``regularize`` turns the
 table into one ``optax.chain``: for every setting of every rule, one single transform of
 this library, masked to the leaves of that rule, placed at its stage. The optimizer is
 applied once to the whole tree (one optimizer state, no per-group copy).
@@ -207,7 +207,7 @@ def _assign(rules: list[_Rule], tree: Any, paths: list[Path], leaves: list[Any])
           f"{where} matches no floating-point parameter, so it would do nothing. The "
           f"parameter paths are: {shown_paths([p for p, f in zip(paths, floating) if f])}."
       )
-    earlier = sorted({owner[k] for k in matched[i]})
+    earlier = sorted({j for j in (owner[k] for k in matched[i]) if j is not None})
     taken = ", ".join(f"{j} ({_selector_text(rules[j].selector)})" for j in earlier)
     raise ValueError(
         f"{where} matches no leaf: every parameter it selects ({shown_paths([paths[k] for k in matched[i]])}) "
@@ -226,9 +226,10 @@ class _Table:
 
   def assign(self, tree: Any) -> tuple[list[Path], list[Any], Any, list[int | None]]:
     paths, leaves, treedef = flatten(tree)
-    key = (treedef, tuple(paths), tuple(
+    key: Any = (treedef, tuple(paths), tuple(
         None if leaf is None else (np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))))
         for leaf in leaves))
+    owner: list[int | None] | None
     try:
       owner = self._cache.get(key)
     except TypeError:  # an unhashable treedef node: no cache.
@@ -282,20 +283,20 @@ def regularize(
   r"""Wraps `optimizer` with the regularization of a whole model, written as one table.
 
   `rules` is a list of ``(selector, settings)``. A selector is a glob, a list of globs or a
-  :func:`path_mask`; each floating-point leaf takes the settings of the **first** rule that
+  ``path_mask``; each floating-point leaf takes the settings of the **first** rule that
   matches it. Settings is a dict or ``None`` (leave these leaves alone); every key is
   optional, every value a number or an optax schedule (``None`` is "not set"):
 
   | setting | does | stage |
   |---|---|---|
-  | ``clip_max_abs`` | :func:`clip_by_max_abs` on the gradient | 1, before the optimizer |
-  | ``clip_unit_norm`` | :func:`clip_by_row_norm` on the gradient | 1 |
-  | ``l2``, ``l1`` | :func:`add_l2_decay`, :func:`add_l1_decay` (coupled) | 2 |
+  | ``clip_max_abs`` | ``clip_by_max_abs`` on the gradient | 1, before the optimizer |
+  | ``clip_unit_norm`` | ``clip_by_row_norm`` on the gradient | 1 |
+  | ``l2``, ``l1`` | ``add_l2_decay``, ``add_l1_decay`` (coupled) | 2 |
   | — | `optimizer`, once on the whole tree | 3 |
   | ``lr_scale`` | multiplies the optimizer's step | 4 |
   | ``decoupled_decay`` | ``w ← w − lr·λ·w`` (as ``optax.adamw``; ``lr`` is `learning_rate`, not scaled by ``lr_scale``) | 5 |
-  | ``prox_l1``, ``prox_group`` | :func:`prox_l1`, :func:`prox_group_l2` with `learning_rate` | 6 |
-  | ``max_norm``, ``max_abs`` | :func:`constrain_row_norm`, :func:`constrain_max_abs` | 7, last |
+  | ``prox_l1``, ``prox_group`` | ``prox_l1``, ``prox_group_l2`` with `learning_rate` | 6 |
+  | ``max_norm``, ``max_abs`` | ``constrain_row_norm``, ``constrain_max_abs`` | 7, last |
   | ``axis`` | the units of this rule's per-unit settings (as ``axis=`` of the transforms) | |
 
   ``prox_l1`` then ``prox_group`` on the same leaves is the exact proximal step of the
@@ -311,7 +312,7 @@ def regularize(
   Args:
     optimizer: any ``optax.GradientTransformation`` that includes the learning rate
       (``optax.adam(lr)``, ``optax.sgd(schedule)``, an ``optax.chain``).
-    rules: the table, ``[(selector, settings), ...]``; :func:`describe_rules` prints what
+    rules: the table, ``[(selector, settings), ...]``; ``describe_rules`` prints what
       it does to each leaf.
     learning_rate: the optimizer's learning rate (the same number or schedule), needed by
       ``decoupled_decay``, ``prox_l1`` and ``prox_group``.
@@ -325,7 +326,7 @@ def regularize(
     >>> import jax.numpy as jnp, optax, optax_norms as on
     >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
     ...           "embed": {"embedding": jnp.ones((5, 3))}}
-    >>> tx = on.regularize(optax.adam(1e-3), [
+    >>> tx = on.regularize(optax.sgd(1e-3), [
     ...     ("**/kernel", {"l2": 1e-4, "max_norm": 3.0}),
     ...     ("**/embedding", {"decoupled_decay": 0.1}),
     ...     ("**", None),
@@ -400,7 +401,7 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
   ambiguous units), so it is also the quickest way to debug a table.
 
   Args:
-    rules_or_tx: the rules, or the transform :func:`regularize` returned.
+    rules_or_tx: the rules, or the transform ``regularize`` returned.
     params: the parameters (any pytree, e.g. ``nnx.state(model, nnx.Param)``).
 
   Returns:

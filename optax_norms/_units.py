@@ -3,8 +3,8 @@
 A *unit* is the slice of a weight that feeds one output; per-unit transforms reduce the
 other axes. The rank rule (all but the last axis) is right for Flax ``Dense`` and ``Conv``
 kernels but not for attention kernels, embedding tables or stacked (scanned, vmapped)
-layers. This module holds the role rules: :func:`unit_axes` (an explicit ``axis=``) and
-:func:`default_axes` (what ``axis=None`` means; it raises where a leaf's unit cannot be
+layers. This module holds the role rules: ``unit_axes`` (an explicit ``axis=``) and
+``default_axes`` (what ``axis=None`` means; it raises where a leaf's unit cannot be
 known from its path and shape).
 """
 
@@ -151,7 +151,14 @@ def _is_step_count(args: tuple[Any, ...]) -> bool:
 
 
 class UnitAxes:
-  """An ``axis=`` callable ``(path, leaf) -> reduced axes`` built by :func:`unit_axes`."""
+  """An ``axis=`` callable ``(path, leaf) -> reduced axes`` built by ``unit_axes``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> axes = optax_norms.unit_axes(stacked="blocks/**")
+    >>> axes(("blocks", "mlp", "kernel"), jnp.ones((3, 4, 8)))
+    (1,)
+  """
 
   def __init__(self, layout: str, stacked: tuple[str, ...]):
     self.layout = layout
@@ -226,7 +233,7 @@ def unit_axes(layout: str = "flax", *, stacked: str | Iterable[str] | None = Non
       constraint is per layer.
 
   Returns:
-    A :class:`UnitAxes`, a callable ``(path, leaf) -> axes``. Under
+    A ``UnitAxes``, a callable ``(path, leaf) -> axes``. Under
     ``optax.inject_hyperparams`` pass it as ``static_args=('axis',)``; called as a schedule
     (with a step count), it raises ``ValueError`` saying so.
 
