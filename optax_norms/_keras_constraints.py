@@ -65,8 +65,9 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
     >>> params = {"kernel": jnp.array([[3.0, 0.0], [4.0, 0.0]])}  # unit norms 5 and 0
     >>> tx = optax.chain(optax.sgd(1.0), optax_norms.constrain_unit_norm())
     >>> updates, _ = tx.update({"kernel": jnp.zeros((2, 2))}, tx.init(params), params)
-    >>> optax.apply_updates(params, updates)["kernel"].tolist()
-    [[0.6000000238418579, 0.0], [0.800000011920929, 0.0]]
+    >>> new = optax.apply_updates(params, updates)["kernel"]
+    >>> [round(float(n), 6) for n in jnp.linalg.norm(new, axis=0)], new[:, 1].tolist()
+    ([1.0, 0.0], [0.0, 0.0])
 
   References:
     Keras ``keras.constraints.UnitNorm(axis=0)`` (Dense; ``axis=[0, 1, 2]`` for Conv).
