@@ -47,9 +47,10 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
   """Gives every selected unit ℓ2 norm 1 (Keras ``UnitNorm``).
 
   Per unit, ``w + u' = v_unit/‖v_unit‖`` with ``v = w + u``: every non-zero unit lands on the
-  unit sphere (norm 1 up to one rounding per element, never above 1 on the stored values);
-  a zero unit stays zero (no NaN); a NaN or inf stays inside its unit. Keras's
-  ``w/(1e-7 + ‖w‖)`` differs by the epsilon only.
+  unit sphere from inside, ``1 − δ − (rounding) ≤ ‖w_unit‖ ≤ 1`` on the stored values, in
+  float64 (``δ = (2·√n + 8)·2⁻²⁴`` for ``n`` entries, as ``constrain_row_norm``; one
+  rounding towards zero per element in the leaf dtype); a zero unit stays zero (no NaN); a
+  NaN or inf stays inside its unit. Keras's ``w/(1e-7 + ‖w‖)`` differs by the epsilon only.
 
   Args:
     axis: the reduced axes of a unit (default all but the last for rank ≥ 2, the whole
@@ -74,12 +75,14 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
   """
 
   def rule(u, w, *, axes, leaf_dtype):
+    units = math.prod(w.shape[a] for a in axes)
     v = _stored(w, u, leaf_dtype).astype(w.dtype)
     norm = unit_norm(v, axes)
     nonzero = norm > 0
     one = lax.full(norm.shape, 1, norm.dtype)
-    inverse = one / lax.select(nonzero, norm, one)
-    target = (v * inverse).astype(leaf_dtype).astype(w.dtype)
+    radius = lax.full(norm.shape, _radius_margin(units), norm.dtype)
+    scale = radius / lax.select(nonzero, norm, one)
+    target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
     return jnp.where(nonzero, _exact_update(w, target, leaf_dtype), u)
 
   return leafwise_transform(
