@@ -13,6 +13,11 @@ from optax_norms._diagnostics import (
 )
 from optax_norms._groups import describe_rules, regularize
 from optax_norms._hyperparams import ScheduleState
+from optax_norms._keras_constraints import (
+    constrain_min_max_norm,
+    constrain_non_negative,
+    constrain_unit_norm,
+)
 from optax_norms._losses import (
     elastic_penalty,
     group_l2_penalty,
@@ -24,6 +29,7 @@ from optax_norms._masks import PathMask, path_labels, path_mask, weights_only
 from optax_norms._paths import tree_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
+from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
 from optax_norms._units import UnitAxes, unit_axes
 
 try:
@@ -43,7 +49,11 @@ __all__ = [
     "clip_by_max_abs",
     "clip_by_row_norm",
     "constrain_max_abs",
+    "constrain_min_max_norm",
+    "constrain_non_negative",
     "constrain_row_norm",
+    "constrain_spectral_norm",
+    "constrain_unit_norm",
     "decay_resolution_report",
     "describe_rules",
     "elastic",
@@ -59,6 +69,7 @@ __all__ = [
     "prox_group_l2",
     "prox_l1",
     "regularize",
+    "spectral_norm_report",
     "tree_paths",
     "unit_axes",
     "weights_only",

@@ -131,7 +131,8 @@ def test_no_float32_copy_of_a_leaf_beyond_a_pure_half_step(name, dtype):
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(CASES) if n not in {
-    "add_max_norm_decay", "prox_group_l2", "clip_by_row_norm", "constrain_row_norm"}])
+    "add_max_norm_decay", "prox_group_l2", "clip_by_row_norm", "constrain_row_norm",
+    "constrain_spectral_norm", "constrain_unit_norm", "constrain_min_max_norm"}])
 def test_elementwise_half_steps_need_no_leaf_sized_temporary(name):
   u = w = jnp.ones((512, 256), jnp.bfloat16)
   tx = CASES[name][0]()

@@ -42,6 +42,29 @@ def _ref_max_norm(u, w):
   return u + 2 * A * np.maximum(n - C, 0) / np.where(n > 0, n, 1) * w
 
 
+def _ref_spectral(u, w):
+  # The whole matrix is the unit: with a NaN or inf in it, σ is undefined and it is left
+  # as w + u; else the exact SVD projection.
+  v = w + u
+  if not np.isfinite(v).all():
+    return u
+  s = np.linalg.norm(v, 2)
+  return v * C / s - w if s > C else u
+
+
+def _ref_unit(u, w):
+  v = w + u
+  n = _norm(v)
+  return np.where(n > 0, v / np.where(n > 0, n, 1) - w, u)
+
+
+def _ref_min_max(u, w):
+  v = w + u
+  n = _norm(v)
+  desired = 0.8 * np.clip(n, A, C) + 0.2 * n
+  return np.where(n > 0, v * desired / np.where(n > 0, n, 1) - w, u)
+
+
 # NaN-aware references of the per-unit transforms (the registry's own oracles do not
 # special-case non-finite units); the list must stay the registry's per-unit list.
 PER_UNIT = {
@@ -49,6 +72,9 @@ PER_UNIT = {
     "constrain_row_norm": (lambda: on.constrain_row_norm(C), _ref_constrain),
     "prox_group_l2": (lambda: on.prox_group_l2(A, LR), _ref_group),
     "add_max_norm_decay": (lambda: on.add_max_norm_decay(C, A), _ref_max_norm),
+    "constrain_spectral_norm": (lambda: on.constrain_spectral_norm(C, n_iter=50), _ref_spectral),
+    "constrain_unit_norm": (lambda: on.constrain_unit_norm(), _ref_unit),
+    "constrain_min_max_norm": (lambda: on.constrain_min_max_norm(A, C, 0.8), _ref_min_max),
 }
 
 
@@ -117,6 +143,14 @@ ALL_ZERO_SETTINGS = {
     "clip_by_row_norm(0)": (lambda: on.clip_by_row_norm(0.0), lambda u, w: 0 * u),
     "constrain_max_abs(0)": (lambda: on.constrain_max_abs(0.0), lambda u, w: -w),
     "constrain_row_norm(0)": (lambda: on.constrain_row_norm(0.0), lambda u, w: -w),
+    "constrain_spectral_norm(0)": (lambda: on.constrain_spectral_norm(0.0), lambda u, w: -w),
+    "constrain_unit_norm()": (lambda: on.constrain_unit_norm(), _ref_unit),
+    "constrain_min_max_norm(0, 0, 1)": (lambda: on.constrain_min_max_norm(0.0, 0.0),
+                                        lambda u, w: -w),
+    "constrain_min_max_norm(a, c, 0)": (lambda: on.constrain_min_max_norm(A, C, 0.0),
+                                        lambda u, w: u),
+    "constrain_non_negative()": (lambda: on.constrain_non_negative(),
+                                 lambda u, w: np.maximum(w + u, 0) - w),
 }
 
 

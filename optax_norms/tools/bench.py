@@ -553,7 +553,8 @@ def _print_tree(name: str, result: dict[str, Any]) -> None:
   print(f"\n## {name}: {result['n_leaves']} leaves, {result['n_params']:,} params; "
         f"copy {result['copy']['us_per_step']:.1f} us/step = "
         f"{result['copy']['gb_per_s']:.1f} GB/s")
-  head = (f"{'transform':<19}{'opt':<5}{'us/step':>9}{'xbase':>7}{'xpeer':>7}{'xhand':>7}"
+  width = max([19] + [len(r["transform"]) + 1 for r in result["rows"]])
+  head = (f"{'transform':<{width}}{'opt':<5}{'us/step':>9}{'xbase':>7}{'xpeer':>7}{'xhand':>7}"
           f"{'BW%':>5} {'compile s':>11} {'kernels':>11} {'temp KiB':>11}")
   print(head)
   print("-" * len(head))
@@ -562,7 +563,7 @@ def _print_tree(name: str, result: dict[str, Any]) -> None:
     peer = _fmt(r["ratio_vs_peer"])
     if r["peer_same_math"] is False:
       peer += "*"
-    print(f"{r['transform']:<19}{r['optimizer']:<5}{r['us_per_step']['ours']:>9.1f}"
+    print(f"{r['transform']:<{width}}{r['optimizer']:<5}{r['us_per_step']['ours']:>9.1f}"
           f"{_fmt(r['ratio_vs_base']):>7}{peer:>7}{_fmt(r['ratio_vs_hand']):>7}"
           f"{100 * r['bw_fraction']:>5.0f} {c['ours']:>5.2f}/{c['hand']:<5.2f}"
           f" {k['ours']:>3}/{k['hand']:>3}/{k['base']:<3}"

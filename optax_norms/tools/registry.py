@@ -11,6 +11,7 @@ one entry here; the battery, the reliability tests and the bench then cover it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,20 @@ def _project(v, c, axes):
   return np.where(n > c, v * c / np.where(n > 0, n, 1), v)
 
 
+def _spectral_project(v, c, axes):
+  """Each matrix (rows: `axes`, columns: the other axes) times ``min(1, c/σ_max)``, by SVD."""
+  rows = list(axes)
+  cols = [a for a in range(v.ndim) if a not in rows]
+  m = np.transpose(v, rows + cols).reshape(int(np.prod([v.shape[a] for a in rows])), -1)
+  sigma = np.linalg.svd(m, compute_uv=False).max() if m.size else 0.0
+  return v * (c / sigma) if sigma > c else v
+
+
+def _min_max_scale(n, hp):
+  desired = hp["rate"] * np.clip(n, hp["min_norm"], hp["max_norm"]) + (1 - hp["rate"]) * n
+  return np.where(n > 0, desired / np.where(n > 0, n, 1), 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One transform and what the shared checks need to test and time it.
@@ -55,6 +70,8 @@ class Entry:
     hand_rule: ``(hp, lr) -> (g, w) -> new g``: the math in plain ``jnp`` for the bench, on
       float32 leaves with the default axes.
     peer: ``(hp, mask) -> (optax transform, same math?)`` or ``None``.
+    stateful: whether the state holds per-leaf arrays beyond a schedule count
+      (``LeafwiseState``), so its structure is not ``EmptyState``/``ScheduleState``.
   """
 
   name: str
@@ -67,6 +84,7 @@ class Entry:
   hand_rule: Callable[[dict[str, float], float], Callable[[Any, Any], Any]] | None = None
   peer: Callable[[dict[str, float], Any], tuple[Any, bool]] | None = None
   bench_hyperparams: dict[str, float] | None = None
+  stateful: bool = False
 
   def bench_values(self, lr: float) -> dict[str, float]:
     """Hyperparameters for the bench (training-sized); ``learning_rate`` is the optimizer's."""
@@ -123,6 +141,42 @@ def _hand_group(hp, lr):
     v = w + g
     n = _hand_norm(v)
     return v * jnp.maximum(1 - (lr * hp["alpha"]) / jnp.maximum(n, 1e-30), 0) - w
+
+  return rule
+
+
+def _hand_spectral(hp, lr):
+  """50 power-iteration rounds (as the registry's factory) from a ones vector, stateless:
+  the bench's jnp version for the cost; its numbers differ from ours (another start vector),
+  so the bench's same-math check skips stateful entries."""
+  del lr
+  jnp = _jnp()
+  from jax import lax
+
+  def rule(g, w):
+    v = w + g
+    m = v.reshape(-1, v.shape[-1])
+
+    def body(_, x):
+      y = m.T @ (m @ x)
+      return y / jnp.maximum(jnp.linalg.norm(y), 1e-30)
+
+    x = lax.fori_loop(0, 50, body, jnp.ones(v.shape[-1:], v.dtype) / (v.shape[-1] ** 0.5))
+    sigma = jnp.linalg.norm(m @ x)
+    return v * (hp["max_norm"] / jnp.maximum(sigma, hp["max_norm"])) - w
+
+  return rule
+
+
+def _hand_min_max(hp, lr):
+  del lr
+  jnp = _jnp()
+
+  def rule(g, w):
+    v = w + g
+    n = _hand_norm(v)
+    desired = hp["rate"] * jnp.clip(n, hp["min_norm"], hp["max_norm"]) + (1 - hp["rate"]) * n
+    return v * (desired / jnp.where(n > 0, n, 1)) - w
 
   return rule
 
@@ -216,6 +270,36 @@ REGISTRY: tuple[Entry, ...] = (
         hand_rule=lambda hp, lr: lambda g, w: (w + g) * (
             hp["max_norm"] / _jnp().maximum(_hand_norm(w + g), hp["max_norm"])) - w,
         bench_hyperparams={"max_norm": 1.0},
+    ),
+    Entry(
+        # 50 rounds from the initial vector: the estimate then equals σ_max to float32
+        # precision on the battery's matrices, so the exact SVD projection is the oracle.
+        # The bench times these 50 rounds per step too (the default n_iter=1 does 1).
+        "constrain_spectral_norm",
+        functools.partial(on.constrain_spectral_norm, n_iter=50), {"max_norm": 1.0},
+        lambda u, w, hp, a: _spectral_project(w + u, hp["max_norm"], a) - w, "after",
+        per_unit=True, stateful=True, hand_rule=_hand_spectral,
+        bench_hyperparams={"max_norm": 1.0},
+    ),
+    Entry(
+        "constrain_unit_norm", on.constrain_unit_norm, {},
+        lambda u, w, hp, a: np.where(_unit_norm(w + u, a) > 0, (w + u) / np.where(
+            _unit_norm(w + u, a) > 0, _unit_norm(w + u, a), 1) - w, u),
+        "after", per_unit=True,
+        hand_rule=lambda hp, lr: lambda g, w: (w + g) / _jnp().where(
+            _hand_norm(w + g) > 0, _hand_norm(w + g), 1) - w,
+    ),
+    Entry(
+        "constrain_min_max_norm", on.constrain_min_max_norm,
+        {"min_norm": 2.0, "max_norm": 3.0, "rate": 0.8},
+        lambda u, w, hp, a: (w + u) * _min_max_scale(_unit_norm(w + u, a), hp) - w, "after",
+        per_unit=True, hand_rule=_hand_min_max,
+        bench_hyperparams={"min_norm": 0.5, "max_norm": 1.0, "rate": 1.0},
+    ),
+    Entry(
+        "constrain_non_negative", on.constrain_non_negative, {},
+        lambda u, w, hp, a: np.maximum(w + u, 0) - w, "after",
+        hand_rule=lambda hp, lr: lambda g, w: _jnp().maximum(w + g, 0) - w,
     ),
 )
 
