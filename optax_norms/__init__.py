@@ -23,6 +23,8 @@ from optax_norms._masks import PathMask, path_labels, path_mask, weights_only
 from optax_norms._paths import tree_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
+from optax_norms._prox_adam import ProxAdamState, prox_adam
+from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
 
 try:
   __version__ = version("optax-norms")
@@ -33,6 +35,7 @@ __all__ = [
     "DecayResolution",
     "LeafDecayResolution",
     "PathMask",
+    "ProxAdamState",
     "ScheduleState",
     "add_l1_decay",
     "add_l2_decay",
@@ -40,7 +43,9 @@ __all__ = [
     "clip_by_max_abs",
     "clip_by_row_norm",
     "constrain_max_abs",
+    "constrain_n_of_m",
     "constrain_row_norm",
+    "constrain_sparsity",
     "decay_resolution_report",
     "elastic",
     "elastic_penalty",
@@ -51,6 +56,7 @@ __all__ = [
     "norm_report",
     "path_labels",
     "path_mask",
+    "prox_adam",
     "prox_elastic",
     "prox_group_l2",
     "prox_l1",

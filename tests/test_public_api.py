@@ -21,6 +21,7 @@ def test_every_factory_returns_a_gradient_transformation():
     if name.startswith(("add_", "clip_", "constrain_", "prox_")) or name == "elastic":
       args = {"prox_l1": (0.1, 0.1), "prox_elastic": (0.1, 0.1, 0.1),
               "prox_group_l2": (0.1, 0.1), "add_max_norm_decay": (1.0, 0.1),
+              "constrain_n_of_m": (2, 4),
               "elastic": (0.1, 0.1)}.get(name, (0.1,))
       assert isinstance(obj(*args), optax.GradientTransformation), name
       assert obj.__doc__ and "Example" in obj.__doc__, name
