@@ -28,8 +28,9 @@ def _grad_sequence(params, steps, seed=1):
   for _ in range(steps):
     scale = 10.0 ** rng.uniform(-3, -1)
     out.append(jax.tree.map(
-        lambda p: jnp.asarray(scale * rng.normal(size=p.shape) * 10 ** rng.uniform(-2, 1, p.shape),
-                              jnp.float32), params))
+        lambda p, scale=scale: jnp.asarray(
+            scale * rng.normal(size=p.shape) * 10 ** rng.uniform(-2, 1, p.shape), jnp.float32),
+        params))
   return out
 
 
@@ -199,8 +200,9 @@ def test_group_radius_newton_reaches_float32_precision(spread):
   t = np.asarray(_group_radius(jnp.asarray(z, jnp.float32), jnp.asarray(a, jnp.float32),
                                jnp.asarray(lam, jnp.float32), (0,)), np.float64)
   for j in range(8):
-    root = brentq(lambda s: np.sum(z[:, j] ** 2 / (a[:, j] * s + lam[0, j]) ** 2) - 1, 0,
-                  np.linalg.norm(z[:, j]) / a[:, j].min(), xtol=1e-300, rtol=1e-15)
+    zj, aj, lj = z[:, j], a[:, j], lam[0, j]
+    root = brentq(lambda s, zj=zj, aj=aj, lj=lj: np.sum(zj**2 / (aj * s + lj) ** 2) - 1, 0,
+                  np.linalg.norm(zj) / aj.min(), xtol=1e-300, rtol=1e-15)
     np.testing.assert_allclose(t[0, j], root, rtol=2e-5)
 
 
