@@ -25,13 +25,20 @@ NEWTON_STEPS = 12
 
 
 class ProxAdamState(NamedTuple):
-  """State of :func:`prox_adam`.
+  """State of ``prox_adam``.
 
   Attributes:
     count: int32, the number of updates applied so far (schedules and the bias correction
       read it).
     mu: Adam's first moment, per floating-point leaf (``optax.MaskedNode()`` elsewhere).
     nu: Adam's second moment, likewise.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms
+    >>> tx = optax_norms.prox_adam(0.1, l1=1.0)
+    >>> state = tx.init({"w": jnp.ones(2), "step": jnp.asarray(0)})
+    >>> int(state.count), state.mu["w"].tolist(), type(state.mu["step"]).__name__
+    (0, [0.0, 0.0], 'MaskedNode')
   """
 
   count: jax.Array
@@ -127,7 +134,11 @@ def prox_adam(
     >>> grads = {"w": jnp.array([1.0, 1.0, -0.5])}
     >>> updates, _ = tx.update(grads, tx.init(params), params)
     >>> [round(x, 4) for x in optax.apply_updates(params, updates)["w"].tolist()]
-    [0.0, 0.3, -1.0]
+    [0.0, 0.3, -0.7]
+
+    The first step from a fresh state has ``m̂ = g``, ``d = |g|``: Adam's point is
+    ``w − 0.1·sign(g) = [−0.05, 0.4, −0.9]``; the thresholds ``lr·l1/d`` are 0.1, 0.1 and
+    0.2 (the last coordinate's gradient is smaller, so its threshold is larger).
 
   References:
     J. Yun, A. C. Lozano and E. Yang, "Adaptive proximal gradient methods for structured
