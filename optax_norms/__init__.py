@@ -31,6 +31,8 @@ from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_deca
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
 from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
 from optax_norms._units import UnitAxes, unit_axes
+from optax_norms._prox_adam import ProxAdamState, prox_adam
+from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
 
 try:
   __version__ = version("optax-norms")
@@ -41,6 +43,7 @@ __all__ = [
     "DecayResolution",
     "LeafDecayResolution",
     "PathMask",
+    "ProxAdamState",
     "ScheduleState",
     "UnitAxes",
     "add_l1_decay",
@@ -50,8 +53,10 @@ __all__ = [
     "clip_by_row_norm",
     "constrain_max_abs",
     "constrain_min_max_norm",
+    "constrain_n_of_m",
     "constrain_non_negative",
     "constrain_row_norm",
+    "constrain_sparsity",
     "constrain_spectral_norm",
     "constrain_unit_norm",
     "decay_resolution_report",
@@ -65,6 +70,7 @@ __all__ = [
     "norm_report",
     "path_labels",
     "path_mask",
+    "prox_adam",
     "prox_elastic",
     "prox_group_l2",
     "prox_l1",

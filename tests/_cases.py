@@ -20,6 +20,7 @@ def chain_of_all(optimizer, schedule, mask="**/kernel"):
   place around `optimizer` (penalties and clips before, prox steps and constraints after)."""
   import optax
 
-  before = [e.make_scheduled(schedule, mask=mask) for e in CASES if e.placement == "before"]
-  after = [e.make_scheduled(schedule, mask=mask) for e in CASES if e.placement == "after"]
+  cases = [e for e in CASES if "chain_of_all" not in e.skip]
+  before = [e.make_scheduled(schedule, mask=mask) for e in cases if e.placement == "before"]
+  after = [e.make_scheduled(schedule, mask=mask) for e in cases if e.placement == "after"]
   return optax.chain(*before, optimizer, *after)

@@ -13,13 +13,14 @@ import optax_norms as on
 
 
 def _params(dtype=jnp.float32, seed=0):
+  # Axis lengths along axis -2 (and of the bias) are multiples of 4, for constrain_n_of_m.
   rng = np.random.default_rng(seed)
   return {
       "dense": {
           "kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype),
-          "bias": jnp.asarray(rng.normal(size=(3,)), dtype),
+          "bias": jnp.asarray(rng.normal(size=(4,)), dtype),
       },
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(2, 2, 3, 5)), dtype)},
+      "conv": {"kernel": jnp.asarray(rng.normal(size=(2, 2, 4, 5)), dtype)},
       "step": jnp.asarray(7, jnp.int32),
       "frozen": None,
   }
@@ -64,7 +65,11 @@ def test_matches_float64_oracle_jit_and_nojit(case):
   eager, _ = tx.update(grads, state, params)
   jitted, _ = jax.jit(tx.update)(grads, state, params)
   _assert_close(eager, expected)
-  _assert_close(jitted, eager, rtol=1e-6, atol=1e-7)
+  # optax.adam itself differs between eager and jit by an ulp (under jit XLA divides by the
+  # bias correction as a multiplication by its reciprocal): an optimizer gets the oracle's
+  # tolerance here.
+  close = (1e-6, 1e-7) if case.placement != "optimizer" else (1e-5, 1e-6)
+  _assert_close(jitted, eager, rtol=close[0], atol=close[1])
   assert eager["frozen"] is None
   assert int(eager["step"]) == int(grads["step"])  # integer leaves untouched
 
@@ -133,6 +138,8 @@ def test_dtypes_kept_and_no_promotion_from_float64_hyperparameters(case, dtype):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_state_structure_stable_and_schedule_advances(case):
+  if case.placement == "optimizer":
+    pytest.skip("an optimizer holds moments: tests/test_prox_adam.py checks its state")
   params, grads = _params(), _grads(_params())
   if not case.hyperparams:  # No hyperparameter to schedule: no state at all.
     assert jax.tree.leaves(case.make().init(params)) == []
@@ -175,6 +182,8 @@ def test_state_structure_stable_and_schedule_advances(case):
     ids=["glob", "glob-exclude", "regex", "bool-tree", "callable"],
 )
 def test_masks_select_by_path(case, mask):
+  if case.placement == "optimizer":
+    pytest.skip("an optimizer updates unselected leaves too: tests/test_prox_adam.py")
   params, grads = _params(), _grads(_params())
   selected = {
       "**/kernel": {"dense/kernel", "conv/kernel"},

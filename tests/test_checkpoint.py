@@ -24,7 +24,7 @@ def _schedule(start):
 # Every factory, once with constants (EmptyState) and once with a schedule (ScheduleState).
 FACTORIES = {
     entry.name: lambda s, entry=entry: entry.make_scheduled(s, **({"axis": 0} if entry.per_unit else {}))
-    for entry in REGISTRY
+    for entry in REGISTRY if "checkpoint" not in entry.skip
 }
 
 

@@ -24,9 +24,10 @@ from optax_norms.tools.registry import REGISTRY, by_name
 
 __all__ = ["main"]
 
-TRANSFORMS = tuple(entry.name for entry in REGISTRY)
-ELEMENTWISE = tuple(entry.name for entry in REGISTRY if not entry.per_unit)
-PER_UNIT = tuple(entry.name for entry in REGISTRY if entry.per_unit)
+_BENCHED = tuple(entry for entry in REGISTRY if "bench" not in entry.skip)
+TRANSFORMS = tuple(entry.name for entry in _BENCHED)
+ELEMENTWISE = tuple(entry.name for entry in _BENCHED if not entry.per_unit)
+PER_UNIT = tuple(entry.name for entry in _BENCHED if entry.per_unit)
 TREES = ("big", "transformer", "many", "mlp")
 OPTIMIZERS = ("sgd", "adam")
 # The many-leaf tree measures per-leaf overheads (tracing, compile time, kernels per leaf);

@@ -52,6 +52,64 @@ def _spectral_project(v, c, axes):
 def _min_max_scale(n, hp):
   desired = hp["rate"] * np.clip(n, hp["min_norm"], hp["max_norm"]) + (1 - hp["rate"]) * n
   return np.where(n > 0, desired / np.where(n > 0, n, 1), 1)
+def _keep_largest(v, count):
+  """Mask keeping the `count` largest |v| of a 1-d array; ties keep the lower index."""
+  order = np.argsort(-np.abs(v), kind="stable")
+  keep = np.zeros(v.shape, bool)
+  keep[order[:count]] = True
+  return keep
+
+
+def _n_of_m_oracle(u, w, hp, axes, m=4):
+  del axes
+  v = w + u
+  ax = 0 if v.ndim == 1 else v.ndim - 2
+  moved = np.moveaxis(v, ax, -1)
+  blocks = moved.reshape(-1, m)
+  keep = np.stack([_keep_largest(b, int(np.ceil(hp["n"]))) for b in blocks])
+  keep = np.moveaxis(keep.reshape(moved.shape), -1, ax)
+  return np.where(keep, u, -w)
+
+
+def _sparsity_oracle(u, w, hp, axes):
+  del axes
+  v = (w + u).ravel()
+  k = min(int(np.floor(hp["fraction"] * v.size)), v.size)
+  keep = _keep_largest(v, v.size - k).reshape(w.shape)
+  return np.where(keep, u, -w)
+
+
+def _prox_adam_oracle(u, w, hp, axes, eps=1e-8):
+  """The first prox_adam update from a fresh state (m̂ = g, v̂ = g²), by a float64 root
+  finder (brentq) on the unit's scalar equation."""
+  from scipy.optimize import brentq
+
+  lr, l1, l2, group = hp["learning_rate"], hp["l1"], hp["l2"], hp["group"]
+  d = np.abs(u) + eps
+  v = w - lr * u / d
+  z = _soft(d * v, lr * l1)
+  a = d + 2 * lr * l2
+  lam = lr * group
+  if lam == 0:
+    return z / a - w
+  rows = int(np.prod([z.shape[i] for i in axes]))
+  moved_z = np.moveaxis(z, axes, range(len(axes))).reshape(rows, -1)
+  moved_a = np.moveaxis(a, axes, range(len(axes))).reshape(moved_z.shape)
+  x = np.zeros_like(moved_z)
+  for j in range(moved_z.shape[1]):
+    zj, aj = moved_z[:, j], moved_a[:, j]
+    if np.linalg.norm(zj) <= lam:
+      continue
+    h = lambda t, zj=zj, aj=aj: np.sum(zj**2 / (aj * t + lam) ** 2) - 1
+    t = brentq(h, 0.0, np.linalg.norm(zj) / aj.min(), xtol=1e-300, rtol=1e-15, maxiter=500)
+    x[:, j] = zj * t / (aj * t + lam)
+  shape = [z.shape[i] for i in axes] + [z.shape[i] for i in range(z.ndim) if i not in axes]
+  return np.moveaxis(x.reshape(shape), range(len(axes)), axes) - w
+
+
+def _n_of_4(n, *, mask=None):
+  """``constrain_n_of_m(n, 4)``: the registry's shared checks vary the schedulable ``n``."""
+  return on.constrain_n_of_m(n, 4, mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +122,9 @@ class Entry:
     hyperparams: keyword arguments of the factory used by the tests (signature order).
     oracle: ``(u, w, hp, axes) -> new update`` in float64 NumPy (``w`` may be unused).
     placement: ``"before"`` the optimizer (penalties, clipping) or ``"after"`` it (prox
-      steps, constraints).
+      steps, constraints), or ``"optimizer"``: the transform is itself the optimizer (used
+      instead of ``optax.adam``); its oracle is the first update from a fresh state, which
+      for Adam-type optimizers is also every update under a constant gradient.
     per_unit: whether the rule reduces over units (takes ``axis``).
     needs_params: whether ``update`` reads the parameters.
     hand_rule: ``(hp, lr) -> (g, w) -> new g``: the math in plain ``jnp`` for the bench, on
@@ -72,6 +132,12 @@ class Entry:
     peer: ``(hp, mask) -> (optax transform, same math?)`` or ``None``.
     stateful: whether the state holds per-leaf arrays beyond a schedule count
       (``LeafwiseState``), so its structure is not ``EmptyState``/``ScheduleState``.
+    skip: the shared checks that cannot run this transform as they are written, each
+      covered by the transform's own tests instead: ``"half_precision"``,
+      ``"checkpoint"``, ``"chain_of_all"`` (their trees have axis lengths that are not
+      multiples of a block size; the half-precision memory checks assume no sort and no
+      optimizer state), ``"nonfinite"`` (the element/unit NaN policy; ranking transforms
+      have a leaf/block policy) and ``"bench"`` (it times chain links).
   """
 
   name: str
@@ -85,6 +151,7 @@ class Entry:
   peer: Callable[[dict[str, float], Any], tuple[Any, bool]] | None = None
   bench_hyperparams: dict[str, float] | None = None
   stateful: bool = False
+  skip: frozenset[str] = frozenset()
 
   def bench_values(self, lr: float) -> dict[str, float]:
     """Hyperparameters for the bench (training-sized); ``learning_rate`` is the optimizer's."""
@@ -300,6 +367,21 @@ REGISTRY: tuple[Entry, ...] = (
         "constrain_non_negative", on.constrain_non_negative, {},
         lambda u, w, hp, a: np.maximum(w + u, 0) - w, "after",
         hand_rule=lambda hp, lr: lambda g, w: _jnp().maximum(w + g, 0) - w,
+        "prox_adam", on.prox_adam, {"learning_rate": 0.1, "l1": 0.5, "l2": 0.25, "group": 0.5},
+        _prox_adam_oracle, "optimizer", per_unit=True,
+        # An optimizer: no chain to time it in, and state beyond a schedule count; its own
+        # tests (tests/test_prox_adam.py) cover NaN, state and checkpoints.
+        skip=frozenset({"bench", "nonfinite", "half_precision", "checkpoint"}),
+    ),
+    Entry(
+        "constrain_n_of_m", _n_of_4, {"n": 2.0}, _n_of_m_oracle, "after",
+        # Those checks use leaves with axis lengths 5 or 6 (not multiples of 4).
+        skip=frozenset({"half_precision", "checkpoint", "chain_of_all", "nonfinite", "bench"}),
+    ),
+    Entry(
+        "constrain_sparsity", on.constrain_sparsity, {"fraction": 0.4}, _sparsity_oracle, "after",
+        # half_precision: its memory checks assume element-wise work (a sort needs a copy).
+        skip=frozenset({"nonfinite", "bench", "half_precision"}),
     ),
 )
 

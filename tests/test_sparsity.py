@@ -1,0 +1,144 @@
+"""constrain_n_of_m and constrain_sparsity: exact budgets, ties, errors, NaN, schedules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_norms as on
+
+
+def _apply(tx, w, u=None):
+  params = {"k": jnp.asarray(w)}
+  u = {"k": jnp.zeros_like(params["k"]) if u is None else jnp.asarray(u)}
+  updates, _ = jax.jit(tx.update)(u, tx.init(params), params)
+  return np.asarray(optax.apply_updates(params, updates)["k"])
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (0, 2), (3, 3)])
+@pytest.mark.parametrize("shape, axis", [((8, 5), -2), ((3, 3, 8, 2), -2), ((6, 8), -1),
+                                          ((8,), -2)])
+def test_n_of_m_keeps_exactly_n_per_block_along_axis(n, m, shape, axis):
+  if shape[axis if len(shape) > 1 else 0] % m:
+    pytest.skip("axis length not a multiple of m")
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=shape).astype(np.float32)
+  u = rng.normal(size=shape).astype(np.float32)
+  out = _apply(on.constrain_n_of_m(n, m, axis=axis), w, u)
+  ax = 0 if len(shape) == 1 else axis % len(shape)
+  v = np.moveaxis(w + u, ax, -1).reshape(-1, m)
+  blocks = np.moveaxis(out, ax, -1).reshape(-1, m)
+  assert np.all(np.sum(blocks != 0, axis=1) == n)
+  for vb, ob in zip(v, blocks):
+    kept = np.sort(np.argsort(-np.abs(vb), kind="stable")[:n])
+    np.testing.assert_array_equal(np.flatnonzero(ob), kept)
+    np.testing.assert_array_equal(ob[kept], vb[kept])
+
+
+def test_n_of_m_ties_keep_the_lower_index():
+  w = np.array([[1.0], [-1.0], [1.0], [1.0], [0.0], [0.0], [2.0], [0.0]], np.float32)
+  out = _apply(on.constrain_n_of_m(2, 4), w)
+  assert out[:, 0].tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]
+
+
+def test_n_of_m_error_names_the_leaf_and_its_shape():
+  params = {"dense": {"kernel": jnp.ones((8, 4))}, "conv": {"kernel": jnp.ones((3, 3, 3, 8))}}
+  with pytest.raises(ValueError, match=r"'conv/kernel' of shape \(3, 3, 3, 8\).*not a multiple"):
+    on.constrain_n_of_m(2, 4).init(params)
+  on.constrain_n_of_m(2, 4, mask="dense/**").init(params)  # The right mask is fine.
+
+
+@pytest.mark.parametrize("n, m, match", [
+    (-1, 4, "`n`"), (5, 4, "`n`"), (1.5, 4, "`n`"), (True, 4, "`n`"), (2, 0, "`m`"),
+    (2, 4.0, "`m`"), (2, "4", "`m`"), (float("nan"), 4, "`n`"),
+])
+def test_n_of_m_validates_n_and_m(n, m, match):
+  with pytest.raises(ValueError, match=match):
+    on.constrain_n_of_m(n, m)
+
+
+def test_n_of_m_nan_is_kept_and_stays_in_its_block():
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(8, 3)).astype(np.float32)
+  clean = _apply(on.constrain_n_of_m(2, 4), w)
+  w[1, 2] = np.nan
+  dirty = _apply(on.constrain_n_of_m(2, 4), w)
+  assert np.isnan(dirty[1, 2])
+  other = np.ones_like(w, bool)
+  other[0:4, 2] = False
+  np.testing.assert_array_equal(dirty[other], clean[other])
+
+
+@pytest.mark.standard_promotion
+def test_n_of_m_schedule_ramps_from_dense_to_2_of_4():
+  w = np.random.default_rng(2).normal(size=(16, 4)).astype(np.float32)
+  tx = on.constrain_n_of_m(optax.linear_schedule(4.0, 2.0, 2), 4)
+  params = {"k": jnp.asarray(w)}
+  state = tx.init(params)
+  counts = []
+  for _ in range(3):
+    updates, state = jax.jit(tx.update)({"k": jnp.zeros((16, 4))}, state, params)
+    counts.append(int(np.sum(np.asarray(optax.apply_updates(params, updates)["k"]) != 0)))
+  assert counts == [64, 48, 32]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=str)
+def test_pruned_entries_are_exact_zeros_in_the_leaf_dtype(dtype):
+  rng = np.random.default_rng(3)
+  params = {"k": jnp.asarray(rng.normal(size=(8, 6)), dtype)}
+  grads = {"k": jnp.asarray(rng.normal(size=(8, 6)), dtype)}
+  for tx in (on.constrain_n_of_m(2, 4), on.constrain_sparsity(0.75)):
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    new = np.asarray(optax.apply_updates(params, updates)["k"], np.float32)
+    stored = np.asarray(params["k"] + grads["k"], np.float32)
+    kept = new != 0
+    np.testing.assert_array_equal(new[kept], stored[kept])  # Kept: exactly w + u.
+    assert updates["k"].dtype == dtype
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("shape", [(10,), (7, 3), (2, 3, 4, 5)])
+def test_sparsity_zeroes_exactly_floor_fraction_size(fraction, shape):
+  rng = np.random.default_rng(4)
+  w = rng.normal(size=shape).astype(np.float32)
+  out = _apply(on.constrain_sparsity(fraction), w)
+  k = int(np.floor(fraction * w.size))
+  assert int(np.sum(out == 0)) == k
+  if 0 < k < w.size:
+    assert np.abs(w[out == 0]).max() <= np.abs(w[out != 0]).min()
+
+
+def test_sparsity_ties_keep_the_lower_index():
+  w = np.array([3.0, 1.0, -1.0, 1.0, 0.5, 1.0], np.float32)  # Prune 3 of 6.
+  out = _apply(on.constrain_sparsity(0.5), w)
+  assert out.tolist() == [3.0, 1.0, -1.0, 0.0, 0.0, 0.0]
+  out = _apply(on.constrain_sparsity(0.5), np.ones(6, np.float32))
+  assert out.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_sparsity_nan_is_kept():
+  w = np.array([0.1, np.nan, 2.0, 0.3], np.float32)
+  out = _apply(on.constrain_sparsity(0.75), w)
+  assert np.isnan(out[1]) and int(np.sum(out == 0)) == 3  # NaN ranks as the largest.
+
+
+@pytest.mark.standard_promotion
+def test_sparsity_gradual_pruning_schedule_counts():
+  w = np.random.default_rng(5).normal(size=(20, 10)).astype(np.float32)
+  ramp = optax.polynomial_schedule(0.0, 0.8, power=3, transition_steps=4)  # Zhu & Gupta.
+  tx = on.constrain_sparsity(ramp)
+  params = {"k": jnp.asarray(w)}
+  state = tx.init(params)
+  zeros = []
+  for step in range(6):
+    updates, state = jax.jit(tx.update)({"k": jnp.zeros((20, 10))}, state, params)
+    zeros.append(int(np.sum(np.asarray(optax.apply_updates(params, updates)["k"]) == 0)))
+    assert zeros[-1] == int(np.floor(np.float32(ramp(step)) * np.float32(200)))
+  assert zeros[0] == 0 and zeros[-1] == 160
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.1, float("nan")])
+def test_sparsity_fraction_out_of_range_raises(bad):
+  with pytest.raises(ValueError, match="`fraction`"):
+    on.constrain_sparsity(bad)
