@@ -6,33 +6,33 @@ from importlib.metadata import PackageNotFoundError, version
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
 from optax_norms._diagnostics import (
-    DecayResolution,
-    LeafDecayResolution,
-    decay_resolution_report,
-    norm_report,
+  DecayResolution,
+  LeafDecayResolution,
+  decay_resolution_report,
+  norm_report,
 )
 from optax_norms._groups import describe_rules, regularize
 from optax_norms._hyperparams import ScheduleState
 from optax_norms._keras_constraints import (
-    constrain_min_max_norm,
-    constrain_non_negative,
-    constrain_unit_norm,
+  constrain_min_max_norm,
+  constrain_non_negative,
+  constrain_unit_norm,
 )
 from optax_norms._losses import (
-    elastic_penalty,
-    group_l2_penalty,
-    l1_penalty,
-    l2_penalty,
-    max_norm_penalty,
+  elastic_penalty,
+  group_l2_penalty,
+  l1_penalty,
+  l2_penalty,
+  max_norm_penalty,
 )
 from optax_norms._masks import PathMask, path_labels, path_mask, weights_only
 from optax_norms._paths import tree_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
-from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
-from optax_norms._units import UnitAxes, unit_axes
 from optax_norms._prox_adam import ProxAdamState, prox_adam
 from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
+from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
+from optax_norms._units import UnitAxes, unit_axes
 
 try:
   __version__ = version("optax-norms")

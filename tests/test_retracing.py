@@ -9,7 +9,6 @@ import pytest
 from _cases import CASES, chain_of_all
 
 import optax_norms as on
-from optax_norms.tools.registry import REGISTRY
 
 # optax's schedules and optimizers are not strict-promotion clean.
 pytestmark = pytest.mark.standard_promotion

@@ -367,6 +367,8 @@ REGISTRY: tuple[Entry, ...] = (
         "constrain_non_negative", on.constrain_non_negative, {},
         lambda u, w, hp, a: np.maximum(w + u, 0) - w, "after",
         hand_rule=lambda hp, lr: lambda g, w: _jnp().maximum(w + g, 0) - w,
+    ),
+    Entry(
         "prox_adam", on.prox_adam, {"learning_rate": 0.1, "l1": 0.5, "l2": 0.25, "group": 0.5},
         _prox_adam_oracle, "optimizer", per_unit=True,
         # An optimizer: no chain to time it in, and state beyond a schedule count; its own
