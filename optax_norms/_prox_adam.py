@@ -41,7 +41,7 @@ class ProxAdamState(NamedTuple):
     (0, [0.0, 0.0], 'MaskedNode')
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]
   mu: Any
   nu: Any
 

