@@ -79,8 +79,8 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
     v = _stored(w, u, leaf_dtype).astype(w.dtype)
     norm = unit_norm(v, axes)
     nonzero = norm > 0
-    one = lax.full(norm.shape, 1, norm.dtype)
-    radius = lax.full(norm.shape, _radius_margin(units), norm.dtype)
+    one = lax.full_like(norm, 1)
+    radius = lax.full_like(norm, _radius_margin(units))
     scale = radius / lax.select(nonzero, norm, one)
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
     return jnp.where(nonzero, _exact_update(w, target, leaf_dtype), u)
@@ -147,7 +147,7 @@ def constrain_min_max_norm(
     clipped = jnp.minimum(jnp.maximum(norm, min_norm), radius)
     desired = rate * clipped + (1 - rate) * norm
     change = ((norm > max_norm) | (norm < min_norm)) & (norm > 0) & (rate > 0)
-    one = lax.full(norm.shape, 1, norm.dtype)
+    one = lax.full_like(norm, 1)
     scale = lax.select(change, desired, one) / lax.select(change, norm, one)
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
     return jnp.where(change, _exact_update(w, target, leaf_dtype), u)

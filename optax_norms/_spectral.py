@@ -113,8 +113,8 @@ def _normalized(y: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arr
   """``y/‖y‖`` over `axes` (zero where the norm is 0 or not finite) and where it is fine."""
   norm = unit_norm(y, axes)
   ok = (norm > 0) & jnp.isfinite(norm)
-  one = lax.full(norm.shape, 1, norm.dtype)
-  inverse = lax.select(ok, one / lax.select(ok, norm, one), lax.full(norm.shape, 0, norm.dtype))
+  one = lax.full_like(norm, 1)
+  inverse = lax.select(ok, one / lax.select(ok, norm, one), lax.full_like(norm, 0))
   return y * inverse, ok
 
 
@@ -237,8 +237,8 @@ def constrain_spectral_norm(
     x = lax.expand_dims(state.astype(w.dtype), axes)
     sigma, x = _power_iteration(v, x, axes, kept, n_iter)
     outside = sigma > max_norm
-    one = lax.full(sigma.shape, 1, sigma.dtype)
-    scale = lax.select(outside, lax.broadcast(max_norm, sigma.shape), one) / lax.select(
+    one = lax.full_like(sigma, 1)
+    scale = lax.select(outside, lax.full_like(sigma, max_norm), one) / lax.select(
         outside, sigma, one)
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
     new = jnp.where(outside, _exact_update(w, target, leaf_dtype), u)
