@@ -67,10 +67,10 @@ def norm_report(
     axis = layers
   paths, leaves, _, active = selected_leaves(mask, params, check=True)
   for found in {id(a): a for a in (axis, layers) if isinstance(a, UnitAxes)}.values():
-    found.check([p for p, on in zip(paths, active) if on])
+    found.check([p for p, selected in zip(paths, active) if selected])
   report = {}
-  for path, leaf, on in zip(paths, leaves, active):
-    if not on:
+  for path, leaf, selected in zip(paths, leaves, active):
+    if not selected:
       continue
     acc = compute_dtype(leaf.dtype)
     w = leaf.astype(acc)
@@ -204,8 +204,8 @@ def decay_resolution_report(
   relative_step = lr_value * 2 * alpha_value
   paths, leaves, _, active = selected_leaves(mask, params, check=True)
   results: dict[str, LeafDecayResolution] = {}
-  for path, leaf, on in zip(paths, leaves, active):
-    if not on:
+  for path, leaf, selected in zip(paths, leaves, active):
+    if not selected:
       continue
     nonzero, lost = _lost_fraction(leaf, jnp.asarray(relative_step, jnp.float32))
     nonzero, lost = int(nonzero), int(lost)

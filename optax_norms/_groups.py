@@ -23,11 +23,18 @@ import optax
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
+from optax_norms._keras_constraints import (
+  constrain_min_max_norm,
+  constrain_non_negative,
+  constrain_unit_norm,
+)
 from optax_norms._masks import PathMask, path_mask
 from optax_norms._numerics import check_axis_spec, resolve_axes
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay
 from optax_norms._prox import prox_group_l2, prox_l1
+from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
+from optax_norms._spectral import constrain_spectral_norm
 from optax_norms._transform import _leaf_kind, leafwise_transform
 from optax_norms._units import UnitAxes
 
@@ -104,7 +111,49 @@ SETTINGS: dict[str, Setting] = {
         per_unit=True),
     "max_abs": Setting(
         "constraint", lambda v, *, mask, axis, learning_rate: constrain_max_abs(v, mask=mask)),
+    "spectral_norm": Setting(
+        "constraint",
+        lambda v, *, mask, axis, learning_rate: constrain_spectral_norm(v, axis=axis, mask=mask),
+        per_unit=True),
+    "unit_norm": Setting(
+        "constraint",
+        lambda v, *, mask, axis, learning_rate: constrain_unit_norm(axis=axis, mask=mask)
+        if v is True else _flag_error("unit_norm", v),
+        per_unit=True),
+    "min_max_norm": Setting(
+        "constraint",
+        lambda v, *, mask, axis, learning_rate: constrain_min_max_norm(
+            **_as_kwargs("min_max_norm", v, ("min_norm", "max_norm", "rate")), axis=axis,
+            mask=mask),
+        per_unit=True),
+    "non_negative": Setting(
+        "constraint",
+        lambda v, *, mask, axis, learning_rate: constrain_non_negative(mask=mask)
+        if v is True else _flag_error("non_negative", v)),
+    "n_of_m": Setting(
+        "constraint",
+        lambda v, *, mask, axis, learning_rate: constrain_n_of_m(
+            *_as_pair("n_of_m", v), mask=mask)),
+    "sparsity": Setting(
+        "constraint",
+        lambda v, *, mask, axis, learning_rate: constrain_sparsity(v, mask=mask)),
 }
+
+
+def _flag_error(name: str, value: Any):
+  raise ValueError(f"`{name}` takes True (to apply it) or is left out, got {value!r}.")
+
+
+def _as_kwargs(name: str, value: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+  if not isinstance(value, dict) or not set(value) <= set(keys):
+    raise ValueError(f"`{name}` takes a dict with keys among {keys}, got {value!r}.")
+  return dict(value)
+
+
+def _as_pair(name: str, value: Any) -> tuple[Any, Any]:
+  if not isinstance(value, (tuple, list)) or len(value) != 2:
+    raise ValueError(f"`{name}` takes a pair (n, m), e.g. (2, 4), got {value!r}.")
+  return value[0], value[1]
 _KEYS = tuple(sorted((*SETTINGS, "axis")))
 
 

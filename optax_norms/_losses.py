@@ -37,8 +37,8 @@ def _sum_over(params: Any, mask: Mask, leaf_term, axis: Axis = None) -> jax.Arra
   """Σ over selected floating-point leaves of ``leaf_term(leaf in >= f32, axes)``."""
   paths, leaves, _, active = selected_leaves(mask, params, check=True)
   total = jnp.zeros([], jnp.float32)
-  for path, leaf, on in zip(paths, leaves, active):
-    if on:
+  for path, leaf, selected in zip(paths, leaves, active):
+    if selected:
       term = leaf_term(leaf.astype(compute_dtype(leaf.dtype)), resolve_axes(axis, path, leaf))
       total = total + term.astype(jnp.float32)
   return total

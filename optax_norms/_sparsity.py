@@ -162,8 +162,8 @@ def constrain_n_of_m(
 
   def init_fn(params):
     paths, leaves, _, active = selected_leaves(selector, params, check=True)
-    for path, leaf, on in zip(paths, leaves, active):
-      if not on:
+    for path, leaf, selected in zip(paths, leaves, active):
+      if not selected:
         continue
       shape = tuple(leaf.shape)
       if leaf.ndim == 0:

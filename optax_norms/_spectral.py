@@ -292,8 +292,8 @@ def spectral_norm_report(
   _check_n_iter(n_iter)
   paths, leaves, _, active = selected_leaves(mask, params, check=True)
   report = {}
-  for path, leaf, on in zip(paths, leaves, active):
-    if not on:
+  for path, leaf, selected in zip(paths, leaves, active):
+    if not selected:
       continue
     rows = _row_axes(axis, batch_axis, path, leaf)
     batch = _batch_axes(batch_axis, path, jnp.ndim(leaf))

@@ -185,10 +185,10 @@ def leafwise_transform(
       return schedule_state
     paths, leaves, treedef, active = selected_leaves(selector, params, check=True)
     leaf_states = []
-    for path, leaf, on in zip(paths, leaves, active):
-      axes = leaf_axes(path, leaf) if on else ()
+    for path, leaf, selected in zip(paths, leaves, active):
+      axes = leaf_axes(path, leaf) if selected else ()
       if init_leaf is not None:
-        leaf_states.append(init_leaf(path, leaf, axes) if on else optax.MaskedNode())
+        leaf_states.append(init_leaf(path, leaf, axes) if selected else optax.MaskedNode())
     if init_leaf is None:
       return schedule_state
     return LeafwiseState(
@@ -212,9 +212,9 @@ def leafwise_transform(
       s_leaves = treedef.flatten_up_to(state.leaves)
     cast_cache: dict[Any, dict[str, jax.Array]] = {}
     new_leaves, new_states = [], []
-    for i, (path, u, w, on) in enumerate(zip(u_paths, u_leaves, p_leaves, active)):
+    for i, (path, u, w, selected) in enumerate(zip(u_paths, u_leaves, p_leaves, active)):
       leaf_state = s_leaves[i] if init_leaf is not None else None
-      if not on or u is None or (needs_params and w is None):
+      if not selected or u is None or (needs_params and w is None):
         new_leaves.append(u)
         new_states.append(leaf_state)
         continue

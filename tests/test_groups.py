@@ -421,3 +421,33 @@ def test_regularize_under_jit_with_named_sharding_keeps_shardings():
   assert updates["dense"]["kernel"].sharding.is_equivalent_to(spec, 2)
   new = optax.apply_updates(params, updates)
   assert np.max(np.linalg.norm(np.asarray(new["dense"]["kernel"]), axis=0)) <= 1.0
+
+
+@pytest.mark.standard_promotion  # prox_adam's bias correction follows optax (not strict-clean).
+def test_newer_transforms_are_reachable_from_rules_with_prox_adam_as_the_optimizer():
+  """spectral_norm, min_max_norm, n_of_m, sparsity and non_negative settings, around
+  prox_adam; each bound checked on the stored values with NumPy."""
+  rng = np.random.default_rng(0)
+  params = {k: {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)} for k in "abc"}
+  params["bias"] = jnp.zeros(4)
+  rules = [
+      ("a/kernel", {"spectral_norm": 1.0}),
+      ("b/kernel", {"min_max_norm": {"min_norm": 0.5, "max_norm": 1.0}, "n_of_m": (2, 4)}),
+      ("c/kernel", {"sparsity": 0.5, "non_negative": True}),
+      ("**", None),
+  ]
+  tx = on.regularize(on.prox_adam(1e-2, l1=1e-3), rules, learning_rate=1e-2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for _ in range(30):
+    grads = jax.tree.map(lambda w: jnp.asarray(rng.normal(size=w.shape), w.dtype), params)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  sigma = np.linalg.svd(np.asarray(params["a"]["kernel"], np.float64), compute_uv=False).max()
+  assert sigma <= 1.0 * 1.01  # power iteration, one round per step
+  b = np.asarray(params["b"]["kernel"], np.float64)
+  assert np.all((b.reshape(2, 4, 4) != 0).sum(axis=1) <= 2)  # 2:4 along the input axis
+  c = np.asarray(params["c"]["kernel"], np.float64)
+  assert np.all(c >= 0) and (c == 0).sum() >= c.size // 2
+  with pytest.raises(ValueError, match=r"`unit_norm` takes True"):
+    on.regularize(optax.sgd(0.1), [("**", {"unit_norm": 1.0})]).init(params)

@@ -28,7 +28,7 @@ _BENCHED = tuple(entry for entry in REGISTRY if "bench" not in entry.skip)
 TRANSFORMS = tuple(entry.name for entry in _BENCHED)
 ELEMENTWISE = tuple(entry.name for entry in _BENCHED if not entry.per_unit)
 PER_UNIT = tuple(entry.name for entry in _BENCHED if entry.per_unit)
-TREES = ("big", "transformer", "many", "mlp")
+TREES = ("big", "transformer", "many", "mlp", "groups")
 OPTIMIZERS = ("sgd", "adam")
 # The many-leaf tree measures per-leaf overheads (tracing, compile time, kernels per leaf);
 # with adam its compile time is ~5x longer on CPU for the same information, so sgd only.
@@ -437,6 +437,73 @@ def _bench_tree(tree_name, params, args, progress) -> dict[str, Any]:
   }
 
 
+def _group_rules(tree_name: str):
+  """A 4-group rule table for `regularize` and the same groups as exclusive globs."""
+  if tree_name == "transformer":
+    g1, g2, g3 = "*/attn/*/kernel", "*/mlp_*/kernel", "*/ln_*/scale"
+  else:  # "many": 1000 leaves.
+    g1, g2, g3 = "block_[0-4]*/kernel", "block_[5-9]*/kernel", "*/bias"
+  rules = [
+      (g1, {"l2": ALPHA, "max_norm": MAX_NORM}),
+      (g2, {"clip_unit_norm": MAX_NORM, "l2": ALPHA}),
+      (g3, {"l1": 1e-5}),
+  ]
+  if tree_name == "transformer":  # LayerNorm biases: left alone.
+    rules.append(("**", None))
+  return rules, (g1, g2, g3)
+
+
+def _bench_groups(config, args, progress) -> dict[str, Any]:
+  """``regularize`` with 4 groups against the hand-written chain of masked transforms."""
+  import optax
+
+  import optax_norms as on
+
+  rows = []
+  for tree_name, params in _trees(config, ("transformer", "many")).items():
+    import jax
+
+    target = jax.tree.map(lambda w: 0.5 * w, params)
+    rules, (g1, g2, g3) = _group_rules(tree_name)
+    lr = LR["adam"]
+    ours = on.regularize(optax.adam(lr), rules, learning_rate=lr)
+    hand = optax.chain(
+        on.clip_by_row_norm(MAX_NORM, mask=g2),
+        on.add_l2_decay(ALPHA, mask=[g1, g2]),
+        on.add_l1_decay(1e-5, mask=g3),
+        optax.adam(lr),
+        on.constrain_row_norm(MAX_NORM, mask=g1),
+    )
+    variants = {
+        name: _Compiled(_tree_loop(tx, args.steps), (params, tx.init(params), target))
+        for name, tx in (("regularize", ours), ("hand_chain", hand), ("adam", optax.adam(lr)))
+    }
+    times = _time(variants, args.repeats)
+    rows.append({
+        "tree": tree_name,
+        "n_leaves": len(jax.tree.leaves(params)),
+        "us_per_step": {k: 1e6 * statistics.median(v) / args.steps for k, v in times.items()},
+        "ratio_vs_hand_chain": _ratio(times, "regularize", "hand_chain"),
+        "compile_s": {k: v.compile_s for k, v in variants.items()},
+        "temp_bytes": {k: v.temp_bytes for k, v in variants.items()},
+        "max_abs_diff_vs_hand_chain": _max_diff(variants["regularize"].output[0],
+                                                variants["hand_chain"].output[0]),
+    })
+    progress.step(f"groups {tree_name}")
+  return {"rows": rows}
+
+
+def _print_groups(result: dict[str, Any]) -> None:
+  print("\n## regularize (4 groups) vs the hand-written chain of masked transforms (adam)")
+  print(f"{'tree':<12}{'leaves':>7}{'us/step':>10}{'x hand':>8}{'compile s ours/hand':>22}"
+        f"{'max |diff|':>12}")
+  for r in result["rows"]:
+    c = r["compile_s"]
+    print(f"{r['tree']:<12}{r['n_leaves']:>7}{r['us_per_step']['regularize']:>10.1f}"
+          f"{r['ratio_vs_hand_chain']:>8.3f}{c['regularize']:>11.2f}/{c['hand_chain']:<10.2f}"
+          f"{r['max_abs_diff_vs_hand_chain']:>12.2e}")
+
+
 def _bench_mlp(config, args, progress) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
@@ -660,9 +727,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         f"jax {meta['jax']}, optax {meta['optax']}, optax_norms {meta['optax_norms']}")
   print(f"size {args.size}, {args.steps} steps per jit-compiled loop, {args.repeats} repeats, "
         f"mask {MASK!r}; ratios are medians of paired, alternated runs")
-  tree_names = [t for t in args.trees if t != "mlp"]
+  tree_names = [t for t in args.trees if t not in ("mlp", "groups")]
   total = sum(len(TREE_OPTIMIZERS[t]) for t in tree_names) * len(args.only)
-  total += "mlp" in args.trees
+  total += ("mlp" in args.trees) + 2 * ("groups" in args.trees)
   progress = _Progress(total, not args.no_progress)
   results: dict[str, Any] = {"meta": meta, "trees": {}}
   try:
@@ -670,6 +737,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
       results["trees"][name] = _bench_tree(name, params, args, progress)
     if "mlp" in args.trees:
       results["mlp"] = _bench_mlp(config, args, progress)
+    if "groups" in args.trees:
+      results["groups"] = _bench_groups(config, args, progress)
   finally:
     progress.close()
   results["state_bytes"] = _state_bytes(args.only)
@@ -678,6 +747,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     _print_tree(name, result)
   if "mlp" in results:
     _print_mlp(results["mlp"])
+  if "groups" in results:
+    _print_groups(results["groups"])
   print("\n## optimizer-state bytes of our transform alone (constant / with one schedule)")
   print("  ".join(f"{k} {v['constant']}/{v['scheduled']}"
                   for k, v in results["state_bytes"].items()))
