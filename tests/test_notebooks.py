@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = [
     "01_tour.ipynb", "02_sparsity.ipynb", "03_maxnorm_and_clipping.ipynb",
-    "05_rnn_gradient_clipping.ipynb",
+    "04_transformer_groups.ipynb", "05_rnn_gradient_clipping.ipynb",
 ]
 
 
