@@ -247,6 +247,8 @@ def _assign(rules: list[_Rule], tree: Any, paths: list[Path], leaves: list[Any])
         "floating-point leaf must be matched by a rule (first match wins). Add a rule for "
         f"them, or end the table with ('**', None) to leave the rest alone. Rules: {table}."
     )
+  if not any(floating):  # A tree without parameters (optax.tree_map_params' placeholders).
+    return owner
   for i, rule in enumerate(rules):
     if any(owner[k] == i for k in matched[i]):
       continue

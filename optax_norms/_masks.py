@@ -210,8 +210,10 @@ class PathMask:
       keep = keep and (self.regex is None or self.regex.search(text) is not None)
       keep = keep and (self.where is None or bool(self.where(path, leaf)))
       selected.append(keep)
-    if check:
-      real = [t for t, leaf in zip(texts, leaves) if leaf is not None]
+    real = [t for t, leaf in zip(texts, leaves) if leaf is not None]
+    # A tree without any parameter (optax.tree_map_params initializes with placeholder
+    # trees that have no leaves) cannot tell a typo from a match: nothing to check.
+    if check and real:
       for glob, regex in zip(self.include, self._include):
         if not any(regex.fullmatch(t) for t in real):
           raise _nothing_matched(f"The glob {glob!r}", real)

@@ -89,7 +89,8 @@ def selected_leaves(
       keep and _leaf_kind(path, leaf) == "float"
       for keep, path, leaf in zip(selection, paths, leaves)
   ]
-  if check and selector.mask is not None and not any(active):
+  if check and selector.mask is not None and not any(active) and any(
+      leaf is not None for leaf in leaves):
     chosen = [p for p, keep, leaf in zip(paths, selection, leaves) if keep and leaf is not None]
     real = [p for p, leaf in zip(paths, leaves) if leaf is not None]
     if not chosen:

@@ -163,8 +163,26 @@ def _step(tx):
   return jax.jit(step)
 
 
+class _Groups:
+  """``regularize`` with a 3-group table, checked like a registry entry."""
+
+  name = "regularize (3 groups)"
+  placement = "wraps"
+  per_unit = True
+  rules = [
+      ("rows/*", {"l2": 1e-3, "max_norm": 1.0}),
+      ("cols/kernel", {"clip_unit_norm": 1.0, "prox_l1": 1e-3}),
+      ("**", {"l1": 1e-4, "max_abs": 2.0}),
+  ]
+
+
+GROUPS = _Groups()
+
+
 def _chain(entry):
   inner = optax.sgd(LR, momentum=0.9)
+  if entry is GROUPS:
+    return on.regularize(inner, GROUPS.rules, learning_rate=LR)
   tx = entry.make()
   return optax.chain(tx, inner) if entry.placement == "before" else optax.chain(inner, tx)
 
@@ -220,7 +238,8 @@ def _vectors_per_leaf(found) -> int | None:
 
 # Transforms that read more than one unit at a time (magnitude budgets, power iteration,
 # prox_adam's group solve) and rank-based ones whose result is discontinuous in the input.
-COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam"}
+COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam",
+                GROUPS.name}  # (regularize: several per-unit settings, several vectors per leaf)
 DISCONTINUOUS = {"constrain_sparsity", "constrain_n_of_m"}
 
 
@@ -464,8 +483,8 @@ def main(argv) -> int:
     rows = []
     for kind in ("explicit", "auto"):
       mesh = _mesh(kind)
-      for entry in REGISTRY:
-        if entry.placement not in ("before", "after"):
+      for entry in [*REGISTRY, GROUPS]:
+        if entry.placement not in ("before", "after", "wraps"):
           continue  # A transform with another placement needs its own chain.
         try:
           cell = check_cell(mesh, kind, entry)
@@ -490,10 +509,7 @@ def main(argv) -> int:
       print("\n2 processes x 4 CPU devices, mesh ('x': 2 = the processes, 'y': 4); every "
             "transform chained around sgd(0.1, momentum=0.9), 5 steps, vs one local device:")
       print(_table(rows))
-      if hasattr(on, "regularize"):
-        print("optax_norms.regularize exists: its 3-group table is not in this check yet.")
-      else:
-        print("optax_norms.regularize: not in this version, no 3-group table.")
+      print(f"{GROUPS.name}: {GROUPS.rules}")
   elif phase == "resume":
     with _context(_mesh(CKPT_MESH), CKPT_MESH):
       print("CKPT " + json.dumps(checkpoint_resume(_mesh(CKPT_MESH), workdir)), flush=True)

@@ -39,7 +39,8 @@ MESHES = ("explicit", "auto")
 # is sharded. Documented in docs/reliability.md; the test fails when one starts to pass.
 KNOWN_EXPLICIT = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm"}
 # Transforms that read more than one unit at a time: they communicate more than norm vectors.
-COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam"}
+COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam",
+                "regularize (3 groups)"}
 # Rank-based budgets: discontinuous in the input (a 1-ulp difference can flip a near-tie).
 DISCONTINUOUS = {"constrain_sparsity", "constrain_n_of_m"}
 
@@ -117,6 +118,7 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
 
   # The table: every registry entry with a chain placement, on both meshes, in both processes.
   names = [e.name for e in REGISTRY if e.placement in ("before", "after")]
+  names.append("regularize (3 groups)")
   tables = [_lines(out, "RESULT") for _, out, _ in run]
   for cells in tables:
     assert sorted((c["mesh"], c["transform"]) for c in cells) == sorted(
@@ -138,7 +140,7 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
   # per-unit ones, only all-reduces of norm vectors, the same few per leaf whose reduced axis
   # is sharded (the check verifies the vector lengths: units of those leaves).
   # (Power iteration and prox_adam's group solve reduce more: checked for equality only.)
-  per_unit = {e.name for e in REGISTRY if e.per_unit} - {"constrain_spectral_norm", "prox_adam"}
+  per_unit = {e.name for e in REGISTRY if e.per_unit} - COMMUNICATES
   for cell in others:
     if cell["transform"] in per_unit:
       assert all(c.startswith("all-reduce[") for c in cell["collectives"]), cell
