@@ -183,6 +183,8 @@ def _chain(entry):
   inner = optax.sgd(LR, momentum=0.9)
   if entry is GROUPS:
     return on.regularize(inner, GROUPS.rules, learning_rate=LR)
+  if entry.placement == "optimizer":  # prox_adam: the transform is the optimizer.
+    return entry.make()
   tx = entry.make()
   return optax.chain(tx, inner) if entry.placement == "before" else optax.chain(inner, tx)
 
@@ -484,7 +486,7 @@ def main(argv) -> int:
     for kind in ("explicit", "auto"):
       mesh = _mesh(kind)
       for entry in [*REGISTRY, GROUPS]:
-        if entry.placement not in ("before", "after", "wraps"):
+        if entry.placement not in ("before", "after", "wraps", "optimizer"):
           continue  # A transform with another placement needs its own chain.
         try:
           cell = check_cell(mesh, kind, entry)
