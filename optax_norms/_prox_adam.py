@@ -236,8 +236,10 @@ def _bias_correction(leaves, decay, count):
   """``optax.tree.bias_correction`` (``t / (1 − decay**count)``, jitted inline)."""
   if not isinstance(decay, jax.Array):
     decay = float(decay)  # A Python float, as optax.adam receives it.
+  tree = getattr(optax, "tree", None)  # optax >= 0.2.5; older: optax.tree_utils.
+  correct = tree.bias_correction if tree is not None else optax.tree_utils.tree_bias_correction
   with jax.numpy_dtype_promotion("standard"):  # optax's `decay**count` promotes implicitly.
-    return optax.tree.bias_correction(leaves, decay, count)
+    return correct(leaves, decay, count)
 
 
 def _in_dtype(values, dtype):
