@@ -32,6 +32,11 @@ from optax_norms._transform import leafwise_transform
 __all__ = ["constrain_max_abs", "constrain_row_norm"]
 
 
+def radius_factor(units: int) -> float:
+  """``1 − δ``, ``δ = (2·√n + 8)·2⁻²⁴``: room for the float32 rounding of a unit's norm."""
+  return 1 - (2 * math.sqrt(units) + 8) * 2.0**-24
+
+
 def _toward_zero(x, leaf_dtype):
   """`x` (compute dtype) rounded to `leaf_dtype` towards zero, returned in the leaf dtype."""
   if x.dtype == leaf_dtype:  # Nothing to round (float32 leaves): no ops traced.
@@ -146,7 +151,7 @@ def constrain_row_norm(
 
   def rule(u, w, *, max_norm, axes, leaf_dtype):
     units = math.prod(w.shape[a] for a in axes)
-    radius = max_norm * (1 - (2 * math.sqrt(units) + 8) * 2.0**-24)
+    radius = max_norm * radius_factor(units)
     # v: what apply_updates would store without the constraint (w + u in the leaf dtype).
     v = _stored(w, u, leaf_dtype).astype(w.dtype)
     scale = unit_scale(v, radius, axes)

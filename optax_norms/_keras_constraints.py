@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_norms._constraints import _exact_update, _stored, _toward_zero
+from optax_norms._constraints import _exact_update, _stored, _toward_zero, radius_factor
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
 from optax_norms._masks import Mask
 from optax_norms._numerics import Axis, unit_norm
@@ -36,11 +36,6 @@ def _concrete(value: Any) -> float | None:
     return float(np.asarray(value, np.float64))
   except (TypeError, ValueError):
     return None  # Not a scalar: the hyperparameter checks report it.
-
-
-def _radius_margin(units: int) -> float:
-  """``1 − δ`` of ``constrain_row_norm``: room for the rounding of the float32 norm."""
-  return 1 - (2 * math.sqrt(units) + 8) * 2.0**-24
 
 
 def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.GradientTransformation:
@@ -80,7 +75,7 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
     norm = unit_norm(v, axes)
     nonzero = norm > 0
     one = lax.full_like(norm, 1)
-    radius = lax.full_like(norm, _radius_margin(units))
+    radius = lax.full_like(norm, radius_factor(units))
     scale = radius / lax.select(nonzero, norm, one)
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
     return jnp.where(nonzero, _exact_update(w, target, leaf_dtype), u)
@@ -143,7 +138,7 @@ def constrain_min_max_norm(
     units = math.prod(w.shape[a] for a in axes)
     v = _stored(w, u, leaf_dtype).astype(w.dtype)
     norm = unit_norm(v, axes)
-    radius = max_norm * _radius_margin(units)
+    radius = max_norm * radius_factor(units)
     clipped = jnp.minimum(jnp.maximum(norm, min_norm), radius)
     desired = rate * clipped + (1 - rate) * norm
     change = ((norm > max_norm) | (norm < min_norm)) & (norm > 0) & (rate > 0)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optax_norms._masks import compile_glob
+from optax_norms._masks import _as_globs, compile_glob
 from optax_norms._paths import Path, format_path, shown_paths
 
 __all__ = ["UnitAxes", "default_axes", "unit_axes"]
@@ -251,16 +251,4 @@ def unit_axes(layout: str = "flax", *, stacked: str | Iterable[str] | None = Non
   """
   if layout not in _LAYOUTS:
     raise ValueError(f"`layout` must be one of {list(_LAYOUTS)}, got {layout!r}.")
-  if stacked is None:
-    globs: tuple[str, ...] = ()
-  elif isinstance(stacked, str):
-    globs = (stacked,)
-  else:
-    try:
-      globs = tuple(stacked)
-    except TypeError:
-      raise ValueError(f"`stacked` must be a glob or a list of globs, got {stacked!r}.") from None
-    for glob in globs:
-      if not isinstance(glob, str):
-        raise ValueError(f"`stacked` must contain glob strings, got {glob!r}.")
-  return UnitAxes(layout, globs)
+  return UnitAxes(layout, _as_globs("stacked", () if stacked is None else stacked))
