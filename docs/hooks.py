@@ -19,11 +19,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def on_files(files: Files, config) -> Files:
   for notebook in sorted((ROOT / "notebooks").glob("*.ipynb")):
     files.append(
-        File(
-            f"notebooks/{notebook.name}",
-            src_dir=str(ROOT),
-            dest_dir=config["site_dir"],
-            use_directory_urls=config["use_directory_urls"],
-        )
+      File(
+        f"notebooks/{notebook.name}",
+        src_dir=str(ROOT),
+        dest_dir=config["site_dir"],
+        use_directory_urls=config["use_directory_urls"],
+      )
     )
   return files

@@ -31,7 +31,7 @@ def unit_scale(x, max_norm, axes):
 
 
 def clip_by_max_abs(
-    max_abs: ScalarOrSchedule, *, mask: Mask = None
+  max_abs: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Clips every update element to ``[−c, c]``.
 
@@ -66,12 +66,12 @@ def clip_by_max_abs(
     return jnp.clip(u, -max_abs, max_abs)
 
   return leafwise_transform(
-      "clip_by_max_abs", rule, {"max_abs": max_abs}, mask=mask, needs_params=False
+    "clip_by_max_abs", rule, {"max_abs": max_abs}, mask=mask, needs_params=False
   )
 
 
 def clip_by_row_norm(
-    max_norm: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
+  max_norm: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Clips the update of each unit to norm ``c``.
 
@@ -111,6 +111,11 @@ def clip_by_row_norm(
     return u * unit_scale(u, max_norm, axes)
 
   return leafwise_transform(
-      "clip_by_row_norm", rule, {"max_norm": max_norm}, mask=mask, needs_params=False,
-      per_unit=True, axis=axis,
+    "clip_by_row_norm",
+    rule,
+    {"max_norm": max_norm},
+    mask=mask,
+    needs_params=False,
+    per_unit=True,
+    axis=axis,
   )

@@ -74,7 +74,7 @@ def _exact_update(w, target, leaf_dtype):
 
 
 def constrain_max_abs(
-    max_abs: ScalarOrSchedule, *, mask: Mask = None
+  max_abs: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Keeps every selected weight in ``[−c, c]``: a hard max-abs constraint.
 
@@ -107,13 +107,17 @@ def constrain_max_abs(
     return jnp.where(inside, u, _exact_update(w, target, leaf_dtype))
 
   return leafwise_transform(
-      "constrain_max_abs", rule, {"max_abs": max_abs}, mask=mask, needs_params=True,
-      bounds=("max_abs",),
+    "constrain_max_abs",
+    rule,
+    {"max_abs": max_abs},
+    mask=mask,
+    needs_params=True,
+    bounds=("max_abs",),
   )
 
 
 def constrain_row_norm(
-    max_norm: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
+  max_norm: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Keeps each unit's weight vector in the ball ``‖w_unit‖₂ ≤ c`` (Keras ``MaxNorm``).
 
@@ -160,6 +164,12 @@ def constrain_row_norm(
     return jnp.where(scale < 1, _exact_update(w, target, leaf_dtype), u)
 
   return leafwise_transform(
-      "constrain_row_norm", rule, {"max_norm": max_norm}, mask=mask, needs_params=True,
-      per_unit=True, axis=axis, bounds=("max_norm",),
+    "constrain_row_norm",
+    rule,
+    {"max_norm": max_norm},
+    mask=mask,
+    needs_params=True,
+    per_unit=True,
+    axis=axis,
+    bounds=("max_norm",),
   )

@@ -29,7 +29,11 @@ __all__ = ["DecayResolution", "LeafDecayResolution", "decay_resolution_report", 
 
 
 def norm_report(
-    params: Any, *, axis: Axis = None, mask: Mask = None, stacked: str | Sequence[str] | None = None,
+  params: Any,
+  *,
+  axis: Axis = None,
+  mask: Mask = None,
+  stacked: str | Sequence[str] | None = None,
 ) -> dict[str, dict[str, jax.Array]]:
   """Reports, per selected floating-point leaf, the norms and sparsity a training loop logs.
 
@@ -78,8 +82,8 @@ def norm_report(
     per_layer = any(isinstance(a, UnitAxes) and a.is_stacked(path) for a in (axis, layers))
     if per_layer and 0 in axes:
       raise ValueError(
-          f"`axis` reduces the layer axis 0 of the stacked parameter {format_path(path)!r} "
-          f"(shape {leaf.shape}): use axis=optax_norms.unit_axes(stacked=...)."
+        f"`axis` reduces the layer axis 0 of the stacked parameter {format_path(path)!r} "
+        f"(shape {leaf.shape}): use axis=optax_norms.unit_axes(stacked=...)."
       )
     lead = 1 if per_layer else 0  # the statistics keep the leading layer axis
     every = tuple(range(lead, w.ndim))
@@ -88,14 +92,14 @@ def norm_report(
     empty = w.size == 0
     zero = jnp.zeros(w.shape[:lead], acc)
     report[format_path(path)] = {
-        "l1": jnp.sum(jnp.abs(w), axis=every).astype(jnp.float32),
-        "l2": unit_norm(w, every).reshape(w.shape[:lead]).astype(jnp.float32),
-        "max_abs": (zero if empty else jnp.max(jnp.abs(w), axis=every)).astype(jnp.float32),
-        "max_unit_norm": (zero if norms.size == 0 else jnp.max(norms, axis=-1)).astype(jnp.float32),
-        "zero_fraction": (zero if empty else jnp.mean(w == 0, axis=every)).astype(jnp.float32),
-        "dead_units": jnp.sum(norms == 0, axis=-1).astype(jnp.float32),
-        "units": jnp.full(w.shape[:lead], norms.shape[-1], jnp.float32),
-        "axes": jnp.asarray(axes, jnp.int32),
+      "l1": jnp.sum(jnp.abs(w), axis=every).astype(jnp.float32),
+      "l2": unit_norm(w, every).reshape(w.shape[:lead]).astype(jnp.float32),
+      "max_abs": (zero if empty else jnp.max(jnp.abs(w), axis=every)).astype(jnp.float32),
+      "max_unit_norm": (zero if norms.size == 0 else jnp.max(norms, axis=-1)).astype(jnp.float32),
+      "zero_fraction": (zero if empty else jnp.mean(w == 0, axis=every)).astype(jnp.float32),
+      "dead_units": jnp.sum(norms == 0, axis=-1).astype(jnp.float32),
+      "units": jnp.full(w.shape[:lead], norms.shape[-1], jnp.float32),
+      "axes": jnp.asarray(axes, jnp.int32),
     }
   return report
 
@@ -153,12 +157,12 @@ def _lost_fraction(leaf: jax.Array, relative_step: jax.Array) -> tuple[jax.Array
 
 
 def decay_resolution_report(
-    params: Any,
-    alpha: ScalarOrSchedule,
-    learning_rate: ScalarOrSchedule,
-    *,
-    mask: Mask = None,
-    step: int = 0,
+  params: Any,
+  alpha: ScalarOrSchedule,
+  learning_rate: ScalarOrSchedule,
+  *,
+  mask: Mask = None,
+  step: int = 0,
 ) -> DecayResolution:
   """Reports, per selected leaf, whether an L2 decay step is below the dtype's resolution.
 
@@ -196,8 +200,8 @@ def decay_resolution_report(
   """
   if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)):
     raise ValueError(
-        "decay_resolution_report reads the parameters' values and returns Python numbers: "
-        "call it outside `jax.jit` (on the concrete parameters, e.g. before training)."
+      "decay_resolution_report reads the parameters' values and returns Python numbers: "
+      "call it outside `jax.jit` (on the concrete parameters, e.g. before training)."
     )
   alpha_value = _value("alpha", alpha, step)
   lr_value = _value("learning_rate", learning_rate, step)
@@ -211,26 +215,26 @@ def decay_resolution_report(
     nonzero, lost = int(nonzero), int(lost)
     fraction = lost / nonzero if nonzero else 0.0
     results[format_path(path)] = LeafDecayResolution(
-        dtype=str(jnp.dtype(leaf.dtype)),
-        nonzero=nonzero,
-        lost_fraction=fraction,
-        rounds_away=fraction > 0.5,
+      dtype=str(jnp.dtype(leaf.dtype)),
+      nonzero=nonzero,
+      lost_fraction=fraction,
+      rounds_away=fraction > 0.5,
     )
   lost_paths = tuple(p for p, r in results.items() if r.rounds_away)
   if lost_paths:
     shown = ", ".join(
-        f"{p!r} ({results[p].dtype}, {100 * results[p].lost_fraction:.0f}% of weights)"
-        for p in lost_paths[:8]
+      f"{p!r} ({results[p].dtype}, {100 * results[p].lost_fraction:.0f}% of weights)"
+      for p in lost_paths[:8]
     )
     more = f" and {len(lost_paths) - 8} more" if len(lost_paths) > 8 else ""
     summary = (
-        f"The L2 decay step lr·2α = {relative_step:.3g} is below half an ulp for most "
-        f"weights of {len(lost_paths)} of {len(results)} leaves: {shown}{more}. The decay "
-        "rounds away and does nothing there. Keep float32 master weights, or raise lr·α."
+      f"The L2 decay step lr·2α = {relative_step:.3g} is below half an ulp for most "
+      f"weights of {len(lost_paths)} of {len(results)} leaves: {shown}{more}. The decay "
+      "rounds away and does nothing there. Keep float32 master weights, or raise lr·α."
     )
   else:
     summary = (
-        f"The L2 decay step lr·2α = {relative_step:.3g} survives rounding for most weights "
-        f"of all {len(results)} selected leaves."
+      f"The L2 decay step lr·2α = {relative_step:.3g} survives rounding for most weights "
+      f"of all {len(results)} selected leaves."
     )
   return DecayResolution(relative_step, results, lost_paths, summary)

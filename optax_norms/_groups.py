@@ -52,11 +52,13 @@ def _scale_updates(lr_scale: ScalarOrSchedule, *, mask: Any) -> optax.GradientTr
     del w
     return u * lr_scale
 
-  return leafwise_transform("regularize", rule, {"lr_scale": lr_scale}, mask=mask, needs_params=False)
+  return leafwise_transform(
+    "regularize", rule, {"lr_scale": lr_scale}, mask=mask, needs_params=False
+  )
 
 
 def _decoupled_decay(
-    decoupled_decay: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *, mask: Any
+  decoupled_decay: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *, mask: Any
 ) -> optax.GradientTransformation:
   """``u ← u − lr·λ·w`` after the optimizer: ``w ← w − lr·λ·w`` as in ``optax.adamw``."""
 
@@ -64,8 +66,11 @@ def _decoupled_decay(
     return u - (learning_rate * decoupled_decay) * w
 
   return leafwise_transform(
-      "regularize", rule, {"decoupled_decay": decoupled_decay, "learning_rate": learning_rate},
-      mask=mask, needs_params=True,
+    "regularize",
+    rule,
+    {"decoupled_decay": decoupled_decay, "learning_rate": learning_rate},
+    mask=mask,
+    needs_params=True,
   )
 
 
@@ -87,56 +92,75 @@ class Setting(NamedTuple):
 
 # Order inside a stage is the order of this table.
 SETTINGS: dict[str, Setting] = {
-    "clip_max_abs": Setting("clip", lambda v, *, mask, axis, learning_rate: clip_by_max_abs(v, mask=mask)),
-    "clip_unit_norm": Setting(
-        "clip", lambda v, *, mask, axis, learning_rate: clip_by_row_norm(v, axis=axis, mask=mask),
-        per_unit=True),
-    "l2": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l2_decay(v, mask=mask)),
-    "l1": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l1_decay(v, mask=mask)),
-    "lr_scale": Setting("scale", lambda v, *, mask, axis, learning_rate: _scale_updates(v, mask=mask)),
-    "decoupled_decay": Setting(
-        "decoupled",
-        lambda v, *, mask, axis, learning_rate: _decoupled_decay(v, learning_rate, mask=mask),
-        needs_learning_rate=True),
-    "prox_l1": Setting(
-        "prox", lambda v, *, mask, axis, learning_rate: prox_l1(v, learning_rate, mask=mask),
-        needs_learning_rate=True),
-    "prox_group": Setting(
-        "prox",
-        lambda v, *, mask, axis, learning_rate: prox_group_l2(v, learning_rate, axis=axis, mask=mask),
-        needs_learning_rate=True, per_unit=True),
-    "max_norm": Setting(
-        "constraint",
-        lambda v, *, mask, axis, learning_rate: constrain_row_norm(v, axis=axis, mask=mask),
-        per_unit=True),
-    "max_abs": Setting(
-        "constraint", lambda v, *, mask, axis, learning_rate: constrain_max_abs(v, mask=mask)),
-    "spectral_norm": Setting(
-        "constraint",
-        lambda v, *, mask, axis, learning_rate: constrain_spectral_norm(v, axis=axis, mask=mask),
-        per_unit=True),
-    "unit_norm": Setting(
-        "constraint",
-        lambda v, *, mask, axis, learning_rate: constrain_unit_norm(axis=axis, mask=mask)
-        if v is True else _flag_error("unit_norm", v),
-        per_unit=True),
-    "min_max_norm": Setting(
-        "constraint",
-        lambda v, *, mask, axis, learning_rate: constrain_min_max_norm(
-            **_as_kwargs("min_max_norm", v, ("min_norm", "max_norm", "rate")), axis=axis,
-            mask=mask),
-        per_unit=True),
-    "non_negative": Setting(
-        "constraint",
-        lambda v, *, mask, axis, learning_rate: constrain_non_negative(mask=mask)
-        if v is True else _flag_error("non_negative", v)),
-    "n_of_m": Setting(
-        "constraint",
-        lambda v, *, mask, axis, learning_rate: constrain_n_of_m(
-            *_as_pair("n_of_m", v), mask=mask)),
-    "sparsity": Setting(
-        "constraint",
-        lambda v, *, mask, axis, learning_rate: constrain_sparsity(v, mask=mask)),
+  "clip_max_abs": Setting(
+    "clip", lambda v, *, mask, axis, learning_rate: clip_by_max_abs(v, mask=mask)
+  ),
+  "clip_unit_norm": Setting(
+    "clip",
+    lambda v, *, mask, axis, learning_rate: clip_by_row_norm(v, axis=axis, mask=mask),
+    per_unit=True,
+  ),
+  "l2": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l2_decay(v, mask=mask)),
+  "l1": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l1_decay(v, mask=mask)),
+  "lr_scale": Setting(
+    "scale", lambda v, *, mask, axis, learning_rate: _scale_updates(v, mask=mask)
+  ),
+  "decoupled_decay": Setting(
+    "decoupled",
+    lambda v, *, mask, axis, learning_rate: _decoupled_decay(v, learning_rate, mask=mask),
+    needs_learning_rate=True,
+  ),
+  "prox_l1": Setting(
+    "prox",
+    lambda v, *, mask, axis, learning_rate: prox_l1(v, learning_rate, mask=mask),
+    needs_learning_rate=True,
+  ),
+  "prox_group": Setting(
+    "prox",
+    lambda v, *, mask, axis, learning_rate: prox_group_l2(v, learning_rate, axis=axis, mask=mask),
+    needs_learning_rate=True,
+    per_unit=True,
+  ),
+  "max_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_row_norm(v, axis=axis, mask=mask),
+    per_unit=True,
+  ),
+  "max_abs": Setting(
+    "constraint", lambda v, *, mask, axis, learning_rate: constrain_max_abs(v, mask=mask)
+  ),
+  "spectral_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_spectral_norm(v, axis=axis, mask=mask),
+    per_unit=True,
+  ),
+  "unit_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: (
+      constrain_unit_norm(axis=axis, mask=mask) if v is True else _flag_error("unit_norm", v)
+    ),
+    per_unit=True,
+  ),
+  "min_max_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_min_max_norm(
+      **_as_kwargs("min_max_norm", v, ("min_norm", "max_norm", "rate")), axis=axis, mask=mask
+    ),
+    per_unit=True,
+  ),
+  "non_negative": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: (
+      constrain_non_negative(mask=mask) if v is True else _flag_error("non_negative", v)
+    ),
+  ),
+  "n_of_m": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_n_of_m(*_as_pair("n_of_m", v), mask=mask),
+  ),
+  "sparsity": Setting(
+    "constraint", lambda v, *, mask, axis, learning_rate: constrain_sparsity(v, mask=mask)
+  ),
 }
 
 
@@ -154,6 +178,8 @@ def _as_pair(name: str, value: Any) -> tuple[Any, Any]:
   if not isinstance(value, (tuple, list)) or len(value) != 2:
     raise ValueError(f"`{name}` takes a pair (n, m), e.g. (2, 4), got {value!r}.")
   return value[0], value[1]
+
+
 _KEYS = tuple(sorted((*SETTINGS, "axis")))
 
 
@@ -177,8 +203,8 @@ def _selector_text(selector: Any) -> str:
 def _parse_rules(rules: Any) -> list[_Rule]:
   if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence) or not rules:
     raise ValueError(
-        "`rules` must be a non-empty list of (selector, settings) pairs, e.g. "
-        "[('**/kernel', {'l2': 1e-4}), ('**', None)]."
+      "`rules` must be a non-empty list of (selector, settings) pairs, e.g. "
+      "[('**/kernel', {'l2': 1e-4}), ('**', None)]."
     )
   parsed = []
   for i, rule in enumerate(rules):
@@ -189,7 +215,7 @@ def _parse_rules(rules: Any) -> list[_Rule]:
     if isinstance(selector, PathMask):
       mask = selector
     elif isinstance(selector, str) or (
-        isinstance(selector, (list, tuple)) and selector and all(isinstance(g, str) for g in selector)
+      isinstance(selector, (list, tuple)) and selector and all(isinstance(g, str) for g in selector)
     ):
       try:
         mask = path_mask(selector)
@@ -197,8 +223,8 @@ def _parse_rules(rules: Any) -> list[_Rule]:
         raise ValueError(f"{where}: {error}") from None
     else:
       raise ValueError(
-          f"{where}: the selector must be a glob, a list of globs or a path_mask(...), got "
-          f"{type(selector).__name__}."
+        f"{where}: the selector must be a glob, a list of globs or a path_mask(...), got "
+        f"{type(selector).__name__}."
       )
     if settings is None:
       settings = {}
@@ -206,11 +232,13 @@ def _parse_rules(rules: Any) -> list[_Rule]:
       raise ValueError(f"{where}: settings must be a dict or None, got {type(settings).__name__}.")
     for key in settings:
       if key not in _KEYS:
-        prefixes = sorted((k for k in _KEYS if str(key).startswith(k) or k.startswith(str(key))), key=len)
+        prefixes = sorted(
+          (k for k in _KEYS if str(key).startswith(k) or k.startswith(str(key))), key=len
+        )
         close = prefixes[-1:] or difflib.get_close_matches(str(key), _KEYS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"{where}: unknown setting {key!r}.{hint} Valid settings: {', '.join(_KEYS)}."
+          f"{where}: unknown setting {key!r}.{hint} Valid settings: {', '.join(_KEYS)}."
         )
     settings = {k: v for k, v in settings.items() if v is not None}
     if "axis" in settings:
@@ -222,11 +250,15 @@ def _parse_rules(rules: Any) -> list[_Rule]:
   return parsed
 
 
-def _assign(rules: list[_Rule], tree: Any, paths: list[Path], leaves: list[Any]) -> list[int | None]:
+def _assign(
+  rules: list[_Rule], tree: Any, paths: list[Path], leaves: list[Any]
+) -> list[int | None]:
   """The index of the rule of every leaf (``None`` for ``None``, integer and bool leaves);
   raises for an uncovered floating-point leaf and for a rule that matches no leaf."""
   check_unambiguous(paths)
-  floating = [leaf is not None and _leaf_kind(path, leaf) == "float" for path, leaf in zip(paths, leaves)]
+  floating = [
+    leaf is not None and _leaf_kind(path, leaf) == "float" for path, leaf in zip(paths, leaves)
+  ]
   owner: list[int | None] = [None] * len(leaves)
   matched: list[list[int]] = []
   for i, rule in enumerate(rules):
@@ -243,9 +275,9 @@ def _assign(rules: list[_Rule], tree: Any, paths: list[Path], leaves: list[Any])
   if uncovered:
     table = ", ".join(f"{i}: {_selector_text(r.selector)}" for i, r in enumerate(rules))
     raise ValueError(
-        f"No rule matches the floating-point parameter(s) {shown_paths(uncovered)}: every "
-        "floating-point leaf must be matched by a rule (first match wins). Add a rule for "
-        f"them, or end the table with ('**', None) to leave the rest alone. Rules: {table}."
+      f"No rule matches the floating-point parameter(s) {shown_paths(uncovered)}: every "
+      "floating-point leaf must be matched by a rule (first match wins). Add a rule for "
+      f"them, or end the table with ('**', None) to leave the rest alone. Rules: {table}."
     )
   if not any(floating):  # A tree without parameters (optax.tree_map_params' placeholders).
     return owner
@@ -255,15 +287,15 @@ def _assign(rules: list[_Rule], tree: Any, paths: list[Path], leaves: list[Any])
     where = f"Rule {i} ({_selector_text(rule.selector)})"
     if not matched[i]:
       raise ValueError(
-          f"{where} matches no floating-point parameter, so it would do nothing. The "
-          f"parameter paths are: {shown_paths([p for p, f in zip(paths, floating) if f])}."
+        f"{where} matches no floating-point parameter, so it would do nothing. The "
+        f"parameter paths are: {shown_paths([p for p, f in zip(paths, floating) if f])}."
       )
     earlier = sorted({j for j in (owner[k] for k in matched[i]) if j is not None})
     taken = ", ".join(f"{j} ({_selector_text(rules[j].selector)})" for j in earlier)
     raise ValueError(
-        f"{where} matches no leaf: every parameter it selects ({shown_paths([paths[k] for k in matched[i]])}) "
-        f"is taken by an earlier rule (first match wins): rule {taken}. Put the more specific "
-        "rule first, or remove this one."
+      f"{where} matches no leaf: every parameter it selects ({shown_paths([paths[k] for k in matched[i]])}) "
+      f"is taken by an earlier rule (first match wins): rule {taken}. Put the more specific "
+      "rule first, or remove this one."
     )
   return owner
 
@@ -277,9 +309,14 @@ class _Table:
 
   def assign(self, tree: Any) -> tuple[list[Path], list[Any], Any, list[int | None]]:
     paths, leaves, treedef = flatten(tree)
-    key: Any = (treedef, tuple(paths), tuple(
+    key: Any = (
+      treedef,
+      tuple(paths),
+      tuple(
         None if leaf is None else (np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))))
-        for leaf in leaves))
+        for leaf in leaves
+      ),
+    )
     owner: list[int | None] | None
     try:
       owner = self._cache.get(key)
@@ -326,10 +363,10 @@ def _check_stacked_globs(table: _Table, paths: list[Path]) -> None:
 
 
 def regularize(
-    optimizer: optax.GradientTransformation,
-    rules: Sequence[tuple[Any, Mapping[str, Any] | None]],
-    *,
-    learning_rate: ScalarOrSchedule | None = None,
+  optimizer: optax.GradientTransformation,
+  rules: Sequence[tuple[Any, Mapping[str, Any] | None]],
+  *,
+  learning_rate: ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
   r"""Wraps `optimizer` with the regularization of a whole model, written as one table.
 
@@ -387,7 +424,7 @@ def regularize(
   """
   if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
     raise ValueError(
-        f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}."
+      f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}."
     )
   table = _Table(_parse_rules(rules))
   by_stage: dict[str, list[optax.GradientTransformation]] = {s: [] for s in STAGES}
@@ -399,13 +436,15 @@ def regularize(
       where = f"Rule {i} ({_selector_text(rule.selector)}), setting {name!r}"
       if setting.needs_learning_rate and learning_rate is None:
         raise ValueError(
-            f"{where} needs the optimizer's learning rate: pass regularize(optimizer, rules, "
-            "learning_rate=...) with the same number or schedule as the optimizer."
+          f"{where} needs the optimizer's learning rate: pass regularize(optimizer, rules, "
+          "learning_rate=...) with the same number or schedule as the optimizer."
         )
       try:
         transform = setting.build(
-            rule.settings[name], mask=_GroupMask(table, i), axis=table.axis(i),
-            learning_rate=learning_rate,
+          rule.settings[name],
+          mask=_GroupMask(table, i),
+          axis=table.axis(i),
+          learning_rate=learning_rate,
         )
       except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
@@ -420,7 +459,7 @@ def regularize(
   def update_fn(updates: Any, state: optax.OptState, params: Any = None, **extra_args: Any):
     if params is None:
       raise ValueError(
-          "regularize(...) reads the current parameters: call tx.update(updates, state, params)."
+        "regularize(...) reads the current parameters: call tx.update(updates, state, params)."
       )
     return chain.update(updates, state, params, **extra_args)
 
@@ -466,12 +505,16 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
     dense/bias    (2,)    1 '**'         -
     dense/kernel  (3, 2)  0 '**/kernel'  max_norm=3  (0,)  2
   """
-  if isinstance(rules_or_tx, tuple) and hasattr(rules_or_tx, "init") and hasattr(rules_or_tx, "update"):
+  if (
+    isinstance(rules_or_tx, tuple)
+    and hasattr(rules_or_tx, "init")
+    and hasattr(rules_or_tx, "update")
+  ):
     found = _TABLES.get(rules_or_tx.init)
     if found is None:
       raise ValueError(
-          "describe_rules takes the rules, or the transform that optax_norms.regularize "
-          "returned (not one wrapped in another chain)."
+        "describe_rules takes the rules, or the transform that optax_norms.regularize "
+        "returned (not one wrapped in another chain)."
       )
     table = found[0]
   else:
@@ -487,7 +530,9 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
       rows.append((format_path(path), str(shape), "-", "(not floating-point: untouched)", "", ""))
       continue
     rule = table.rules[index]
-    settings = " ".join(f"{k}={_value_text(rule.settings[k])}" for k in SETTINGS if k in rule.settings)
+    settings = " ".join(
+      f"{k}={_value_text(rule.settings[k])}" for k in SETTINGS if k in rule.settings
+    )
     axes_text = units_text = ""
     if any(SETTINGS[k].per_unit for k in rule.settings if k != "axis"):
       axes = resolve_axes(rule.settings.get("axis"), path, leaf)
@@ -497,7 +542,17 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
       axis = rule.settings.get("axis")
       if isinstance(axis, UnitAxes) and axis.is_stacked(path) and shape[0]:
         units_text += f" ({shape[0]} layers × {units // shape[0]})"
-    rows.append((format_path(path), str(shape), f"{index} {_selector_text(rule.selector)}",
-                 settings or "-", axes_text, units_text))
+    rows.append(
+      (
+        format_path(path),
+        str(shape),
+        f"{index} {_selector_text(rule.selector)}",
+        settings or "-",
+        axes_text,
+        units_text,
+      )
+    )
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+  return "\n".join(
+    "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
+  )

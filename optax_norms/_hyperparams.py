@@ -30,13 +30,13 @@ import numpy as np
 import optax
 
 __all__ = [
-    "Hyperparams",
-    "Scalar",
-    "ScalarOrSchedule",
-    "ScheduleState",
-    "check_value",
-    "evaluate_schedule",
-    "is_schedule",
+  "Hyperparams",
+  "Scalar",
+  "ScalarOrSchedule",
+  "ScheduleState",
+  "check_value",
+  "evaluate_schedule",
+  "is_schedule",
 ]
 
 Scalar = float | int | jax.Array | np.ndarray | np.floating
@@ -75,13 +75,13 @@ def _check_static(name: str, value: Any, what: str) -> None:
   """The checks that hold for traced values too: a real scalar."""
   if isinstance(value, (bool, np.bool_, str)) or value is None:
     raise ValueError(
-        f"`{name}` must be a non-negative real number or a schedule, got {value!r}{what}."
+      f"`{name}` must be a non-negative real number or a schedule, got {value!r}{what}."
     )
   shape = np.shape(value) if not hasattr(value, "shape") else tuple(value.shape)
   if shape:
     raise ValueError(
-        f"`{name}` must be a scalar, got an array of shape {shape}{what}. "
-        "Use one transform per group of leaves (with `mask=`) for different values."
+      f"`{name}` must be a scalar, got an array of shape {shape}{what}. "
+      "Use one transform per group of leaves (with `mask=`) for different values."
     )
   dtype = getattr(value, "dtype", None)
   if dtype is None:
@@ -109,8 +109,8 @@ def check_value(name: str, value: Any, what: str = "") -> None:
     raise ValueError(f"`{name}` must be non-negative, got {number}{what}.")
   if number > _FLOAT32_MAX:
     raise ValueError(
-        f"`{name}` = {number:g} overflows float32 (largest {_FLOAT32_MAX:.3g}), the dtype "
-        f"the update is computed in{what}."
+      f"`{name}` = {number:g} overflows float32 (largest {_FLOAT32_MAX:.3g}), the dtype "
+      f"the update is computed in{what}."
     )
 
 
@@ -120,8 +120,8 @@ def evaluate_schedule(name: str, schedule: Any, step: int | jax.Array) -> Any:
     return schedule(jnp.asarray(step, jnp.int32))
   except Exception as error:
     raise ValueError(
-        f"`{name}` looks like a schedule but calling it at step {step} failed: "
-        f"{type(error).__name__}: {error}"
+      f"`{name}` looks like a schedule but calling it at step {step} failed: "
+      f"{type(error).__name__}: {error}"
     ) from error
 
 
@@ -165,8 +165,9 @@ class Hyperparams:
         check_value(name, value)
         self.values[name] = _as_constant(value)
     self.runtime_checked = tuple(
-        name for name, value in self.values.items()
-        if name in self.scheduled or isinstance(value, jax.core.Tracer)
+      name
+      for name, value in self.values.items()
+      if name in self.scheduled or isinstance(value, jax.core.Tracer)
     )
 
   def init_state(self) -> optax.OptState:

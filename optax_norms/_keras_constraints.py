@@ -81,17 +81,23 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
     return jnp.where(nonzero, _exact_update(w, target, leaf_dtype), u)
 
   return leafwise_transform(
-      "constrain_unit_norm", rule, {}, mask=mask, needs_params=True, per_unit=True, axis=axis,
+    "constrain_unit_norm",
+    rule,
+    {},
+    mask=mask,
+    needs_params=True,
+    per_unit=True,
+    axis=axis,
   )
 
 
 def constrain_min_max_norm(
-    min_norm: ScalarOrSchedule,
-    max_norm: ScalarOrSchedule,
-    rate: ScalarOrSchedule = 1.0,
-    *,
-    axis: Axis = None,
-    mask: Mask = None,
+  min_norm: ScalarOrSchedule,
+  max_norm: ScalarOrSchedule,
+  rate: ScalarOrSchedule = 1.0,
+  *,
+  axis: Axis = None,
+  mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Pulls each unit's norm into ``[min_norm, max_norm]`` at ``rate`` (Keras ``MinMaxNorm``).
 
@@ -148,8 +154,14 @@ def constrain_min_max_norm(
     return jnp.where(change, _exact_update(w, target, leaf_dtype), u)
 
   return leafwise_transform(
-      "constrain_min_max_norm", rule, {"min_norm": min_norm, "max_norm": max_norm, "rate": rate},
-      mask=mask, needs_params=True, per_unit=True, axis=axis, bounds=("max_norm",),
+    "constrain_min_max_norm",
+    rule,
+    {"min_norm": min_norm, "max_norm": max_norm, "rate": rate},
+    mask=mask,
+    needs_params=True,
+    per_unit=True,
+    axis=axis,
+    bounds=("max_norm",),
   )
 
 
@@ -184,5 +196,9 @@ def constrain_non_negative(*, mask: Mask = None) -> optax.GradientTransformation
     return jnp.where(negative, -w, u)
 
   return leafwise_transform(
-      "constrain_non_negative", rule, {}, mask=mask, needs_params=True,
+    "constrain_non_negative",
+    rule,
+    {},
+    mask=mask,
+    needs_params=True,
   )

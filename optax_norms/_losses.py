@@ -18,11 +18,11 @@ from optax_norms._numerics import Axis, abs_zero_subgradient, compute_dtype, res
 from optax_norms._transform import selected_leaves
 
 __all__ = [
-    "elastic_penalty",
-    "group_l2_penalty",
-    "l1_penalty",
-    "l2_penalty",
-    "max_norm_penalty",
+  "elastic_penalty",
+  "group_l2_penalty",
+  "l1_penalty",
+  "l2_penalty",
+  "max_norm_penalty",
 ]
 
 
@@ -123,14 +123,14 @@ def elastic_penalty(params: Any, l1: Scalar, l2: Scalar, *, mask: Mask = None) -
   """
   l1, l2 = _hyper("l1", l1), _hyper("l2", l2)
   return _sum_over(
-      params,
-      mask,
-      lambda w, _: l1 * jnp.sum(abs_zero_subgradient(w)) + l2 * jnp.sum(jnp.square(w)),
+    params,
+    mask,
+    lambda w, _: l1 * jnp.sum(abs_zero_subgradient(w)) + l2 * jnp.sum(jnp.square(w)),
   )
 
 
 def group_l2_penalty(
-    params: Any, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
+  params: Any, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
 ) -> jax.Array:
   """The group-lasso penalty ``α·Σ_units ‖w_unit‖₂`` over the selected leaves, as a float32 scalar.
 
@@ -157,11 +157,13 @@ def group_l2_penalty(
     variables", J. R. Stat. Soc. B 68(1), 2006.
   """
   alpha = _hyper("alpha", alpha)
-  return jnp.asarray(alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(unit_norm(w, axes)), axis))
+  return jnp.asarray(
+    alpha * _sum_over(params, mask, lambda w, axes: jnp.sum(unit_norm(w, axes)), axis)
+  )
 
 
 def max_norm_penalty(
-    params: Any, max_norm: Scalar, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
+  params: Any, max_norm: Scalar, alpha: Scalar, *, axis: Axis = None, mask: Mask = None
 ) -> jax.Array:
   """The soft max-norm penalty ``α·Σ_units max(0, ‖w_unit‖ − c)²``, as a float32 scalar.
 

@@ -17,29 +17,29 @@ import jax
 import numpy as np
 
 from optax_norms._paths import (
-    Path,
-    check_unambiguous,
-    flatten,
-    format_path,
-    normalize_path,
-    shown_paths,
+  Path,
+  check_unambiguous,
+  flatten,
+  format_path,
+  normalize_path,
+  shown_paths,
 )
 
 __all__ = [
-    "Mask",
-    "PathMask",
-    "Selector",
-    "compile_mask",
-    "path_labels",
-    "path_mask",
-    "weights_only",
+  "Mask",
+  "PathMask",
+  "Selector",
+  "compile_mask",
+  "path_labels",
+  "path_mask",
+  "weights_only",
 ]
 
 Mask = Union[None, str, Sequence[str], "PathMask", Any, Callable[[Any], Any]]
 
 _STATIC_ARGS_HINT = (
-    "Under optax.inject_hyperparams every callable argument is called as a schedule: "
-    "pass static_args=('mask',) (and 'axis' for a callable axis)."
+  "Under optax.inject_hyperparams every callable argument is called as a schedule: "
+  "pass static_args=('mask',) (and 'axis' for a callable axis)."
 )
 
 
@@ -81,8 +81,8 @@ def _segment_regex(glob: str, segment: str) -> str:
       end = segment.find("]", start + 1 if start < n and segment[start] == "]" else start)
       if end < 0:
         raise ValueError(
-            f"Malformed glob {glob!r}: '[' at position {i - 1} of {segment!r} is never closed. "
-            "Write '\\[' for a literal bracket."
+          f"Malformed glob {glob!r}: '[' at position {i - 1} of {segment!r} is never closed. "
+          "Write '\\[' for a literal bracket."
         )
       negate = "^" if start > i else ""
       out.append(f"[{negate}{_class_regex(glob, segment[start:end])}]")
@@ -101,8 +101,8 @@ def compile_glob(glob: str) -> re.Pattern[str]:
   """
   if not isinstance(glob, str) or not glob or glob.strip("/") != glob or "//" in glob:
     raise ValueError(
-        f"Malformed glob {glob!r}: it must be a non-empty string, without leading, trailing "
-        "or doubled '/'. Example: '**/kernel'."
+      f"Malformed glob {glob!r}: it must be a non-empty string, without leading, trailing "
+      "or doubled '/'. Example: '**/kernel'."
     )
   segments = glob.split("/")
   regex = ""
@@ -117,8 +117,7 @@ def compile_glob(glob: str) -> re.Pattern[str]:
         regex = regex[:-1] + "(?:/.*)?"
     elif "**" in segment:
       raise ValueError(
-          f"Malformed glob {glob!r}: '**' must be a whole path segment, as in "
-          "'encoder/**/kernel'."
+        f"Malformed glob {glob!r}: '**' must be a whole path segment, as in 'encoder/**/kernel'."
       )
     else:
       regex += _segment_regex(glob, segment) + ("" if last else "/")
@@ -140,9 +139,9 @@ def _as_globs(name: str, globs: Any) -> tuple[str, ...]:
 
 def _nothing_matched(what: str, texts: Sequence[str]) -> ValueError:
   return ValueError(
-      f"{what} matches no parameter. The parameter paths are: {shown_paths(texts)}. "
-      "Globs match whole '/'-joined paths: '*' stays in one segment, '**' spans any "
-      "number ('**/kernel' is every kernel). See optax_norms.tree_paths(params)."
+    f"{what} matches no parameter. The parameter paths are: {shown_paths(texts)}. "
+    "Globs match whole '/'-joined paths: '*' stays in one segment, '**' spans any "
+    "number ('**/kernel' is every kernel). See optax_norms.tree_paths(params)."
   )
 
 
@@ -169,11 +168,11 @@ class PathMask:
   """
 
   def __init__(
-      self,
-      include: Iterable[str] = (),
-      exclude: Iterable[str] = (),
-      regex: str | None = None,
-      where: Callable[[Path, Any], bool] | None = None,
+    self,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    regex: str | None = None,
+    where: Callable[[Path, Any], bool] | None = None,
   ):
     self.include = _as_globs("include", include)
     self.exclude = _as_globs("exclude", exclude)
@@ -191,12 +190,12 @@ class PathMask:
 
   def __repr__(self) -> str:
     return (
-        f"PathMask(include={list(self.include)}, exclude={list(self.exclude)}, "
-        f"regex={self.regex.pattern if self.regex else None!r}, where={self.where!r})"
+      f"PathMask(include={list(self.include)}, exclude={list(self.exclude)}, "
+      f"regex={self.regex.pattern if self.regex else None!r}, where={self.where!r})"
     )
 
   def select(
-      self, tree: Any, paths: Sequence[Path], leaves: Sequence[Any], check: bool = True
+    self, tree: Any, paths: Sequence[Path], leaves: Sequence[Any], check: bool = True
   ) -> list[bool]:
     """One bool per leaf of `tree` (flattened as `paths`, `leaves`); with `check`, raises
     if a glob or the regex matches no (non-``None``) leaf."""
@@ -226,17 +225,19 @@ class PathMask:
 
   def __call__(self, params: Any) -> Any:
     if isinstance(params, (jax.Array, np.ndarray, np.generic)) and np.ndim(params) == 0:
-      raise ValueError(f"A PathMask was called with a step count, not parameters. {_STATIC_ARGS_HINT}")
+      raise ValueError(
+        f"A PathMask was called with a step count, not parameters. {_STATIC_ARGS_HINT}"
+      )
     paths, leaves, treedef = flatten(params)
     return jax.tree_util.tree_unflatten(treedef, self.select(params, paths, leaves))
 
 
 def path_mask(
-    include: str | Iterable[str] = (),
-    *,
-    exclude: str | Iterable[str] = (),
-    regex: str | None = None,
-    where: Callable[[Path, Any], bool] | None = None,
+  include: str | Iterable[str] = (),
+  *,
+  exclude: str | Iterable[str] = (),
+  regex: str | None = None,
+  where: Callable[[Path, Any], bool] | None = None,
 ) -> PathMask:
   r"""Builds a mask that selects leaves by path.
 
@@ -296,8 +297,8 @@ class _WeightsOnly(PathMask):
   def select(self, tree, paths, leaves, check=True):
     norm_modules = _norm_module_paths(tree)
     return [
-        keep and not any(path[: len(m)] == m for m in norm_modules)
-        for keep, path in zip(super().select(tree, paths, leaves, check), paths)
+      keep and not any(path[: len(m)] == m for m in norm_modules)
+      for keep, path in zip(super().select(tree, paths, leaves, check), paths)
     ]
 
   def __repr__(self) -> str:
@@ -342,16 +343,16 @@ def _bool_tree_selection(mask: Any, paths: Sequence[Path], leaves: Sequence[Any]
     mpath = normalize_path(key_path)
     if isinstance(value, jax.core.Tracer):
       raise ValueError(
-          f"The mask value at {format_path(mpath)!r} is traced: masks must be static "
-          f"(Python bools, or a function of the parameters' structure and shapes). {_STATIC_ARGS_HINT}"
+        f"The mask value at {format_path(mpath)!r} is traced: masks must be static "
+        f"(Python bools, or a function of the parameters' structure and shapes). {_STATIC_ARGS_HINT}"
       )
     is_array = isinstance(value, (bool, np.bool_, np.ndarray, jax.Array))
     array = np.asarray(value) if is_array else None
     if array is None or array.dtype != np.bool_ or array.ndim != 0:
       if not mpath:
         raise ValueError(
-            "`mask` must be None, a glob, a list of globs, a PathMask, a bool pytree or a "
-            f"callable params -> bool pytree; got {value!r}."
+          "`mask` must be None, a glob, a list of globs, a PathMask, a bool pytree or a "
+          f"callable params -> bool pytree; got {value!r}."
         )
       raise ValueError(f"The mask leaf at {format_path(mpath)!r} must be a bool, got {value!r}.")
     table[mpath] = bool(array)
@@ -367,15 +368,15 @@ def _bool_tree_selection(mask: Any, paths: Sequence[Path], leaves: Sequence[Any]
         selection.append(False)
         continue
       raise ValueError(
-          f"The mask does not cover the parameter {format_path(path)!r}: the mask's "
-          "structure must match the parameters (or be a prefix of them). First mask "
-          f"paths: {shown_paths(list(table))}."
+        f"The mask does not cover the parameter {format_path(path)!r}: the mask's "
+        "structure must match the parameters (or be a prefix of them). First mask "
+        f"paths: {shown_paths(list(table))}."
       )
   unused = [m for m in table if m not in used]
   if unused:
     raise ValueError(
-        f"The mask has a leaf at {format_path(unused[0])!r} that is not a parameter: "
-        f"the mask's structure must match the parameters. Parameter paths: {shown_paths(paths)}."
+      f"The mask has a leaf at {format_path(unused[0])!r} that is not a parameter: "
+      f"the mask's structure must match the parameters. Parameter paths: {shown_paths(paths)}."
     )
   return selection
 
@@ -388,7 +389,7 @@ class Selector:
     self._path_mask = _as_path_mask(mask)
 
   def select(
-      self, tree: Any, paths: Sequence[Path], leaves: Sequence[Any], check: bool
+    self, tree: Any, paths: Sequence[Path], leaves: Sequence[Any], check: bool
   ) -> list[bool]:
     mask = self.mask
     if mask is None:
@@ -418,17 +419,19 @@ def compile_mask(mask: Mask) -> Selector:
   """Checks and compiles a ``mask=`` argument (globs are compiled here, once)."""
   if mask is path_mask or mask is weights_only:
     raise ValueError(
-        f"`mask` is the function `{mask.__name__}` itself: call it, e.g. "
-        f"mask=optax_norms.{mask.__name__}({'' if mask is weights_only else repr('**/kernel')})."
+      f"`mask` is the function `{mask.__name__}` itself: call it, e.g. "
+      f"mask=optax_norms.{mask.__name__}({'' if mask is weights_only else repr('**/kernel')})."
     )
   if isinstance(mask, jax.core.Tracer) or (
-      isinstance(mask, (jax.Array, np.ndarray)) and np.ndim(mask) == 0
+    isinstance(mask, (jax.Array, np.ndarray)) and np.ndim(mask) == 0
   ):
     raise ValueError(f"`mask` is an array, not a mask. {_STATIC_ARGS_HINT}")
   if isinstance(mask, (list, tuple)) and not mask:
     raise ValueError("`mask` is an empty list: give at least one glob, or mask=None for all.")
-  if isinstance(mask, list) and not all(isinstance(g, str) for g in mask) and any(
-      isinstance(g, str) for g in mask
+  if (
+    isinstance(mask, list)
+    and not all(isinstance(g, str) for g in mask)
+    and any(isinstance(g, str) for g in mask)
   ):
     bad = next(g for g in mask if not isinstance(g, str))
     raise ValueError(f"`mask` is a list of globs, but it contains {bad!r}, not a string.")
@@ -476,11 +479,14 @@ def path_labels(rules: Mapping[str, Mask], default: str | None = None) -> Callab
     for path, leaf, found in zip(paths, leaves, labels):
       if found is None and default is None and leaf is not None:
         raise ValueError(
-            f"No rule labels the parameter {format_path(path)!r}; add a rule or a `default`."
+          f"No rule labels the parameter {format_path(path)!r}; add a rule or a `default`."
         )
     return jax.tree_util.tree_unflatten(
-        treedef, [None if leaf is None else default if found is None else found
-                  for leaf, found in zip(leaves, labels)]
+      treedef,
+      [
+        None if leaf is None else default if found is None else found
+        for leaf, found in zip(leaves, labels)
+      ],
     )
 
   return label_fn

@@ -15,13 +15,13 @@ from optax_norms._paths import Path, format_path
 from optax_norms._units import default_axes
 
 __all__ = [
-    "Axis",
-    "abs_zero_subgradient",
-    "check_axis_spec",
-    "compute_dtype",
-    "resolve_axes",
-    "safe_unit_norm",
-    "unit_norm",
+  "Axis",
+  "abs_zero_subgradient",
+  "check_axis_spec",
+  "compute_dtype",
+  "resolve_axes",
+  "safe_unit_norm",
+  "unit_norm",
 ]
 
 Axis = None | int | Sequence[int] | Callable[[Path, Any], Any]
@@ -44,8 +44,10 @@ def _is_int(value: Any) -> bool:
     return True
   dtype = getattr(value, "dtype", None)
   return (
-      dtype is not None and np.ndim(value) == 0 and jnp.issubdtype(dtype, jnp.integer)
-      and not isinstance(value, jax.core.Tracer)
+    dtype is not None
+    and np.ndim(value) == 0
+    and jnp.issubdtype(dtype, jnp.integer)
+    and not isinstance(value, jax.core.Tracer)
   )
 
 
@@ -60,8 +62,8 @@ def check_axis_spec(axis: Any) -> None:
   if isinstance(axis, (tuple, list)) and all(_is_int(a) for a in axis):
     return
   raise ValueError(
-      "`axis` must be None, an int, a tuple of ints or a callable (path, leaf) -> axes, "
-      f"got {axis!r}{' (an array: pass a tuple of ints)' if hasattr(axis, 'shape') else ''}."
+    "`axis` must be None, an int, a tuple of ints or a callable (path, leaf) -> axes, "
+    f"got {axis!r}{' (an array: pass a tuple of ints)' if hasattr(axis, 'shape') else ''}."
   )
 
 
@@ -83,8 +85,8 @@ def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
     return default_axes(path, tuple(jnp.shape(leaf)))
   if isinstance(axis, jax.core.Tracer):
     raise ValueError(
-        "`axis` is traced. Under optax.inject_hyperparams pass "
-        "static_args=('axis',) so the axis stays a Python int."
+      "`axis` is traced. Under optax.inject_hyperparams pass "
+      "static_args=('axis',) so the axis stays a Python int."
     )
   axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
   resolved = []
@@ -94,9 +96,9 @@ def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
     a = int(a)
     if not -ndim <= a < ndim:
       raise ValueError(
-          f"`axis` {a} is out of range for the parameter {format_path(path)!r} of shape "
-          f"{jnp.shape(leaf)} (rank {ndim}). Pass a callable axis=(path, leaf) -> axes "
-          "for trees whose leaves differ in layout."
+        f"`axis` {a} is out of range for the parameter {format_path(path)!r} of shape "
+        f"{jnp.shape(leaf)} (rank {ndim}). Pass a callable axis=(path, leaf) -> axes "
+        "for trees whose leaves differ in layout."
       )
     resolved.append(a % ndim)
   if len(set(resolved)) != len(resolved):

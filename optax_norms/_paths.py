@@ -17,13 +17,13 @@ import jax
 import numpy as np
 
 __all__ = [
-    "Path",
-    "check_unambiguous",
-    "flatten",
-    "format_path",
-    "normalize_path",
-    "shown_paths",
-    "tree_paths",
+  "Path",
+  "check_unambiguous",
+  "flatten",
+  "format_path",
+  "normalize_path",
+  "shown_paths",
+  "tree_paths",
 ]
 
 Path = tuple[str | int, ...]
@@ -53,9 +53,7 @@ def normalize_path(key_path: Sequence[Any]) -> Path:
   """Turns a JAX key path into a tuple of ``str | int``, dropping NNX's trailing ``value``."""
   path = tuple(_key_name(key) for key in key_path)
   if (
-      key_path
-      and isinstance(key_path[-1], jax.tree_util.GetAttrKey)
-      and key_path[-1].name == "value"
+    key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and key_path[-1].name == "value"
   ):
     path = path[:-1]
   return path
@@ -97,9 +95,9 @@ def check_unambiguous(paths: Sequence[Path]) -> list[str]:
     for path, text in zip(paths, texts):
       if text in seen:
         raise ValueError(
-            f"The path {text!r} names two parameters ({seen[text]!r} and {path!r}): a key "
-            "contains '/'. Globs cannot tell them apart; rename the key, or select with "
-            "a bool pytree mask or path_mask(where=lambda path, leaf: ...) on the tuple path."
+          f"The path {text!r} names two parameters ({seen[text]!r} and {path!r}): a key "
+          "contains '/'. Globs cannot tell them apart; rename the key, or select with "
+          "a bool pytree mask or path_mask(where=lambda path, leaf: ...) on the tuple path."
         )
       seen[text] = path
   return texts

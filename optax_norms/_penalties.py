@@ -86,7 +86,7 @@ def add_l1_decay(alpha: ScalarOrSchedule, *, mask: Mask = None) -> optax.Gradien
 
 
 def elastic(
-    l1: ScalarOrSchedule, l2: ScalarOrSchedule, *, mask: Mask = None
+  l1: ScalarOrSchedule, l2: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Adds the gradient of the elastic-net penalty ``l1·Σ|w| + l2·Σw²`` to the updates.
 
@@ -124,11 +124,11 @@ def elastic(
 
 
 def add_max_norm_decay(
-    max_norm: ScalarOrSchedule,
-    alpha: ScalarOrSchedule,
-    *,
-    axis: Axis = None,
-    mask: Mask = None,
+  max_norm: ScalarOrSchedule,
+  alpha: ScalarOrSchedule,
+  *,
+  axis: Axis = None,
+  mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Adds the gradient of the soft max-norm penalty ``α·Σ_units max(0, ‖w_unit‖ − c)²``.
 
@@ -168,6 +168,11 @@ def add_max_norm_decay(
     return u + coefficient * w
 
   return leafwise_transform(
-      "add_max_norm_decay", rule, {"max_norm": max_norm, "alpha": alpha},
-      mask=mask, needs_params=True, per_unit=True, axis=axis,
+    "add_max_norm_decay",
+    rule,
+    {"max_norm": max_norm, "alpha": alpha},
+    mask=mask,
+    needs_params=True,
+    per_unit=True,
+    axis=axis,
   )

@@ -25,7 +25,7 @@ def soft_threshold(x, threshold):
 
 
 def prox_l1(
-    alpha: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *, mask: Mask = None
+  alpha: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Proximal step of the L1 penalty ``α·Σ|w|``: exact zeros.
 
@@ -63,17 +63,20 @@ def prox_l1(
     return soft_threshold(w + u, learning_rate * alpha) - w
 
   return leafwise_transform(
-      "prox_l1", rule, {"alpha": alpha, "learning_rate": learning_rate}, mask=mask,
-      needs_params=True,
+    "prox_l1",
+    rule,
+    {"alpha": alpha, "learning_rate": learning_rate},
+    mask=mask,
+    needs_params=True,
   )
 
 
 def prox_elastic(
-    l1: ScalarOrSchedule,
-    l2: ScalarOrSchedule,
-    learning_rate: ScalarOrSchedule,
-    *,
-    mask: Mask = None,
+  l1: ScalarOrSchedule,
+  l2: ScalarOrSchedule,
+  learning_rate: ScalarOrSchedule,
+  *,
+  mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Proximal step of the elastic-net penalty ``l1·Σ|w| + l2·Σw²``: exact zeros.
 
@@ -112,17 +115,20 @@ def prox_elastic(
     return soft_threshold(w + u, learning_rate * l1) / (1 + 2 * learning_rate * l2) - w
 
   return leafwise_transform(
-      "prox_elastic", rule, {"l1": l1, "l2": l2, "learning_rate": learning_rate}, mask=mask,
-      needs_params=True,
+    "prox_elastic",
+    rule,
+    {"l1": l1, "l2": l2, "learning_rate": learning_rate},
+    mask=mask,
+    needs_params=True,
   )
 
 
 def prox_group_l2(
-    alpha: ScalarOrSchedule,
-    learning_rate: ScalarOrSchedule,
-    *,
-    axis: Axis = None,
-    mask: Mask = None,
+  alpha: ScalarOrSchedule,
+  learning_rate: ScalarOrSchedule,
+  *,
+  axis: Axis = None,
+  mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Proximal step of the group lasso ``α·Σ_units ‖w_unit‖₂``: whole units become zero.
 
@@ -166,6 +172,11 @@ def prox_group_l2(
     return v * shrink - w
 
   return leafwise_transform(
-      "prox_group_l2", rule, {"alpha": alpha, "learning_rate": learning_rate}, mask=mask,
-      needs_params=True, per_unit=True, axis=axis,
+    "prox_group_l2",
+    rule,
+    {"alpha": alpha, "learning_rate": learning_rate},
+    mask=mask,
+    needs_params=True,
+    per_unit=True,
+    axis=axis,
   )

@@ -75,16 +75,16 @@ def _group_radius(z, a, lam, axes):
 
 
 def prox_adam(
-    learning_rate: ScalarOrSchedule,
-    *,
-    l1: ScalarOrSchedule = 0.0,
-    l2: ScalarOrSchedule = 0.0,
-    group: ScalarOrSchedule = 0.0,
-    b1: ScalarOrSchedule = 0.9,
-    b2: ScalarOrSchedule = 0.999,
-    eps: ScalarOrSchedule = 1e-8,
-    axis: Axis = None,
-    mask: Mask = None,
+  learning_rate: ScalarOrSchedule,
+  *,
+  l1: ScalarOrSchedule = 0.0,
+  l2: ScalarOrSchedule = 0.0,
+  group: ScalarOrSchedule = 0.0,
+  b1: ScalarOrSchedule = 0.9,
+  b2: ScalarOrSchedule = 0.999,
+  eps: ScalarOrSchedule = 1e-8,
+  axis: Axis = None,
+  mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Adam whose step ends with the proximal step in Adam's own metric (ProxGen): exact zeros.
 
@@ -146,10 +146,17 @@ def prox_adam(
     stochastic optimization", ICLR 2015; J. J. Moré and D. C. Sorensen, "Computing a trust
     region step", SIAM J. Sci. Stat. Comput. 4(3), 1983 (the secular equation).
   """
-  hparams = Hyperparams({
-      "learning_rate": learning_rate, "l1": l1, "l2": l2, "group": group,
-      "b1": b1, "b2": b2, "eps": eps,
-  })
+  hparams = Hyperparams(
+    {
+      "learning_rate": learning_rate,
+      "l1": l1,
+      "l2": l2,
+      "group": group,
+      "b1": b1,
+      "b2": b2,
+      "eps": eps,
+    }
+  )
   for name in ("b1", "b2"):
     value = hparams.values[name]
     if isinstance(value, np.floating) and value >= 1:
@@ -157,14 +164,17 @@ def prox_adam(
   check_axis_spec(axis)
   selector = compile_mask(mask)
   # With group = 0 (a constant), the per-unit solve is left out of the program.
-  has_group = is_schedule(group) or isinstance(hparams.values["group"], jax.core.Tracer) or (
-      float(hparams.values["group"]) > 0)
+  has_group = (
+    is_schedule(group)
+    or isinstance(hparams.values["group"], jax.core.Tracer)
+    or (float(hparams.values["group"]) > 0)
+  )
 
   def init_fn(params):
     paths, leaves, treedef, _ = selected_leaves(selector, params, check=True)
     moments = [
-        jnp.zeros_like(leaf) if _leaf_kind(path, leaf) == "float" else optax.MaskedNode()
-        for path, leaf in zip(paths, leaves)
+      jnp.zeros_like(leaf) if _leaf_kind(path, leaf) == "float" else optax.MaskedNode()
+      for path, leaf in zip(paths, leaves)
     ]
     tree = jax.tree_util.tree_unflatten(treedef, moments)
     return ProxAdamState(count=jnp.zeros([], jnp.int32), mu=tree, nu=tree)
@@ -172,8 +182,9 @@ def prox_adam(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          "`prox_adam` reads the current parameters, but `params` was not passed: call "
-          "`tx.update(updates, state, params)`.")
+        "`prox_adam` reads the current parameters, but `params` was not passed: call "
+        "`tx.update(updates, state, params)`."
+      )
     values = hparams.at(ProxAdamState(state.count, None, None))
     bad = hparams.valid(values)
     for name in ("b1", "b2"):
@@ -194,8 +205,9 @@ def prox_adam(
         continue
       if jnp.shape(w) != jnp.shape(g):
         raise ValueError(
-            f"The update and the parameter {format_path(path)!r} differ in shape: "
-            f"{jnp.shape(g)} vs {jnp.shape(w)}.")
+          f"The update and the parameter {format_path(path)!r} differ in shape: "
+          f"{jnp.shape(g)} vs {jnp.shape(w)}."
+        )
       ct = compute_dtype(max(g.dtype, w.dtype, key=lambda t: jnp.dtype(t).itemsize))
       if ct not in hps:
         hps[ct] = _in_dtype(values, ct)
@@ -247,13 +259,16 @@ def _in_dtype(values, dtype):
   float64 and rounded once, as optax's Python-float arithmetic does."""
   out = {}
   for name, value in values.items():
-    out[name] = jnp.asarray(value, dtype) if isinstance(value, np.floating) else (
-        jax.lax.convert_element_type(value, dtype))
+    out[name] = (
+      jnp.asarray(value, dtype)
+      if isinstance(value, np.floating)
+      else (jax.lax.convert_element_type(value, dtype))
+    )
   for name in ("b1", "b2"):
     value = values[name]
     out["one_minus_" + name] = (
-        jnp.asarray(np.float64(1) - value, dtype) if isinstance(value, np.floating)
-        else 1 - out[name])
+      jnp.asarray(np.float64(1) - value, dtype) if isinstance(value, np.floating) else 1 - out[name]
+    )
   return out
 
 

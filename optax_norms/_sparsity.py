@@ -81,7 +81,7 @@ def _block_axis(axis: int, leaf: Any) -> int:
 
 
 def constrain_n_of_m(
-    n: int | ScalarOrSchedule, m: int, *, axis: int = -2, mask: Mask = None
+  n: int | ScalarOrSchedule, m: int, *, axis: int = -2, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Keeps the ``n`` largest ``|w + u|`` of every block of ``m`` consecutive entries (N:M).
 
@@ -139,25 +139,26 @@ def constrain_n_of_m(
     length = w.shape[ax]
     if length % m:
       raise ValueError(
-          f"constrain_n_of_m: axis {ax} of a leaf of shape {w.shape} has length {length}, "
-          f"not a multiple of m = {m}.")
+        f"constrain_n_of_m: axis {ax} of a leaf of shape {w.shape} has length {length}, "
+        f"not a multiple of m = {m}."
+      )
     size = _magnitude(w, u, leaf_dtype)
-    blocks = size.reshape(w.shape[:ax] + (length // m, m) + w.shape[ax + 1:])
+    blocks = size.reshape(w.shape[:ax] + (length // m, m) + w.shape[ax + 1 :])
     b = ax + 1  # The within-block axis.
-    mine = jnp.expand_dims(blocks, b + 1)   # [..., i, 1, ...]
-    other = jnp.expand_dims(blocks, b)      # [..., 1, j, ...]
+    mine = jnp.expand_dims(blocks, b + 1)  # [..., i, 1, ...]
+    other = jnp.expand_dims(blocks, b)  # [..., 1, j, ...]
     # earlier[i, j] = j < i, laid out on the (i, j) axes (b, b + 1) of the comparison.
     pair = (1,) * b + (m, m) + (1,) * (w.ndim - ax - 1)
     earlier = lax.broadcasted_iota(jnp.int32, pair, b + 1) < lax.broadcasted_iota(
-        jnp.int32, pair, b)
+      jnp.int32, pair, b
+    )
     # rank_i = #{j : |v_j| > |v_i| or (|v_j| == |v_i| and j < i)}; keep rank < n.
     beats = (other > mine) | ((other == mine) & earlier)
     rank = jnp.sum(beats.astype(jnp.int32), axis=b + 1).astype(w.dtype)
     keep = (rank < n).reshape(w.shape)
     return jnp.where(keep, u, -w)
 
-  inner = leafwise_transform(
-      "constrain_n_of_m", rule, {"n": n}, mask=mask, needs_params=True)
+  inner = leafwise_transform("constrain_n_of_m", rule, {"n": n}, mask=mask, needs_params=True)
   selector = compile_mask(mask)
 
   def init_fn(params):
@@ -168,26 +169,28 @@ def constrain_n_of_m(
       shape = tuple(leaf.shape)
       if leaf.ndim == 0:
         raise ValueError(
-            f"constrain_n_of_m: the parameter {format_path(path)!r} is a scalar (shape ()); "
-            "leave it out of `mask`.")
+          f"constrain_n_of_m: the parameter {format_path(path)!r} is a scalar (shape ()); "
+          "leave it out of `mask`."
+        )
       try:
         ax = _block_axis(axis, leaf)
       except ValueError as error:
         raise ValueError(
-            f"constrain_n_of_m: the parameter {format_path(path)!r} of shape {shape}: {error}."
+          f"constrain_n_of_m: the parameter {format_path(path)!r} of shape {shape}: {error}."
         ) from None
       if shape[ax] % m:
         raise ValueError(
-            f"constrain_n_of_m: the parameter {format_path(path)!r} of shape {shape} has "
-            f"length {shape[ax]} along axis {ax}, not a multiple of m = {m}. Leave it out "
-            "of `mask` or pick another `axis`.")
+          f"constrain_n_of_m: the parameter {format_path(path)!r} of shape {shape} has "
+          f"length {shape[ax]} along axis {ax}, not a multiple of m = {m}. Leave it out "
+          "of `mask` or pick another `axis`."
+        )
     return inner.init(params)
 
   return optax.GradientTransformation(init_fn, inner.update)
 
 
 def constrain_sparsity(
-    fraction: ScalarOrSchedule, *, mask: Mask = None
+  fraction: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Zeroes the ``fraction`` of each leaf's entries with the smallest ``|w + u|``.
 
@@ -259,4 +262,5 @@ def constrain_sparsity(
     return jnp.where(keep.reshape(w.shape), u, -w)
 
   return leafwise_transform(
-      "constrain_sparsity", rule, {"fraction": fraction}, mask=mask, needs_params=True)
+    "constrain_sparsity", rule, {"fraction": fraction}, mask=mask, needs_params=True
+  )

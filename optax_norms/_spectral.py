@@ -27,12 +27,12 @@ from optax_norms._constraints import _exact_update, _stored, _toward_zero
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._masks import Mask
 from optax_norms._numerics import (
-    Axis,
-    _is_int,
-    check_axis_spec,
-    compute_dtype,
-    resolve_axes,
-    unit_norm,
+  Axis,
+  _is_int,
+  check_axis_spec,
+  compute_dtype,
+  resolve_axes,
+  unit_norm,
 )
 from optax_norms._paths import Path, format_path
 from optax_norms._transform import leafwise_transform, selected_leaves
@@ -47,8 +47,8 @@ def _check_batch_axis(batch_axis: Any) -> None:
     return
   if isinstance(batch_axis, jax.core.Tracer):
     raise ValueError(
-        "`batch_axis` is traced. Under optax.inject_hyperparams pass "
-        "static_args=('batch_axis',) so it stays a Python int."
+      "`batch_axis` is traced. Under optax.inject_hyperparams pass "
+      "static_args=('batch_axis',) so it stays a Python int."
     )
   if isinstance(batch_axis, (tuple, list)) and all(_is_int(a) for a in batch_axis):
     return
@@ -78,8 +78,8 @@ def _batch_axes(batch_axis: BatchAxis, path: Path, ndim: int) -> tuple[int, ...]
   for a in axes:
     if not -ndim <= int(a) < ndim:
       raise ValueError(
-          f"`batch_axis` {int(a)} is out of range for the parameter {format_path(path)!r} "
-          f"(rank {ndim})."
+        f"`batch_axis` {int(a)} is out of range for the parameter {format_path(path)!r} "
+        f"(rank {ndim})."
       )
   resolved = sorted({int(a) % ndim for a in axes})
   if len(resolved) != len(axes):
@@ -97,8 +97,8 @@ def _row_axes(axis: Axis, batch_axis: BatchAxis, path: Path, leaf: Any) -> tuple
   rows = resolve_axes(axis, path, leaf)
   if set(rows) & set(batch):
     raise ValueError(
-        f"`axis` {rows} and `batch_axis` {batch} share an axis for the parameter "
-        f"{format_path(path)!r}: an axis is either reduced or indexes matrices."
+      f"`axis` {rows} and `batch_axis` {batch} share an axis for the parameter "
+      f"{format_path(path)!r}: an axis is either reduced or indexes matrices."
     )
   return rows
 
@@ -118,8 +118,9 @@ def _normalized(y: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arr
   return y * inverse, ok
 
 
-def _initial_vector(seed: Any, path: Path, leaf: Any, rows: tuple[int, ...],
-                    batch: tuple[int, ...]) -> jax.Array:
+def _initial_vector(
+  seed: Any, path: Path, leaf: Any, rows: tuple[int, ...], batch: tuple[int, ...]
+) -> jax.Array:
   """A unit vector per matrix, shaped like the leaf without its row axes."""
   ndim = len(leaf.shape)
   left = [a for a in range(ndim) if a not in rows]
@@ -156,13 +157,13 @@ def _power_iteration(v, x, rows, kept, n_iter):
 
 
 def constrain_spectral_norm(
-    max_norm: ScalarOrSchedule,
-    *,
-    axis: Axis = None,
-    batch_axis: BatchAxis = None,
-    n_iter: int = 1,
-    seed: int = 0,
-    mask: Mask = None,
+  max_norm: ScalarOrSchedule,
+  *,
+  axis: Axis = None,
+  batch_axis: BatchAxis = None,
+  n_iter: int = 1,
+  seed: int = 0,
+  mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Keeps each selected matrix's largest singular value at most ``c`` (spectral norm).
 
@@ -239,24 +240,32 @@ def constrain_spectral_norm(
     outside = sigma > max_norm
     one = lax.full_like(sigma, 1)
     scale = lax.select(outside, lax.full_like(sigma, max_norm), one) / lax.select(
-        outside, sigma, one)
+      outside, sigma, one
+    )
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
     new = jnp.where(outside, _exact_update(w, target, leaf_dtype), u)
     return new, lax.stop_gradient(lax.squeeze(x, axes)).astype(state.dtype)
 
   return leafwise_transform(
-      "constrain_spectral_norm", rule, {"max_norm": max_norm}, mask=mask, needs_params=True,
-      per_unit=True, axis=rows_of, bounds=("max_norm",), init_leaf=init_leaf,
+    "constrain_spectral_norm",
+    rule,
+    {"max_norm": max_norm},
+    mask=mask,
+    needs_params=True,
+    per_unit=True,
+    axis=rows_of,
+    bounds=("max_norm",),
+    init_leaf=init_leaf,
   )
 
 
 def spectral_norm_report(
-    params: Any,
-    *,
-    axis: Axis = None,
-    batch_axis: BatchAxis = None,
-    n_iter: int = 20,
-    mask: Mask = None,
+  params: Any,
+  *,
+  axis: Axis = None,
+  batch_axis: BatchAxis = None,
+  n_iter: int = 20,
+  mask: Mask = None,
 ) -> dict[str, jax.Array]:
   """Estimates the largest singular value of each selected matrix (per layer of a stack).
 
@@ -303,4 +312,3 @@ def spectral_norm_report(
     sigma, _ = _power_iteration(v, x, rows, kept, n_iter)
     report[format_path(path)] = lax.squeeze(sigma, rows + kept).astype(jnp.float32)
   return report
-

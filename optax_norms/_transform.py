@@ -37,8 +37,8 @@ from optax_norms._paths import Path, flatten, format_path, shown_paths
 __all__ = ["LeafwiseState", "leafwise_transform", "selected_leaves"]
 
 _STATIC_ARGS_HINT = (
-    " If this transform is inside optax.inject_hyperparams, a callable `mask` was called "
-    "as a schedule: pass static_args=('mask',)."
+  " If this transform is inside optax.inject_hyperparams, a callable `mask` was called "
+  "as a schedule: pass static_args=('mask',)."
 )
 
 
@@ -61,20 +61,20 @@ def _leaf_kind(path: Path, leaf: Any) -> str:
     return "skip"
   if not hasattr(leaf, "dtype") or not hasattr(leaf, "shape"):
     raise TypeError(
-        f"The parameter {format_path(path)!r} is a {type(leaf).__name__}, not an array. "
-        "Filter non-array leaves out first (Equinox: eqx.filter(model, eqx.is_array)), "
-        "or leave them out of `mask`."
+      f"The parameter {format_path(path)!r} is a {type(leaf).__name__}, not an array. "
+      "Filter non-array leaves out first (Equinox: eqx.filter(model, eqx.is_array)), "
+      "or leave them out of `mask`."
     )
   if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
     raise TypeError(
-        f"The parameter {format_path(path)!r} has complex dtype {leaf.dtype}; norm "
-        "penalties here are defined for real leaves. Leave it out of `mask`."
+      f"The parameter {format_path(path)!r} has complex dtype {leaf.dtype}; norm "
+      "penalties here are defined for real leaves. Leave it out of `mask`."
     )
   return "float" if jnp.issubdtype(leaf.dtype, jnp.floating) else "skip"
 
 
 def selected_leaves(
-    mask: Mask | Any, tree: Any, check: bool
+  mask: Mask | Any, tree: Any, check: bool
 ) -> tuple[list[Path], list[Any], Any, list[bool]]:
   """Flattens `tree`; returns paths, leaves, treedef and which leaves are transformed.
 
@@ -86,22 +86,25 @@ def selected_leaves(
   paths, leaves, treedef = flatten(tree)
   selection = selector.select(tree, paths, leaves, check)
   active = [
-      keep and _leaf_kind(path, leaf) == "float"
-      for keep, path, leaf in zip(selection, paths, leaves)
+    keep and _leaf_kind(path, leaf) == "float" for keep, path, leaf in zip(selection, paths, leaves)
   ]
-  if check and selector.mask is not None and not any(active) and any(
-      leaf is not None for leaf in leaves):
+  if (
+    check
+    and selector.mask is not None
+    and not any(active)
+    and any(leaf is not None for leaf in leaves)
+  ):
     chosen = [p for p, keep, leaf in zip(paths, selection, leaves) if keep and leaf is not None]
     real = [p for p, leaf in zip(paths, leaves) if leaf is not None]
     if not chosen:
       hint = _STATIC_ARGS_HINT if isinstance(selector.mask, bool) or callable(selector.mask) else ""
       raise ValueError(
-          "`mask` selects no parameter, so the transform would do nothing. The parameter "
-          f"paths are: {shown_paths(real)}.{hint}"
+        "`mask` selects no parameter, so the transform would do nothing. The parameter "
+        f"paths are: {shown_paths(real)}.{hint}"
       )
     raise ValueError(
-        f"`mask` selects only integer or bool leaves ({shown_paths(chosen)}), "
-        "which are never transformed: it would do nothing. Select floating-point leaves."
+      f"`mask` selects only integer or bool leaves ({shown_paths(chosen)}), "
+      "which are never transformed: it would do nothing. Select floating-point leaves."
     )
   return paths, leaves, treedef, active
 
@@ -122,8 +125,8 @@ def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
     where_u = "(end)" if u_at is None else repr(format_path(u_at))
     where_p = "(end)" if p_at is None else repr(format_path(p_at))
     raise ValueError(
-        "`params` must have the structure of `updates`; they first differ at leaf "
-        f"{i}: updates {where_u}, params {where_p}."
+      "`params` must have the structure of `updates`; they first differ at leaf "
+      f"{i}: updates {where_u}, params {where_p}."
     )
   return p_leaves
 
@@ -137,23 +140,23 @@ def _rule_arguments(name: str, rule: Callable, expected: set[str]) -> bool:
   wants_dtype = "leaf_dtype" in keyword_only
   if keyword_only - {"leaf_dtype"} != expected:
     raise TypeError(
-        f"The rule of `{name}` takes keyword-only arguments {sorted(keyword_only)}, but "
-        f"the transform provides {sorted(expected)}."
+      f"The rule of `{name}` takes keyword-only arguments {sorted(keyword_only)}, but "
+      f"the transform provides {sorted(expected)}."
     )
   return wants_dtype
 
 
 def leafwise_transform(
-    name: str,
-    rule: Callable[..., Any],
-    hyperparams: Mapping[str, ScalarOrSchedule],
-    *,
-    mask: Mask,
-    needs_params: bool,
-    per_unit: bool = False,
-    axis: Axis = None,
-    bounds: tuple[str, ...] = (),
-    init_leaf: Callable[[Path, jax.Array, tuple[int, ...]], Any] | None = None,
+  name: str,
+  rule: Callable[..., Any],
+  hyperparams: Mapping[str, ScalarOrSchedule],
+  *,
+  mask: Mask,
+  needs_params: bool,
+  per_unit: bool = False,
+  axis: Axis = None,
+  bounds: tuple[str, ...] = (),
+  init_leaf: Callable[[Path, jax.Array, tuple[int, ...]], Any] | None = None,
 ) -> optax.GradientTransformation:
   """Builds a transform applying `rule` to every selected floating-point leaf.
 
@@ -169,8 +172,9 @@ def leafwise_transform(
     bounds: hyperparameters that bound stored values; cast rounding towards zero.
     init_leaf: ``(path, leaf, axes) -> leaf state`` for rules with per-leaf state.
   """
-  expected = set(hyperparams) | ({"axes"} if per_unit else set()) | (
-      {"state"} if init_leaf else set())
+  expected = (
+    set(hyperparams) | ({"axes"} if per_unit else set()) | ({"state"} if init_leaf else set())
+  )
   wants_dtype = _rule_arguments(name, rule, expected)
   hparams = Hyperparams(hyperparams, bounds)
   selector = compile_mask(mask)
@@ -193,15 +197,15 @@ def leafwise_transform(
     if init_leaf is None:
       return schedule_state
     return LeafwiseState(
-        count=jnp.zeros([], jnp.int32),
-        leaves=jax.tree_util.tree_unflatten(treedef, leaf_states),
+      count=jnp.zeros([], jnp.int32),
+      leaves=jax.tree_util.tree_unflatten(treedef, leaf_states),
     )
 
   def update_fn(updates: Any, state: optax.OptState, params: Any = None):
     if needs_params and params is None:
       raise ValueError(
-          f"`{name}` reads the current parameters, but `params` was not passed: call "
-          "`tx.update(updates, state, params)`."
+        f"`{name}` reads the current parameters, but `params` was not passed: call "
+        "`tx.update(updates, state, params)`."
       )
     values = hparams.at(state)
     valid = hparams.valid(values)
@@ -221,8 +225,8 @@ def leafwise_transform(
         continue
       if w is not None and jnp.shape(w) != jnp.shape(u):
         raise ValueError(
-            f"The update and the parameter {format_path(path)!r} differ in shape: "
-            f"{jnp.shape(u)} vs {jnp.shape(w)}."
+          f"The update and the parameter {format_path(path)!r} differ in shape: "
+          f"{jnp.shape(u)} vs {jnp.shape(w)}."
         )
       dtype = compute_dtype(u.dtype if w is None else max(u.dtype, w.dtype, key=_width))
       if dtype not in cast_cache:
@@ -234,7 +238,9 @@ def leafwise_transform(
         extra["state"] = leaf_state
       if wants_dtype:
         extra["leaf_dtype"] = u.dtype
-      out = rule(_cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra)
+      out = rule(
+        _cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra
+      )
       new, leaf_state = out if init_leaf is not None else (out, None)
       if valid is not None:
         new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
@@ -244,8 +250,8 @@ def leafwise_transform(
     if init_leaf is None:
       return new_updates, hparams.next_state(state)
     return new_updates, LeafwiseState(
-        count=optax.safe_increment(state.count),
-        leaves=jax.tree_util.tree_unflatten(treedef, new_states),
+      count=optax.safe_increment(state.count),
+      leaves=jax.tree_util.tree_unflatten(treedef, new_states),
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -46,18 +46,20 @@ def _all(ndim: int) -> tuple[int, ...]:
 
 
 def _ambiguous(
-    path: Path, shape: tuple[int, ...], readings: list[tuple[str, tuple[int, ...]]],
-    layout: str = "flax",
+  path: Path,
+  shape: tuple[int, ...],
+  readings: list[tuple[str, tuple[int, ...]]],
+  layout: str = "flax",
 ) -> ValueError:
   shown = "; ".join(f"{what}: axis={axes}" for what, axes in readings)
   glob = f"{path[0]}/**" if len(path) > 1 else format_path(path) or "**"
   first = "" if layout == "flax" else f"{layout!r}, "
   return ValueError(
-      f"The unit of the parameter {format_path(path)!r} of shape {shape} is ambiguous with "
-      f"the default axis=None: it could be {shown}. Pass axis=optax_norms.unit_axes("
-      f"{first}stacked={glob!r}) if it is stacked, axis=optax_norms.unit_axes({first[:-2]}) "
-      "if not (role rules by path; see its docstring), or an explicit axis (an int, a "
-      "tuple, or a callable (path, leaf) -> axes)."
+    f"The unit of the parameter {format_path(path)!r} of shape {shape} is ambiguous with "
+    f"the default axis=None: it could be {shown}. Pass axis=optax_norms.unit_axes("
+    f"{first}stacked={glob!r}) if it is stacked, axis=optax_norms.unit_axes({first[:-2]}) "
+    "if not (role rules by path; see its docstring), or an explicit axis (an int, a "
+    "tuple, or a callable (path, leaf) -> axes)."
   )
 
 
@@ -83,16 +85,25 @@ def default_axes(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
   if name == "embedding" and ndim >= 2:
     if ndim == 2:
       return (1,)
-    raise _ambiguous(path, shape, [
+    raise _ambiguous(
+      path,
+      shape,
+      [
         ("a stacked table (layers, vocab, dim)", tuple(range(2, ndim))),
         ("one unit per embedding dim across the vocabulary", _rank_rule(ndim)),
-    ])
+      ],
+    )
   if name == "weight" and ndim >= 3:
-    raise _ambiguous(path, shape, [
+    raise _ambiguous(
+      path,
+      shape,
+      [
         ("a PyTorch/Equinox Conv weight (out, in, ...)", tuple(range(1, ndim))),
         ("a Flax-layout (..., in, out) weight", _rank_rule(ndim)),
         ("a stacked (layers, out, in, ...) weight", tuple(range(2, ndim))),
-    ], layout="torch")
+      ],
+      layout="torch",
+    )
   if name != "kernel" or ndim <= 2:
     return _rank_rule(ndim)
   if parent in _ATTENTION_IN or parent == _ATTENTION_OUT:
@@ -100,23 +111,37 @@ def default_axes(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     if ndim == 3:
       return role
     layout = "in, heads, head_dim" if parent in _ATTENTION_IN else "heads, head_dim, out"
-    raise _ambiguous(path, shape, [
+    raise _ambiguous(
+      path,
+      shape,
+      [
         (f"a stacked attention kernel (layers, {layout})", tuple(a + 1 for a in role)),
         ("a kernel with all but the last axis reduced", _rank_rule(ndim)),
-    ])
+      ],
+    )
   if parent is not None and _CONV.search(parent):
     return _rank_rule(ndim)
   if ndim == 3:
-    raise _ambiguous(path, shape, [
+    raise _ambiguous(
+      path,
+      shape,
+      [
         ("a Conv1D kernel (width, in, out)", (0, 1)),
         ("a stacked Dense kernel (layers, in, out)", (1,)),
-    ])
+      ],
+    )
   if parent is not None and _LINEN_DENSE.match(parent):
-    raise _ambiguous(path, shape, [
-        ("a stacked kernel (layers, ..., in, out), as a Linen Dense kernel is 2-D",
-         tuple(range(1, ndim - 1))),
+    raise _ambiguous(
+      path,
+      shape,
+      [
+        (
+          "a stacked kernel (layers, ..., in, out), as a Linen Dense kernel is 2-D",
+          tuple(range(1, ndim - 1)),
+        ),
         ("a Conv kernel (..., in, out)", _rank_rule(ndim)),
-    ])
+      ],
+    )
   return _rank_rule(ndim)
 
 
@@ -134,9 +159,9 @@ def _role_axes(layout: str, path: Path, shape: tuple[int, ...]) -> tuple[int, ..
     return (0,)
   if name == "kernel" and ndim >= 3 and parent is not None and _LINEN_DENSE_2D.match(parent):
     raise ValueError(
-        f"The parameter {format_path(path)!r} of shape {shape} is a Linen Dense kernel of "
-        f"rank {ndim}: a Dense kernel is 2-D, so this one is stacked (nn.scan, nn.vmap). "
-        "Add a glob that matches it to unit_axes(stacked=...)."
+      f"The parameter {format_path(path)!r} of shape {shape} is a Linen Dense kernel of "
+      f"rank {ndim}: a Dense kernel is 2-D, so this one is stacked (nn.scan, nn.vmap). "
+      "Add a glob that matches it to unit_axes(stacked=...)."
     )
   return _rank_rule(ndim)
 
@@ -147,7 +172,8 @@ def _is_step_count(args: tuple[Any, ...]) -> bool:
   value = args[0]
   dtype = getattr(value, "dtype", None)
   return isinstance(value, (int, np.integer)) or (
-      dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, np.integer))
+    dtype is not None and np.ndim(value) == 0 and np.issubdtype(dtype, np.integer)
+  )
 
 
 class UnitAxes:
@@ -179,16 +205,16 @@ class UnitAxes:
     for glob, regex in zip(self.stacked, self._stacked):
       if not any(regex.fullmatch(t) for t in texts):
         raise ValueError(
-            f"The stacked glob {glob!r} of {self!r} matches no parameter. The parameter "
-            f"paths are: {shown_paths(texts)}."
+          f"The stacked glob {glob!r} of {self!r} matches no parameter. The parameter "
+          f"paths are: {shown_paths(texts)}."
         )
 
   def __call__(self, *args: Any) -> tuple[int, ...]:
     if _is_step_count(args):
       raise ValueError(
-          "optax_norms.unit_axes(...) was called with a step count, as a schedule: inside "
-          "optax.inject_hyperparams pass static_args=('axis',) (and 'mask' for a callable "
-          "mask)."
+        "optax_norms.unit_axes(...) was called with a step count, as a schedule: inside "
+        "optax.inject_hyperparams pass static_args=('axis',) (and 'mask' for a callable "
+        "mask)."
       )
     if len(args) != 2:
       raise TypeError(f"{self!r} takes (path, leaf), got {len(args)} arguments.")
@@ -198,8 +224,8 @@ class UnitAxes:
     if self.is_stacked(path):
       if not shape:
         raise ValueError(
-            f"The parameter {format_path(path)!r} matches a stacked glob of {self!r} but is a "
-            "scalar: it has no leading layer axis."
+          f"The parameter {format_path(path)!r} matches a stacked glob of {self!r} but is a "
+          "scalar: it has no leading layer axis."
         )
       return tuple(a + 1 for a in _role_axes(self.layout, path, shape[1:]))
     return _role_axes(self.layout, path, shape)

@@ -11,7 +11,14 @@ PER_UNIT = [case.name for case in CASES if case.per_unit]
 ELEMENTWISE = [case.name for case in CASES if not case.per_unit]
 
 __all__ = [
-    "CASES", "CASE_IDS", "Case", "ELEMENTWISE", "PER_UNIT", "by_name", "chain_of_all", "default_axes",
+  "CASES",
+  "CASE_IDS",
+  "Case",
+  "ELEMENTWISE",
+  "PER_UNIT",
+  "by_name",
+  "chain_of_all",
+  "default_axes",
 ]
 
 

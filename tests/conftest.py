@@ -15,9 +15,9 @@ except ImportError:  # Hypothesis is a test extra; files that need it import it 
 
 if settings is not None:
   _COMMON = {
-      "deadline": None,
-      "suppress_health_check": (HealthCheck.too_slow, HealthCheck.data_too_large),
-      "print_blob": True,
+    "deadline": None,
+    "suppress_health_check": (HealthCheck.too_slow, HealthCheck.data_too_large),
+    "print_blob": True,
   }
   # CI is derandomized (the same 200 examples on every run: no flaky red); --long explores.
   settings.register_profile("ci", max_examples=200, derandomize=True, **_COMMON)
@@ -27,19 +27,19 @@ if settings is not None:
 
 def pytest_addoption(parser):
   parser.addoption(
-      "--long",
-      action="store_true",
-      default=False,
-      help="run property-based tests with 2000 examples each (Hypothesis profile 'long').",
+    "--long",
+    action="store_true",
+    default=False,
+    help="run property-based tests with 2000 examples each (Hypothesis profile 'long').",
   )
 
 
 def pytest_configure(config):
   config.addinivalue_line(
-      "markers",
-      "standard_promotion: run under standard dtype and rank promotion because optax itself (its "
-      "schedules, inject_hyperparams' dtype inference, sgd/adam on integer leaves) is not "
-      "strict-promotion clean; our own code is checked strictly elsewhere.",
+    "markers",
+    "standard_promotion: run under standard dtype and rank promotion because optax itself (its "
+    "schedules, inject_hyperparams' dtype inference, sgd/adam on integer leaves) is not "
+    "strict-promotion clean; our own code is checked strictly elsewhere.",
   )
   if settings is not None and config.getoption("--long", default=False):
     settings.load_profile("long")

@@ -25,9 +25,9 @@ KERNELS = "**/kernel"
 # Strengths per method, weakest first; each method's penalty acts on a different scale
 # (prox_adam's threshold is lr·l1/d, the heuristic's lr·alpha, the subgradient's alpha·sign).
 STRENGTHS = {
-    "prox_adam": (1e-4, 1e-3, 1e-2),
-    "adam->prox_l1": (0.1, 0.3, 1.0),
-    "adam+add_l1_decay": (1e-4, 1e-3, 1e-2),
+  "prox_adam": (1e-4, 1e-3, 1e-2),
+  "adam->prox_l1": (0.1, 0.3, 1.0),
+  "adam+add_l1_decay": (1e-4, 1e-3, 1e-2),
 }
 
 
@@ -58,14 +58,19 @@ def run(method: str, strength: float, seed: int) -> dict[str, float]:
 
 
 def table(seeds=(0,), strengths=STRENGTHS) -> list[tuple[str, float, int, dict[str, float]]]:
-  return [(method, value, seed, run(method, value, seed))
-          for seed in seeds for method, value in settings(strengths)]
+  return [
+    (method, value, seed, run(method, value, seed))
+    for seed in seeds
+    for method, value in settings(strengths)
+  ]
 
 
 def main(argv=None) -> None:
   seeds = tuple(int(s) for s in (argv or sys.argv[1:])) or (0, 1)
-  print(f"MLP 64-128-128-10 on digits, adam lr={LR}, same steps/batches as "
-        "test_digits_sparsity.py; exact zeros over the hidden kernels")
+  print(
+    f"MLP 64-128-128-10 on digits, adam lr={LR}, same steps/batches as "
+    "test_digits_sparsity.py; exact zeros over the hidden kernels"
+  )
   print(f"{'seed':>4} {'method':<18} {'strength':>8} {'test acc':>8} {'exact 0':>8}")
   for method, value, seed, row in table(seeds):
     print(f"{seed:>4} {method:<18} {value:8.0e} {row['accuracy']:8.4f} {row['exact_zeros']:8.4f}")

@@ -61,15 +61,15 @@ LR = 0.1
 # Every layout at once, as four sub-trees of one parameter tree; the mesh is ("x": 2, "y": 4)
 # and "x" is the process axis, so anything sharded over "x" spans both processes.
 LAYOUTS = {
-    "rows": (P(("x", "y"), None), P()),
-    "cols": (P(None, ("x", "y")), P(("x", "y"))),
-    "both": (P("x", "y"), P("y")),
-    "replicated": (P(), P()),
+  "rows": (P(("x", "y"), None), P()),
+  "cols": (P(None, ("x", "y")), P(("x", "y"))),
+  "both": (P("x", "y"), P("y")),
+  "replicated": (P(), P()),
 }
 
 COLLECTIVE = re.compile(
-    r"=\s*(?P<result>\([^)]*\)|\S+)\s+(?P<op>all-reduce|all-gather|collective-permute|"
-    r"all-to-all|reduce-scatter)(?:-start)?\("
+  r"=\s*(?P<result>\([^)]*\)|\S+)\s+(?P<op>all-reduce|all-gather|collective-permute|"
+  r"all-to-all|reduce-scatter)(?:-start)?\("
 )
 SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
 
@@ -78,8 +78,8 @@ def _collectives(hlo: str) -> list[tuple[str, list[int]]]:
   found = []
   for match in COLLECTIVE.finditer(hlo):
     sizes = [
-        int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-        for dims in SHAPE.findall(match.group("result"))
+      int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      for dims in SHAPE.findall(match.group("result"))
     ]
     found.append((match.group("op"), sizes))
   return found
@@ -115,8 +115,9 @@ def _mesh(kind: str):
 def _global(tree_np, shardings):
   """Global arrays: each process fills only its addressable shards."""
   return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
-      tree_np, shardings,
+    lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
+    tree_np,
+    shardings,
   )
 
 
@@ -127,9 +128,12 @@ def _local(tree_np):
 def _gather(tree):
   """Numpy copies of global arrays (every process gets the whole value)."""
   return jax.tree.map(
-      lambda x: np.asarray(x) if x.is_fully_addressable or x.is_fully_replicated
-      else np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-      tree,
+    lambda x: (
+      np.asarray(x)
+      if x.is_fully_addressable or x.is_fully_replicated
+      else np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    ),
+    tree,
   )
 
 
@@ -147,11 +151,15 @@ def _state_shardings(tx, params_abstract, param_shardings, mesh):
     if rank == param_rank:
       return sharding
     spec = tuple(sharding.spec) + (None,) * (param_rank - len(sharding.spec))
-    return NamedSharding(mesh, P(*spec[param_rank - rank:])) if rank else replicated
+    return NamedSharding(mesh, P(*spec[param_rank - rank :])) if rank else replicated
 
   return optax.tree_map_params(
-      tx, like_params, state_abstract, param_shardings, params_abstract,
-      transform_non_params=lambda _: replicated,
+    tx,
+    like_params,
+    state_abstract,
+    param_shardings,
+    params_abstract,
+    transform_non_params=lambda _: replicated,
   )
 
 
@@ -170,9 +178,9 @@ class _Groups:
   placement = "wraps"
   per_unit = True
   rules = [
-      ("rows/*", {"l2": 1e-3, "max_norm": 1.0}),
-      ("cols/kernel", {"clip_unit_norm": 1.0, "prox_l1": 1e-3}),
-      ("**", {"l1": 1e-4, "max_abs": 2.0}),
+    ("rows/*", {"l2": 1e-3, "max_norm": 1.0}),
+    ("cols/kernel", {"clip_unit_norm": 1.0, "prox_l1": 1e-3}),
+    ("**", {"l1": 1e-4, "max_abs": 2.0}),
   ]
 
 
@@ -202,7 +210,8 @@ def _rel_err(got, want) -> float:
 def _same(arrays, shardings) -> bool:
   arrays, shardings = jax.tree.leaves(arrays), jax.tree.leaves(shardings)
   return len(arrays) == len(shardings) and all(
-      a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(arrays, shardings))
+    a.sharding.is_equivalent_to(s, a.ndim) for a, s in zip(arrays, shardings)
+  )
 
 
 _REFERENCES: dict[str, dict] = {}
@@ -240,8 +249,13 @@ def _vectors_per_leaf(found) -> int | None:
 
 # Transforms that read more than one unit at a time (magnitude budgets, power iteration,
 # prox_adam's group solve) and rank-based ones whose result is discontinuous in the input.
-COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam",
-                GROUPS.name}  # (regularize: several per-unit settings, several vectors per leaf)
+COMMUNICATES = {
+  "constrain_sparsity",
+  "constrain_n_of_m",
+  "constrain_spectral_norm",
+  "prox_adam",
+  GROUPS.name,
+}  # (regularize: several per-unit settings, several vectors per leaf)
 DISCONTINUOUS = {"constrain_sparsity"}  # n_of_m: see KNOWN_MISMATCH in test_multihost.py
 
 
@@ -279,17 +293,17 @@ def check_cell(mesh, kind, entry) -> dict:
   elif (per_leaf is None) or (entry.per_unit and not per_leaf) or (not entry.per_unit and found):
     problems.append(f"unexpected collectives {found}")
   return {
-      "mesh": kind,
-      "transform": entry.name,
-      "placement": entry.placement,
-      "per_unit": entry.per_unit,
-      "equal": err <= RTOL,
-      "max_rel_err": err,
-      "shardings_kept": params_kept and state_kept,
-      "collectives": [f"{op}{sizes}" for op, sizes in found],
-      "vectors_per_leaf": per_leaf,
-      "ok": not problems,
-      "problems": problems,
+    "mesh": kind,
+    "transform": entry.name,
+    "placement": entry.placement,
+    "per_unit": entry.per_unit,
+    "equal": err <= RTOL,
+    "max_rel_err": err,
+    "shardings_kept": params_kept and state_kept,
+    "collectives": [f"{op}{sizes}" for op, sizes in found],
+    "vectors_per_leaf": per_leaf,
+    "ok": not problems,
+    "problems": problems,
   }
 
 
@@ -315,7 +329,10 @@ def diagnostics(mesh) -> dict:
   params = _global(params_np, param_shardings)
   out["fully_addressable"] = [p.is_fully_addressable for p in jax.tree.leaves(params)]
   want = jax.tree.map(np.asarray, on.norm_report(_local(params_np)))
-  for how, fn in (("norm_report_jit", jax.jit(on.norm_report)), ("norm_report_eager", on.norm_report)):
+  for how, fn in (
+    ("norm_report_jit", jax.jit(on.norm_report)),
+    ("norm_report_eager", on.norm_report),
+  ):
     try:
       got = _gather(fn(params))
       err = max(jax.tree.leaves(jax.tree.map(_rel_err, got, want)))
@@ -329,11 +346,15 @@ def diagnostics(mesh) -> dict:
       got = on.decay_resolution_report(cast, alpha=0.05, learning_rate=1e-3)
       ref = on.decay_resolution_report(local, alpha=0.05, learning_rate=1e-3)
       out[f"decay_resolution_report_{dtype}"] = {
-          "ok": got == ref, "rounds_away": list(got.rounds_away)}
+        "ok": got == ref,
+        "rounds_away": list(got.rounds_away),
+      }
     except Exception as error:
       out[f"decay_resolution_report_{dtype}"] = {
-          "ok": False, "error": f"{type(error).__name__}: {error}"[:2000],
-          "traceback": traceback.format_exc()[-3000:]}
+        "ok": False,
+        "error": f"{type(error).__name__}: {error}"[:2000],
+        "traceback": traceback.format_exc()[-3000:],
+      }
   return out
 
 
@@ -352,8 +373,9 @@ def _ckpt_chain():
 
   lr = optax.warmup_cosine_decay_schedule(0.0, 0.05, 2, 10, 0.005)
   return chain_of_all(
-      optax.adam(lr), lambda v: optax.linear_schedule(v / 10, v / 40, transition_steps=4),
-      mask=None,
+    optax.adam(lr),
+    lambda v: optax.linear_schedule(v / 10, v / 40, transition_steps=4),
+    mask=None,
   )
 
 
@@ -374,8 +396,8 @@ def _run(step, params, state, shardings, start, stop):
 
 def _flat(tree) -> dict[str, np.ndarray]:
   return {
-      jax.tree_util.keystr(path): np.asarray(leaf)
-      for path, leaf in jax.tree_util.tree_leaves_with_path(_gather(tree))
+    jax.tree_util.keystr(path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(_gather(tree))
   }
 
 
@@ -404,14 +426,15 @@ def checkpoint_resume(mesh, workdir) -> dict:
 
   tx, params0, state0, param_shardings, state_shardings = _ckpt_start(mesh)
   target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      {"params": params0, "opt_state": state0},
-      {"params": param_shardings, "opt_state": state_shardings},
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    {"params": params0, "opt_state": state0},
+    {"params": param_shardings, "opt_state": state_shardings},
   )
   restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, "ckpt"), target)
   restored_kept = _same(restored, jax.tree.map(lambda t: t.sharding, target))
-  counts = {int(x) for x in jax.tree.leaves(restored["opt_state"])
-            if x.ndim == 0 and x.dtype == np.int32}  # ScheduleState and adam counts.
+  counts = {
+    int(x) for x in jax.tree.leaves(restored["opt_state"]) if x.ndim == 0 and x.dtype == np.int32
+  }  # ScheduleState and adam counts.
   step = _step(tx)
   resumed = _run(step, restored["params"], restored["opt_state"], param_shardings, SAVE_AT, STEPS)
   full = _run(step, params0, state0, param_shardings, 0, STEPS)
@@ -424,17 +447,20 @@ def checkpoint_resume(mesh, workdir) -> dict:
 
   def identical(a, b):
     return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+      a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a
+    )
 
   start = _params_np()
   return {
-      "restored_counts_are_3": counts == {SAVE_AT},
-      "restored_shardings_kept": restored_kept,
-      "bit_identical_to_uninterrupted": identical(got, want),
-      "bit_identical_to_first_processes": identical(got, first),
-      "fresh_state_differs": not identical(_flat({"params": fresh[0]}), _flat({"params": full[0]})),
-      "weights_moved": not np.array_equal(got["['params']['rows']['kernel']"], start["rows"]["kernel"]),
-      "leaves": len(got),
+    "restored_counts_are_3": counts == {SAVE_AT},
+    "restored_shardings_kept": restored_kept,
+    "bit_identical_to_uninterrupted": identical(got, want),
+    "bit_identical_to_first_processes": identical(got, first),
+    "fresh_state_differs": not identical(_flat({"params": fresh[0]}), _flat({"params": full[0]})),
+    "weights_moved": not np.array_equal(
+      got["['params']['rows']['kernel']"], start["rows"]["kernel"]
+    ),
+    "leaves": len(got),
   }
 
 
@@ -443,15 +469,17 @@ def checkpoint_resume(mesh, workdir) -> dict:
 
 def _table(rows) -> str:
   width = max(len(r["transform"]) for r in rows)
-  lines = [f"{'transform':<{width}}  {'mesh':<8}  {'place':<6}  equal  kept   rel err   "
-           "collectives (element count of each all-reduced vector)"]
+  lines = [
+    f"{'transform':<{width}}  {'mesh':<8}  {'place':<6}  equal  kept   rel err   "
+    "collectives (element count of each all-reduced vector)"
+  ]
   for r in rows:
     detail = ",".join(r["collectives"]) or "none"
     if not r["ok"]:
       detail += "  FAIL: " + "; ".join(r["problems"])[:100]
     lines.append(
-        f"{r['transform']:<{width}}  {r['mesh']:<8}  {r['placement']:<6}  "
-        f"{r['equal']!s:<5}  {r['shardings_kept']!s:<5}  {r['max_rel_err']:8.1e}  {detail}"
+      f"{r['transform']:<{width}}  {r['mesh']:<8}  {r['placement']:<6}  "
+      f"{r['equal']!s:<5}  {r['shardings_kept']!s:<5}  {r['max_rel_err']:8.1e}  {detail}"
     )
   return "\n".join(lines)
 
@@ -460,8 +488,11 @@ _T0 = time.perf_counter()
 
 
 def _log(what: str) -> None:
-  print(f"[process {jax.process_index()}] {what} at {time.perf_counter() - _T0:.1f} s",
-        file=sys.stderr, flush=True)
+  print(
+    f"[process {jax.process_index()}] {what} at {time.perf_counter() - _T0:.1f} s",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def _context(mesh, kind):
@@ -473,15 +504,20 @@ def _context(mesh, kind):
 def main(argv) -> int:
   phase, process_id, num_processes, port, workdir = argv
   jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{port}", num_processes=int(num_processes),
-      process_id=int(process_id), initialization_timeout=120,
+    coordinator_address=f"127.0.0.1:{port}",
+    num_processes=int(num_processes),
+    process_id=int(process_id),
+    initialization_timeout=120,
   )
   assert jax.process_count() == 2 and jax.device_count() == 2 * LOCAL_DEVICES, jax.devices()
   _log("initialized")
   if phase == "run":
     mesh = _mesh("explicit")
-    print("MESH " + json.dumps({"process_of_device": [[d.process_index for d in row]
-                                                      for row in mesh.devices]}), flush=True)
+    print(
+      "MESH "
+      + json.dumps({"process_of_device": [[d.process_index for d in row] for row in mesh.devices]}),
+      flush=True,
+    )
     rows = []
     for kind in ("explicit", "auto"):
       mesh = _mesh(kind)
@@ -491,16 +527,25 @@ def main(argv) -> int:
         try:
           cell = check_cell(mesh, kind, entry)
         except Exception as error:  # Report, do not hide, a crash in one cell.
-          cell = {"mesh": kind, "transform": entry.name, "placement": entry.placement,
-                  "per_unit": entry.per_unit, "equal": False, "max_rel_err": float("inf"),
-                  "shardings_kept": False, "collectives": [], "ok": False,
-                  "problems": [f"{type(error).__name__}: {error}"[:500]],
-                  "traceback": traceback.format_exc()[-3000:]}
+          cell = {
+            "mesh": kind,
+            "transform": entry.name,
+            "placement": entry.placement,
+            "per_unit": entry.per_unit,
+            "equal": False,
+            "max_rel_err": float("inf"),
+            "shardings_kept": False,
+            "collectives": [],
+            "ok": False,
+            "problems": [f"{type(error).__name__}: {error}"[:500]],
+            "traceback": traceback.format_exc()[-3000:],
+          }
         rows.append(cell)
         print("RESULT " + json.dumps(cell), flush=True)
       follows = init_follows_params(mesh, kind)
-      print("INIT " + json.dumps({"mesh": kind, "plain_jit_init_follows_params": follows}),
-            flush=True)
+      print(
+        "INIT " + json.dumps({"mesh": kind, "plain_jit_init_follows_params": follows}), flush=True
+      )
     _log("matrix done")
     print("DIAG " + json.dumps(diagnostics(_mesh("explicit"))), flush=True)
     _log("diagnostics done")
@@ -508,8 +553,10 @@ def main(argv) -> int:
       print("CKPT " + json.dumps(checkpoint_save(_mesh(CKPT_MESH), workdir)), flush=True)
     _log("checkpoint saved")
     if jax.process_index() == 0:
-      print("\n2 processes x 4 CPU devices, mesh ('x': 2 = the processes, 'y': 4); every "
-            "transform chained around sgd(0.1, momentum=0.9), 5 steps, vs one local device:")
+      print(
+        "\n2 processes x 4 CPU devices, mesh ('x': 2 = the processes, 'y': 4); every "
+        "transform chained around sgd(0.1, momentum=0.9), 5 steps, vs one local device:"
+      )
       print(_table(rows))
       print(f"{GROUPS.name}: {GROUPS.rules}")
   elif phase == "resume":

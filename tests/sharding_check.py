@@ -26,7 +26,7 @@ import sys
 if "jax" in sys.modules:  # pragma: no cover - guards misuse
   raise RuntimeError("sharding_check must run in a fresh process (before jax is imported).")
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -54,17 +54,18 @@ KNOWN_EXPLICIT = {"constrain_sparsity", "constrain_n_of_m"}
 
 # layout -> (kernel spec, bias spec); the mesh is ("x": 2, "y": 4).
 LAYOUTS = {
-    "rows": (P(("x", "y"), None), P()),
-    "cols": (P(None, ("x", "y")), P(("x", "y"))),
-    "both": (P("x", "y"), P("y")),
-    "replicated": (P(), P()),
+  "rows": (P(("x", "y"), None), P()),
+  "cols": (P(None, ("x", "y")), P(("x", "y"))),
+  "both": (P("x", "y"), P("y")),
+  "replicated": (P(), P()),
 }
 
 COLLECTIVE = re.compile(
-    r"=\s*(?P<result>\([^)]*\)|\S+)\s+(?P<op>all-reduce|all-gather|collective-permute|"
-    r"all-to-all|reduce-scatter)(?:-start)?\("
+  r"=\s*(?P<result>\([^)]*\)|\S+)\s+(?P<op>all-reduce|all-gather|collective-permute|"
+  r"all-to-all|reduce-scatter)(?:-start)?\("
 )
 SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
+
 
 def _axis_size(mesh, entry) -> int:
   if entry is None:
@@ -72,20 +73,23 @@ def _axis_size(mesh, entry) -> int:
   names = entry if isinstance(entry, tuple) else (entry,)
   return int(np.prod([mesh.shape[n] for n in names]))
 
+
 def _local_shape(mesh, shape, spec) -> tuple[int, ...]:
   entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
   return tuple(d // _axis_size(mesh, e) for d, e in zip(shape, entries))
+
 
 def _collectives(hlo: str) -> list[tuple[str, list[int]]]:
   """(op, element count of each result array) for every collective in the program."""
   found = []
   for match in COLLECTIVE.finditer(hlo):
     sizes = [
-        int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
-        for dims in SHAPE.findall(match.group("result"))
+      int(np.prod([int(d) for d in dims.split(",") if d])) if dims else 1
+      for dims in SHAPE.findall(match.group("result"))
     ]
     found.append((match.group("op"), sizes))
   return found
+
 
 def _inputs():
   rng = np.random.default_rng(0)
@@ -95,12 +99,13 @@ def _inputs():
   bias = rng.normal(size=(COLS,)).astype(np.float32)
   params = {"dense": {"kernel": kernel, "bias": bias}}
   grads = {
-      "dense": {
-          "kernel": rng.normal(size=(ROWS, COLS)).astype(np.float32),
-          "bias": rng.normal(size=(COLS,)).astype(np.float32),
-      }
+    "dense": {
+      "kernel": rng.normal(size=(ROWS, COLS)).astype(np.float32),
+      "bias": rng.normal(size=(COLS,)).astype(np.float32),
+    }
   }
   return params, grads
+
 
 def _mesh(kind: str):
   if kind == "explicit":
@@ -108,11 +113,13 @@ def _mesh(kind: str):
   devices = np.array(jax.devices()[:8]).reshape(2, 4)
   return jax.sharding.Mesh(devices, ("x", "y"))
 
+
 def _step_fn(tx, state):
   def step(grads, params):
     return tx.update(grads, state, params)[0]
 
   return jax.jit(step)
+
 
 def check_cell(mesh, layout: str, name: str, params_np, grads_np) -> dict:
   factory, per_unit = TRANSFORMS[name]
@@ -129,7 +136,7 @@ def check_cell(mesh, layout: str, name: str, params_np, grads_np) -> dict:
   # Reference: the same jitted transform on one device, unsharded.
   one = jax.devices()[0]
   ref = _step_fn(tx, tx.init(params_np))(
-      jax.device_put(grads_np, one), jax.device_put(params_np, one)
+    jax.device_put(grads_np, one), jax.device_put(params_np, one)
   )
   out = step(grads, params)
   for key in ("kernel", "bias"):
@@ -151,8 +158,8 @@ def check_cell(mesh, layout: str, name: str, params_np, grads_np) -> dict:
     pass
   elif per_unit:
     allowed = {
-        int(np.prod(_local_shape(mesh, (COLS,), kernel_spec[1:] if len(kernel_spec) > 1 else ()))),
-        1,  # The bias is a single unit: its norm is a scalar.
+      int(np.prod(_local_shape(mesh, (COLS,), kernel_spec[1:] if len(kernel_spec) > 1 else ()))),
+      1,  # The bias is a single unit: its norm is a scalar.
     }
     kernel_local = int(np.prod(_local_shape(mesh, (ROWS, COLS), kernel_spec)))
     for op, sizes in found:
@@ -161,13 +168,14 @@ def check_cell(mesh, layout: str, name: str, params_np, grads_np) -> dict:
   elif found:
     problems.append(f"element-wise transform has collectives {found}")
   return {
-      "layout": layout,
-      "transform": name,
-      "per_unit": per_unit,
-      "ok": not problems,
-      "collectives": [f"{op}{sizes}" for op, sizes in found],
-      "problems": problems,
+    "layout": layout,
+    "transform": name,
+    "per_unit": per_unit,
+    "ok": not problems,
+    "collectives": [f"{op}{sizes}" for op, sizes in found],
+    "problems": problems,
   }
+
 
 def control(mesh) -> list[tuple[str, list[int]]]:
   """A negative control: a step that reshards a row-sharded leaf to replicated must show
@@ -177,6 +185,7 @@ def control(mesh) -> list[tuple[str, list[int]]]:
   u = jax.device_put(np.ones((ROWS, COLS), np.float32), sharded)
   step = jax.jit(lambda u: 2 * u, out_shardings=replicated)
   return _collectives(step.lower(u).compile().as_text())
+
 
 def main() -> int:
   assert jax.device_count() == 8, jax.devices()
@@ -194,8 +203,12 @@ def main() -> int:
         except Exception as error:  # Report, do not hide, a crash in one cell.
           known = kind == "explicit" and name in KNOWN_EXPLICIT
           cell = {
-              "layout": layout, "transform": name, "ok": known, "known_failure": known,
-              "collectives": [], "problems": [f"{type(error).__name__}: {error}"[:300]],
+            "layout": layout,
+            "transform": name,
+            "ok": known,
+            "known_failure": known,
+            "collectives": [],
+            "problems": [f"{type(error).__name__}: {error}"[:300]],
           }
         cell["mesh"] = kind
         all_ok &= cell["ok"]
@@ -213,6 +226,7 @@ def main() -> int:
       print(f"{name:<{width}} | " + " | ".join(cells))
   print("ALL_OK" if all_ok else "SOME_FAILED")
   return 0 if all_ok else 1
+
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -30,7 +30,9 @@ def _top_k_budget(fraction):
       _, idx = jax.lax.top_k(v, keep_count)
       keep = jnp.zeros(v.shape, bool).at[idx].set(True).reshape(w.shape)
       return jnp.where(keep, u, -w)
+
     return jax.tree.map(leaf, updates, params), state
+
   return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
@@ -39,10 +41,15 @@ def _sort_budget(fraction):
     def leaf(u, w):
       v = jnp.abs(w + u).reshape(-1)
       k = int(np.floor(fraction * v.size))
-      rank = jnp.zeros(v.shape, jnp.int32).at[jnp.argsort(v, stable=True)].set(
-          jnp.arange(v.size, dtype=jnp.int32))
+      rank = (
+        jnp.zeros(v.shape, jnp.int32)
+        .at[jnp.argsort(v, stable=True)]
+        .set(jnp.arange(v.size, dtype=jnp.int32))
+      )
       return jnp.where((rank >= k).reshape(w.shape), u, -w)
+
     return jax.tree.map(leaf, updates, params), state
+
   return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
 
 
@@ -55,6 +62,7 @@ def _time(tx, params):
       p, s = carry
       u, s = tx.update(grads, s, p)
       return optax.apply_updates(p, u), s
+
     return jax.lax.fori_loop(0, STEPS, body, (params, state))
 
   state = tx.init(params)
@@ -78,8 +86,10 @@ def main() -> None:
     topk = _time(optax.chain(adam, _top_k_budget(0.5)), params)
     full = _time(optax.chain(adam, _sort_budget(0.5)), params)
     nm = _time(optax.chain(adam, on.constrain_n_of_m(2, 4)), params)
-    print(f"{n:>5}x{n:<6} {base:9.1f} {sort:10.1f} {topk:9.1f} {full:9.1f} {nm:9.1f}   "
-          f"(x{sort / base:.1f}, x{topk / base:.1f}, x{full / base:.1f}, x{nm / base:.1f})")
+    print(
+      f"{n:>5}x{n:<6} {base:9.1f} {sort:10.1f} {topk:9.1f} {full:9.1f} {nm:9.1f}   "
+      f"(x{sort / base:.1f}, x{topk / base:.1f}, x{full / base:.1f}, x{nm / base:.1f})"
+    )
 
 
 if __name__ == "__main__":

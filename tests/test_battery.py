@@ -16,22 +16,25 @@ def _params(dtype=jnp.float32, seed=0):
   # Axis lengths along axis -2 (and of the bias) are multiples of 4, for constrain_n_of_m.
   rng = np.random.default_rng(seed)
   return {
-      "dense": {
-          "kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype),
-          "bias": jnp.asarray(rng.normal(size=(4,)), dtype),
-      },
-      "conv": {"kernel": jnp.asarray(rng.normal(size=(2, 2, 4, 5)), dtype)},
-      "step": jnp.asarray(7, jnp.int32),
-      "frozen": None,
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype),
+      "bias": jnp.asarray(rng.normal(size=(4,)), dtype),
+    },
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(2, 2, 4, 5)), dtype)},
+    "step": jnp.asarray(7, jnp.int32),
+    "frozen": None,
   }
 
 
 def _grads(params, seed=1):
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype)
-      if jnp.issubdtype(p.dtype, jnp.floating) else jnp.zeros_like(p),
-      params,
+    lambda p: (
+      jnp.asarray(rng.normal(size=p.shape), p.dtype)
+      if jnp.issubdtype(p.dtype, jnp.floating)
+      else jnp.zeros_like(p)
+    ),
+    params,
   )
 
 
@@ -51,8 +54,11 @@ def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
   assert len(a_leaves) == len(e_leaves)
   for (path, a), e in zip(a_leaves, e_leaves):
     np.testing.assert_allclose(
-        np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=atol,
-        err_msg=f"at {jax.tree_util.keystr(path)}",
+      np.asarray(a, np.float64),
+      np.asarray(e, np.float64),
+      rtol=rtol,
+      atol=atol,
+      err_msg=f"at {jax.tree_util.keystr(path)}",
     )
 
 
@@ -94,8 +100,8 @@ def test_chains_with_optimizer(case, optimizer):
   for _ in range(3):
     params, state = step(params, state)
     pre = jax.tree.map(
-        lambda x: None if x is None else jnp.asarray(x, jnp.float32),
-        _oracle_tree(case, grads, ref_params, case.hyperparams),
+      lambda x: None if x is None else jnp.asarray(x, jnp.float32),
+      _oracle_tree(case, grads, ref_params, case.hyperparams),
     )
     pre["step"] = grads["step"]
     updates, ref_opt = optimizer.update(pre, ref_opt, ref_params)
@@ -158,7 +164,8 @@ def test_state_structure_stable_and_schedule_advances(case):
     updates, new_state = update(grads, state, params)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), state)
+      lambda x: (x.shape, x.dtype), state
+    )
     # optax's convention: the update at count k uses schedule(k).
     hp = {**case.hyperparams, name: float(schedule(step))}
     _assert_close(updates, _oracle_tree(case, grads, params, hp), rtol=2e-5, atol=2e-6)
@@ -172,23 +179,23 @@ def test_state_structure_stable_and_schedule_advances(case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize(
-    "mask",
-    [
-        "**/kernel",
-        ["**", "!conv/**"],
-        on.path_mask(regex=r"kernel$"),
-        {"dense": {"kernel": True, "bias": False}, "conv": False, "step": False, "frozen": None},
-        lambda p: jax.tree.map(lambda x: x.ndim == 2, p),
-    ],
-    ids=["glob", "glob-exclude", "regex", "bool-tree", "callable"],
+  "mask",
+  [
+    "**/kernel",
+    ["**", "!conv/**"],
+    on.path_mask(regex=r"kernel$"),
+    {"dense": {"kernel": True, "bias": False}, "conv": False, "step": False, "frozen": None},
+    lambda p: jax.tree.map(lambda x: x.ndim == 2, p),
+  ],
+  ids=["glob", "glob-exclude", "regex", "bool-tree", "callable"],
 )
 def test_masks_select_by_path(case, mask):
   if case.placement == "optimizer":
     pytest.skip("an optimizer updates unselected leaves too: tests/test_prox_adam.py")
   params, grads = _params(), _grads(_params())
   selected = {
-      "**/kernel": {"dense/kernel", "conv/kernel"},
-      "glob-exclude": {"dense/kernel", "dense/bias"},
+    "**/kernel": {"dense/kernel", "conv/kernel"},
+    "glob-exclude": {"dense/kernel", "dense/bias"},
   }
   tx = case.make(mask=mask)
   updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
@@ -201,8 +208,9 @@ def test_masks_select_by_path(case, mask):
     chosen = {"dense/kernel", "conv/kernel"}
   else:
     chosen = {"dense/kernel"}
-  for path, u, g, f in zip(on.tree_paths(params), jax.tree.leaves(updates),
-                           jax.tree.leaves(grads), jax.tree.leaves(full)):
+  for path, u, g, f in zip(
+    on.tree_paths(params), jax.tree.leaves(updates), jax.tree.leaves(grads), jax.tree.leaves(full)
+  ):
     if path in chosen:
       np.testing.assert_allclose(np.asarray(u), f, rtol=1e-5, atol=1e-6, err_msg=path)
     else:
@@ -229,8 +237,9 @@ def test_no_nan_from_zeros(case, zero_hp):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), np.ones(2)],
-                         ids=["negative", "nan", "inf", "array"])
+@pytest.mark.parametrize(
+  "bad", [-1.0, float("nan"), float("inf"), np.ones(2)], ids=["negative", "nan", "inf", "array"]
+)
 def test_bad_hyperparameters_raise_naming_the_argument(case, bad):
   for name in case.hyperparams:
     with pytest.raises(ValueError, match=f"`{name}`"):
@@ -258,7 +267,8 @@ def test_inject_hyperparams_with_half_precision_params(case, dtype):
   if case.placement == "optimizer":
     pytest.skip("b2=0.999 rounds to 1.0 in half precision: prox_adam rightly rejects it")
   params = jax.tree.map(
-      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, _params())
+    lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, _params()
+  )
   grads = _grads(params)
   injected = optax.inject_hyperparams(case.factory)(**case.hyperparams)
   state = injected.init(params)

@@ -17,12 +17,29 @@ TRANSFORMS = [entry.name for entry in REGISTRY if "bench" not in entry.skip]
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
   path = tmp_path_factory.mktemp("bench") / "bench.json"
-  argv = ["--size", "tiny", "--trees", "big,mlp", "--steps", "1", "--repeats", "1",
-          "--no-progress", "--json", str(path)]
+  argv = [
+    "--size",
+    "tiny",
+    "--trees",
+    "big,mlp",
+    "--steps",
+    "1",
+    "--repeats",
+    "1",
+    "--no-progress",
+    "--json",
+    str(path),
+  ]
   proc = subprocess.run(
-      [sys.executable, "-c",
-       "import sys; from optax_norms.tools.bench import main; sys.exit(main(sys.argv[1:]))", *argv],
-      capture_output=True, text=True, timeout=300,
+    [
+      sys.executable,
+      "-c",
+      "import sys; from optax_norms.tools.bench import main; sys.exit(main(sys.argv[1:]))",
+      *argv,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   return proc, json.loads(path.read_text()) if path.exists() else None
 
@@ -42,17 +59,20 @@ def test_json_has_rows_for_every_transform_and_optimizer(tiny_run):
   _, results = tiny_run
   assert set(results) >= {"meta", "trees", "mlp", "state_bytes", "targets"}
   import jax
+
   assert results["meta"]["device_kind"] == jax.devices()[0].device_kind
   rows = results["trees"]["big"]["rows"]
   assert sorted((r["transform"], r["optimizer"]) for r in rows) == sorted(
-      (t, o) for t in TRANSFORMS for o in ("sgd", "adam"))
+    (t, o) for t in TRANSFORMS for o in ("sgd", "adam")
+  )
   for r in rows:
     assert set(r["us_per_step"]) >= {"base", "ours", "hand"}
     assert all(v > 0 for v in r["us_per_step"].values())
     assert r["kernels"]["ours"] >= r["kernels"]["base"] > 0
   peers = {r["transform"] for r in rows if r["ratio_vs_peer"] is not None}
   assert peers == {
-      entry.name for entry in REGISTRY if entry.peer is not None and "bench" not in entry.skip}
+    entry.name for entry in REGISTRY if entry.peer is not None and "bench" not in entry.skip
+  }
   assert results["trees"]["big"]["copy"]["gb_per_s"] > 0
 
 
@@ -78,8 +98,9 @@ def test_state_bytes_are_zero_without_schedules_and_one_int32_count_with_one(tin
       assert sizes["constant"] > np.dtype(np.int32).itemsize, name
       continue
     assert sizes["constant"] == 0, name
-    assert sizes["scheduled"] == (np.dtype(np.int32).itemsize if by_name(name).hyperparams
-                                  else 0), name
+    assert sizes["scheduled"] == (
+      np.dtype(np.int32).itemsize if by_name(name).hyperparams else 0
+    ), name
   for r in results["trees"]["big"]["rows"]:
     assert r["state_bytes"] == 0 or by_name(r["transform"]).stateful, r["transform"]
 
@@ -107,9 +128,13 @@ ENTRY %main (x: f32[4]) -> f32[4] {
 
 
 @pytest.mark.parametrize(
-    "argv, message",
-    [(["--bogus"], "unrecognized arguments"), (["--size", "huge"], "invalid choice"),
-     (["--only", "add_l3_decay"], "add_l3_decay"), (["--steps", "0"], "positive integer")],
+  "argv, message",
+  [
+    (["--bogus"], "unrecognized arguments"),
+    (["--size", "huge"], "invalid choice"),
+    (["--only", "add_l3_decay"], "add_l3_decay"),
+    (["--steps", "0"], "positive integer"),
+  ],
 )
 def test_invalid_flags_exit_nonzero_with_one_line_and_no_traceback(argv, message, capsys):
   assert _bench.main(argv) == 2
@@ -120,10 +145,16 @@ def test_invalid_flags_exit_nonzero_with_one_line_and_no_traceback(argv, message
 
 def test_invalid_flag_in_a_subprocess_has_no_traceback():
   proc = subprocess.run(
-      [sys.executable, "-c",
-       "import sys; from optax_norms.tools.bench import main; sys.exit(main(sys.argv[1:]))",
-       "--repeats", "many"],
-      capture_output=True, text=True, timeout=120,
+    [
+      sys.executable,
+      "-c",
+      "import sys; from optax_norms.tools.bench import main; sys.exit(main(sys.argv[1:]))",
+      "--repeats",
+      "many",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
   )
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr and "--repeats" in proc.stderr

@@ -23,17 +23,22 @@ def _schedule(start):
 
 # Every factory, once with constants (EmptyState) and once with a schedule (ScheduleState).
 FACTORIES = {
-    entry.name: lambda s, entry=entry: entry.make_scheduled(s, **({"axis": 0} if entry.per_unit else {}))
-    for entry in REGISTRY if "checkpoint" not in entry.skip
+  entry.name: lambda s, entry=entry: entry.make_scheduled(
+    s, **({"axis": 0} if entry.per_unit else {})
+  )
+  for entry in REGISTRY
+  if "checkpoint" not in entry.skip
 }
 
 
 def _params():
   rng = np.random.default_rng(0)
   return {
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
-                "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
-      "head": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+    },
+    "head": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
   }
 
 
@@ -44,8 +49,10 @@ def _loss(params, x, y):
 
 def _data(step):
   rng = np.random.default_rng(1000 + step)
-  return (jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
-          jnp.asarray(rng.normal(size=(8, 2)), jnp.float32))
+  return (
+    jnp.asarray(rng.normal(size=(8, 6)), jnp.float32),
+    jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+  )
 
 
 def _full_chain():
@@ -114,9 +121,11 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
 
   tx_a = _full_chain()
   half_params, half_state = _run(tx_a, params0, tx_a.init(params0), 0, steps // 2)
-  counts = [s.count for s in jax.tree.leaves(
-      half_state, is_leaf=lambda s: isinstance(s, on.ScheduleState))
-      if isinstance(s, on.ScheduleState)]
+  counts = [
+    s.count
+    for s in jax.tree.leaves(half_state, is_leaf=lambda s: isinstance(s, on.ScheduleState))
+    if isinstance(s, on.ScheduleState)
+  ]
   assert len(counts) >= 11 and all(int(c) == steps // 2 for c in counts)
 
   # A fresh "process": new transform objects, targets from their own init.
@@ -125,13 +134,14 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
   restored = _save_restore(tmp_path, {"params": half_params, "opt_state": half_state}, target)
   _assert_trees_identical(restored["opt_state"], half_state)
   resumed_params, resumed_state = _run(
-      tx_b, restored["params"], restored["opt_state"], steps // 2, steps
+    tx_b, restored["params"], restored["opt_state"], steps // 2, steps
   )
   _assert_trees_identical(resumed_params, full_params)
   _assert_trees_identical(resumed_state, full_state)
   # The run did something: the schedules and the penalties moved the weights.
-  assert not np.array_equal(np.asarray(full_params["dense"]["kernel"]),
-                            np.asarray(params0["dense"]["kernel"]))
+  assert not np.array_equal(
+    np.asarray(full_params["dense"]["kernel"]), np.asarray(params0["dense"]["kernel"])
+  )
 
 
 def test_resume_without_restoring_counts_differs(tmp_path):
@@ -144,5 +154,6 @@ def test_resume_without_restoring_counts_differs(tmp_path):
   half_params, _ = _run(tx, params0, tx.init(params0), 0, steps // 2)
   tx_b = _full_chain()
   wrong, _ = _run(tx_b, half_params, tx_b.init(half_params), steps // 2, steps)
-  assert not np.array_equal(np.asarray(wrong["dense"]["kernel"]),
-                            np.asarray(full_params["dense"]["kernel"]))
+  assert not np.array_equal(
+    np.asarray(wrong["dense"]["kernel"]), np.asarray(full_params["dense"]["kernel"])
+  )

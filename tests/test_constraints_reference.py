@@ -71,7 +71,9 @@ def assert_projection_close(ours, ref, w, min_norm):
   """
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   # constrain_row_norm projects onto c·(1 − δ(n)) so that the stored norm is ≤ c exactly.
-  tol = (KERAS_EPS / min_norm + F32_RTOL + radius_margin(ours.size)) * np.abs(ref) + 2 * np.finfo(np.float32).eps * np.abs(w)
+  tol = (KERAS_EPS / min_norm + F32_RTOL + radius_margin(ours.size)) * np.abs(ref) + 2 * np.finfo(
+    np.float32
+  ).eps * np.abs(w)
   excess = np.abs(ours - ref) - tol
   assert np.all(excess <= 0), f"max excess {excess.max():.3g} at {np.argmax(excess)}"
 

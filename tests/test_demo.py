@@ -20,8 +20,15 @@ pytestmark = pytest.mark.slow
 STEPS = 60
 ALL = [s.name for s in SETTINGS]
 COLUMNS = [
-    "train acc", "test acc", "gap", "zero frac", "dead units", "max unit norm", "total L2",
-    "max |Δw|", "max unit Δw",
+  "train acc",
+  "test acc",
+  "gap",
+  "zero frac",
+  "dead units",
+  "max unit norm",
+  "total L2",
+  "max |Δw|",
+  "max unit Δw",
 ]
 FIGURES = ("weights_hist.png", "summary.png", "curves.png")
 
@@ -29,8 +36,11 @@ FIGURES = ("weights_hist.png", "summary.png", "curves.png")
 def _demo(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
-      [sys.executable, "-m", "optax_norms", "demo", *args],
-      capture_output=True, text=True, timeout=timeout, env=env,
+    [sys.executable, "-m", "optax_norms", "demo", *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    env=env,
   )
 
 
@@ -39,7 +49,7 @@ def _table(stdout: str) -> dict[str, dict[str, float]]:
   lines = stdout.splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith("setting"))
   rows = {}
-  for line in lines[start + 2:]:
+  for line in lines[start + 2 :]:
     if not line.strip():
       break
     name, *cells = line.split()
@@ -55,9 +65,9 @@ def _check_png(path) -> None:
   assert data[:8] == b"\x89PNG\r\n\x1a\n", path
   pos, kinds = 8, []
   while pos < len(data):
-    (length,) = struct.unpack(">I", data[pos:pos + 4])
-    kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-    (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+    (length,) = struct.unpack(">I", data[pos : pos + 4])
+    kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+    (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
     assert zlib.crc32(kind + body) == crc, (path, kind)
     if kind == b"IHDR":
       width, height = struct.unpack(">II", body[:8])
@@ -107,8 +117,14 @@ def test_demo_end_to_end(tmp_path):
   # says which figures it wrote and that they replaced the earlier ones.
   subset = ["prox_l1", "none", "maxnorm"]
   again = _demo(
-      "--steps", str(STEPS), "--out", str(tmp_path / "a"), "--seed", "3",
-      "--settings", ",".join(subset),
+    "--steps",
+    str(STEPS),
+    "--out",
+    str(tmp_path / "a"),
+    "--seed",
+    "3",
+    "--settings",
+    ",".join(subset),
   )
   assert again.returncode == 0, again.stderr[-2000:]
   second = _table(again.stdout)
@@ -120,16 +136,16 @@ def test_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--steps", "-5"], "--steps"),
-        (["--steps", "ten"], "--steps"),
-        (["--settings", "none,l3"], "l3"),
-        (["--settings", "l2,,l1"], "empty entry (entry 2 of 3)"),
-        (["--settings", "l2,"], "empty entry (entry 2 of 2)"),
-        (["--settings", ""], "(none given)"),
-        (["--no-such-flag"], "--no-such-flag"),
-    ],
+  "args, message",
+  [
+    (["--steps", "-5"], "--steps"),
+    (["--steps", "ten"], "--steps"),
+    (["--settings", "none,l3"], "l3"),
+    (["--settings", "l2,,l1"], "empty entry (entry 2 of 3)"),
+    (["--settings", "l2,"], "empty entry (entry 2 of 2)"),
+    (["--settings", ""], "(none given)"),
+    (["--no-such-flag"], "--no-such-flag"),
+  ],
 )
 def test_demo_rejects_bad_flags_in_one_line(args, message, tmp_path):
   result = _demo(*args, "--out", str(tmp_path), timeout=60)
@@ -144,8 +160,12 @@ def test_help_shows_every_default():
   result = _demo("--help", timeout=60)
   assert result.returncode == 0, result.stderr
   text = " ".join(result.stdout.split())  # argparse wraps lines
-  for default in ("(default: optax_norms_demo)", "(default: 600)", "(default: 0)",
-                  "(default: all)"):
+  for default in (
+    "(default: optax_norms_demo)",
+    "(default: 600)",
+    "(default: 0)",
+    "(default: all)",
+  ):
     assert default in text, result.stdout
   for setting in SETTINGS:
     assert setting.chain in result.stdout, setting.name
@@ -153,8 +173,8 @@ def test_help_shows_every_default():
 
 def test_import_does_not_load_demo_extras():
   code = (
-      "import sys, optax_norms; "
-      "print(sorted(m for m in ('flax', 'sklearn', 'matplotlib', 'tqdm') if m in sys.modules))"
+    "import sys, optax_norms; "
+    "print(sorted(m for m in ('flax', 'sklearn', 'matplotlib', 'tqdm') if m in sys.modules))"
   )
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
@@ -163,14 +183,14 @@ def test_import_does_not_load_demo_extras():
 
 def test_missing_extra_gives_install_hint():
   code = (
-      "import sys\n"
-      "class Block:\n"
-      "  def find_spec(self, name, path=None, target=None):\n"
-      "    if name.split('.')[0] == 'sklearn':\n"
-      "      raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-      "sys.meta_path.insert(0, Block())\n"
-      "from optax_norms.__main__ import main\n"
-      "raise SystemExit(main(['demo', '--steps', '1']))\n"
+    "import sys\n"
+    "class Block:\n"
+    "  def find_spec(self, name, path=None, target=None):\n"
+    "    if name.split('.')[0] == 'sklearn':\n"
+    "      raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, Block())\n"
+    "from optax_norms.__main__ import main\n"
+    "raise SystemExit(main(['demo', '--steps', '1']))\n"
   )
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
   assert result.returncode == 1

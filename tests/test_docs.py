@@ -35,18 +35,35 @@ def test_site_builds_strict(tmp_path):
   for module in ("mkdocs", "material", "mkdocstrings_handlers.python", "mkdocs_jupyter"):
     pytest.importorskip(module)
   result = subprocess.run(
-      [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-       str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+    [
+      sys.executable,
+      "-m",
+      "mkdocs",
+      "build",
+      "--strict",
+      "--config-file",
+      str(ROOT / "mkdocs.yml"),
+      "--site-dir",
+      str(tmp_path / "site"),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
   )
   assert result.returncode == 0, result.stderr[-4000:]
   site = tmp_path / "site"
   api = (site / "api" / "index.html").read_text()
   for name in optax_norms.__all__:
     assert f'id="optax_norms.{name}"' in api, name
-  for page in ("notebooks/01_tour", "notebooks/05_rnn_gradient_clipping", "reliability",
-               "bad-inputs", "benchmarks"):
+  for page in (
+    "notebooks/01_tour",
+    "notebooks/05_rnn_gradient_clipping",
+    "reliability",
+    "bad-inputs",
+    "benchmarks",
+  ):
     assert (site / page / "index.html").is_file(), page
   # The reST-isms in docstrings are rendered, not printed (docs/griffe_docstrings.py).
   assert ":func:" not in api and "<blockquote>" not in api

@@ -24,9 +24,9 @@ import optax_norms  # noqa: E402
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 MODULES = sorted(
-    info.name
-    for info in pkgutil.walk_packages(optax_norms.__path__, prefix="optax_norms.")
-    if not info.name.startswith("optax_norms.tools") and info.name != "optax_norms.__main__"
+  info.name
+  for info in pkgutil.walk_packages(optax_norms.__path__, prefix="optax_norms.")
+  if not info.name.startswith("optax_norms.tools") and info.name != "optax_norms.__main__"
 )
 # Public names whose docstrings describe a data structure: an example is optional.
 NO_EXAMPLE_NEEDED = frozenset({"DecayResolution", "LeafDecayResolution"})
@@ -38,8 +38,8 @@ def test_module_doctests_pass(name):
   result = doctest.testmod(module, optionflags=FLAGS, verbose=False, report=True)
   assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
   defines_public = any(
-      getattr(getattr(optax_norms, public), "__module__", None) == name
-      for public in optax_norms.__all__
+    getattr(getattr(optax_norms, public), "__module__", None) == name
+    for public in optax_norms.__all__
   )
   if defines_public:
     assert result.attempted > 0, f"{name} defines public names but has no examples"

@@ -74,25 +74,25 @@ def test_regularize_equals_hand_written_chain_linen_mlp_3_groups_20_adam_steps()
   lr = optax.linear_schedule(3e-2, 1e-2, STEPS)
   l1 = optax.linear_schedule(1e-3, 1e-4, STEPS)
   rules = [
-      ("Dense_0/kernel", {"clip_max_abs": 0.05, "l1": l1, "prox_l1": 0.5, "max_abs": 0.4}),
-      ("Dense_1/kernel", {"clip_unit_norm": 0.1, "l2": 1e-2, "max_norm": 0.8, "prox_group": 0.5}),
-      ("Dense_2/**", {"lr_scale": 0.5, "decoupled_decay": 0.2}),
-      ("**", None),
+    ("Dense_0/kernel", {"clip_max_abs": 0.05, "l1": l1, "prox_l1": 0.5, "max_abs": 0.4}),
+    ("Dense_1/kernel", {"clip_unit_norm": 0.1, "l2": 1e-2, "max_norm": 0.8, "prox_group": 0.5}),
+    ("Dense_2/**", {"lr_scale": 0.5, "decoupled_decay": 0.2}),
+    ("**", None),
   ]
   ours, _ = _train(on.regularize(optax.adam(lr), rules, learning_rate=lr), params, loss)
   hand = optax.chain(
-      on.clip_by_max_abs(0.05, mask="Dense_0/kernel"),
-      on.clip_by_row_norm(0.1, mask="Dense_1/kernel"),
-      on.add_l2_decay(1e-2, mask="Dense_1/kernel"),
-      on.add_l1_decay(l1, mask="Dense_0/kernel"),
-      optax.adam(lr),
-      optax.masked(optax.scale(0.5), on.path_mask("Dense_2/**")),
-      # decoupled decay with a scheduled lr: u - lr(k)*0.2*w
-      optax.masked(_scheduled_decay(lr, 0.2), on.path_mask("Dense_2/**")),
-      on.prox_l1(0.5, lr, mask="Dense_0/kernel"),
-      on.prox_group_l2(0.5, lr, mask="Dense_1/kernel"),
-      on.constrain_row_norm(0.8, mask="Dense_1/kernel"),
-      on.constrain_max_abs(0.4, mask="Dense_0/kernel"),
+    on.clip_by_max_abs(0.05, mask="Dense_0/kernel"),
+    on.clip_by_row_norm(0.1, mask="Dense_1/kernel"),
+    on.add_l2_decay(1e-2, mask="Dense_1/kernel"),
+    on.add_l1_decay(l1, mask="Dense_0/kernel"),
+    optax.adam(lr),
+    optax.masked(optax.scale(0.5), on.path_mask("Dense_2/**")),
+    # decoupled decay with a scheduled lr: u - lr(k)*0.2*w
+    optax.masked(_scheduled_decay(lr, 0.2), on.path_mask("Dense_2/**")),
+    on.prox_l1(0.5, lr, mask="Dense_0/kernel"),
+    on.prox_group_l2(0.5, lr, mask="Dense_1/kernel"),
+    on.constrain_row_norm(0.8, mask="Dense_1/kernel"),
+    on.constrain_max_abs(0.4, mask="Dense_0/kernel"),
   )
   reference, _ = _train(hand, params, loss)
   _assert_close(ours, reference)
@@ -171,28 +171,32 @@ LR = 1e-2
 
 def _transformer_rules(axis=AXIS, lr_scale=0.5):
   return [
-      ("blocks/attn/*/kernel", {"l2": 1e-3, "max_norm": 0.5, "axis": axis}),
-      (["blocks/mlp_*/kernel", "head/kernel"],
-       {"clip_unit_norm": 0.05, "decoupled_decay": 0.1, "prox_group": 1e-2, "axis": axis}),
-      ("embed/embedding", {"lr_scale": lr_scale, "prox_l1": 1e-3, "max_abs": 0.05,
-                           "max_norm": 0.2, "axis": axis}),
-      ("**", None),
+    ("blocks/attn/*/kernel", {"l2": 1e-3, "max_norm": 0.5, "axis": axis}),
+    (
+      ["blocks/mlp_*/kernel", "head/kernel"],
+      {"clip_unit_norm": 0.05, "decoupled_decay": 0.1, "prox_group": 1e-2, "axis": axis},
+    ),
+    (
+      "embed/embedding",
+      {"lr_scale": lr_scale, "prox_l1": 1e-3, "max_abs": 0.05, "max_norm": 0.2, "axis": axis},
+    ),
+    ("**", None),
   ]
 
 
 def _transformer_hand_chain():
   attn, mlp, emb = "blocks/attn/*/kernel", ["blocks/mlp_*/kernel", "head/kernel"], "embed/embedding"
   return optax.chain(
-      on.clip_by_row_norm(0.05, axis=AXIS, mask=mlp),
-      on.add_l2_decay(1e-3, mask=attn),
-      optax.adam(LR),
-      optax.masked(optax.scale(0.5), on.path_mask(emb)),
-      _decoupled(0.1, LR, mlp),
-      on.prox_l1(1e-3, LR, mask=emb),
-      on.prox_group_l2(1e-2, LR, axis=AXIS, mask=mlp),
-      on.constrain_row_norm(0.5, axis=AXIS, mask=attn),
-      on.constrain_row_norm(0.2, axis=AXIS, mask=emb),
-      on.constrain_max_abs(0.05, mask=emb),
+    on.clip_by_row_norm(0.05, axis=AXIS, mask=mlp),
+    on.add_l2_decay(1e-3, mask=attn),
+    optax.adam(LR),
+    optax.masked(optax.scale(0.5), on.path_mask(emb)),
+    _decoupled(0.1, LR, mlp),
+    on.prox_l1(1e-3, LR, mask=emb),
+    on.prox_group_l2(1e-2, LR, axis=AXIS, mask=mlp),
+    on.constrain_row_norm(0.5, axis=AXIS, mask=attn),
+    on.constrain_row_norm(0.2, axis=AXIS, mask=emb),
+    on.constrain_max_abs(0.05, mask=emb),
   )
 
 
@@ -211,7 +215,9 @@ def _nnx_functional():
 @pytest.mark.standard_promotion  # optax's adam
 def test_regularize_equals_hand_written_chain_nnx_transformer_stacked_3_groups_20_adam_steps():
   _, params, loss = _nnx_functional()
-  ours, _ = _train(on.regularize(optax.adam(LR), _transformer_rules(), learning_rate=LR), params, loss)
+  ours, _ = _train(
+    on.regularize(optax.adam(LR), _transformer_rules(), learning_rate=LR), params, loss
+  )
   reference, _ = _train(_transformer_hand_chain(), params, loss)
   _assert_close(ours, reference)
   # Per-layer, per-(head, dim) units of the stacked attention kernels are inside the ball.
@@ -225,15 +231,18 @@ def test_regularize_equals_hand_written_chain_nnx_transformer_stacked_3_groups_2
 @pytest.mark.standard_promotion
 def test_regularize_inside_nnx_optimizer_equals_functional_run():
   model, params, loss = _nnx_functional()
-  reference, _ = _train(on.regularize(optax.adam(LR), _transformer_rules(), learning_rate=LR),
-                        params, loss, steps=5)
-  optimizer = nnx.Optimizer(model, on.regularize(optax.adam(LR), _transformer_rules(),
-                                                 learning_rate=LR), wrt=nnx.Param)
+  reference, _ = _train(
+    on.regularize(optax.adam(LR), _transformer_rules(), learning_rate=LR), params, loss, steps=5
+  )
+  optimizer = nnx.Optimizer(
+    model, on.regularize(optax.adam(LR), _transformer_rules(), learning_rate=LR), wrt=nnx.Param
+  )
 
   @nnx.jit
   def step(model, optimizer):
-    grads = nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(
-        m(TOKENS), TARGETS).mean())(model)
+    grads = nnx.grad(
+      lambda m: optax.softmax_cross_entropy_with_integer_labels(m(TOKENS), TARGETS).mean()
+    )(model)
     optimizer.update(model, grads)
 
   for _ in range(5):
@@ -247,12 +256,15 @@ def test_regularize_state_round_trips_with_orbax_and_resumes_bit_identical(tmp_p
   lr = optax.cosine_decay_schedule(3e-2, STEPS)
 
   def make():
-    return on.regularize(optax.adam(lr), [
+    return on.regularize(
+      optax.adam(lr),
+      [
         ("Dense_0/kernel", {"l2": optax.linear_schedule(1e-2, 0.0, STEPS), "prox_l1": 1e-2}),
-        ("**/kernel", {"max_norm": optax.linear_schedule(2.0, 0.5, STEPS),
-                       "decoupled_decay": 0.1}),
+        ("**/kernel", {"max_norm": optax.linear_schedule(2.0, 0.5, STEPS), "decoupled_decay": 0.1}),
         ("**", None),
-    ], learning_rate=lr)
+      ],
+      learning_rate=lr,
+    )
 
   full, full_state = _train(make(), params, loss)
   half, half_state = _train(make(), params, loss, steps=STEPS // 2)
@@ -262,8 +274,14 @@ def test_regularize_state_round_trips_with_orbax_and_resumes_bit_identical(tmp_p
   fresh = make()
   target = jax.eval_shape(lambda p: {"params": p, "opt_state": fresh.init(p)}, params)
   restored = ocp.StandardCheckpointer().restore(tmp_path / "ckpt", target)
-  resumed, resumed_state = _train(fresh, restored["params"], loss, steps=STEPS - STEPS // 2,
-                                  start=STEPS // 2, state=restored["opt_state"])
+  resumed, resumed_state = _train(
+    fresh,
+    restored["params"],
+    loss,
+    steps=STEPS - STEPS // 2,
+    start=STEPS // 2,
+    state=restored["opt_state"],
+  )
   for a, b in zip(jax.tree.leaves((resumed, resumed_state)), jax.tree.leaves((full, full_state))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -302,8 +320,11 @@ def test_describe_rules_of_the_nnx_transformer():
 
 # --- errors ----------------------------------------------------------------------------------
 
-PARAMS = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
-          "norm": {"scale": jnp.ones(2)}, "step": jnp.zeros((), jnp.int32)}
+PARAMS = {
+  "dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+  "norm": {"scale": jnp.ones(2)},
+  "step": jnp.zeros((), jnp.int32),
+}
 
 
 def test_error_uncovered_leaf_lists_the_unmatched_paths():
@@ -318,11 +339,16 @@ def test_error_uncovered_leaf_lists_the_unmatched_paths():
 
 def test_error_rule_matching_nothing():
   tx = on.regularize(optax.sgd(0.1), [("**/kernal", {"l2": 1e-4}), ("**", None)])
-  with pytest.raises(ValueError, match=r"Rule 0 \('\*\*/kernal'\): The glob '\*\*/kernal' matches no"):
+  with pytest.raises(
+    ValueError, match=r"Rule 0 \('\*\*/kernal'\): The glob '\*\*/kernal' matches no"
+  ):
     tx.init(PARAMS)
   tx = on.regularize(optax.sgd(0.1), [("**", None), ("dense/kernel", {"l2": 1e-4})])
-  with pytest.raises(ValueError, match=r"Rule 1 \('dense/kernel'\) matches no leaf: every parameter "
-                     r"it selects \('dense/kernel'\) is taken by an earlier rule"):
+  with pytest.raises(
+    ValueError,
+    match=r"Rule 1 \('dense/kernel'\) matches no leaf: every parameter "
+    r"it selects \('dense/kernel'\) is taken by an earlier rule",
+  ):
     tx.init(PARAMS)
   tx = on.regularize(optax.sgd(0.1), [("step", {"l2": 1e-4}), ("**", None)])
   with pytest.raises(ValueError, match=r"Rule 0 \('step'\) matches no floating-point parameter"):
@@ -344,8 +370,11 @@ def test_error_ambiguous_unit_of_a_stacked_kernel_with_default_axis():
   _, params, _ = _nnx_functional()
   tx = on.regularize(optax.sgd(0.1), _transformer_rules(axis=None), learning_rate=0.1)
   # The first per-unit setting in the chain is clip_unit_norm on the stacked MLP kernels.
-  with pytest.raises(ValueError, match=r"The unit of the parameter 'blocks/mlp_in/kernel' of "
-                     r"shape \(3, 16, 64\) is ambiguous") as info:
+  with pytest.raises(
+    ValueError,
+    match=r"The unit of the parameter 'blocks/mlp_in/kernel' of "
+    r"shape \(3, 16, 64\) is ambiguous",
+  ) as info:
     tx.init(params)
   assert "a stacked Dense kernel (layers, in, out): axis=(1,)" in str(info.value)
   assert "unit_axes(stacked='blocks/**')" in str(info.value)
@@ -354,8 +383,11 @@ def test_error_ambiguous_unit_of_a_stacked_kernel_with_default_axis():
 
 
 def test_error_missing_learning_rate():
-  with pytest.raises(ValueError, match=r"Rule 0 \('\*\*/kernel'\), setting 'prox_l1' needs the "
-                     r"optimizer's learning rate: pass regularize\(optimizer, rules, learning_rate=...\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"Rule 0 \('\*\*/kernel'\), setting 'prox_l1' needs the "
+    r"optimizer's learning rate: pass regularize\(optimizer, rules, learning_rate=...\)",
+  ):
     on.regularize(optax.sgd(0.1), [("**/kernel", {"prox_l1": 1e-4}), ("**", None)])
   for key in ("decoupled_decay", "prox_group"):
     with pytest.raises(ValueError, match=f"setting '{key}' needs"):
@@ -363,7 +395,9 @@ def test_error_missing_learning_rate():
 
 
 def test_error_bad_values_and_tables():
-  with pytest.raises(ValueError, match=r"Rule 0 \('\*\*/kernel'\), setting 'l2': `alpha` must be non-negative"):
+  with pytest.raises(
+    ValueError, match=r"Rule 0 \('\*\*/kernel'\), setting 'l2': `alpha` must be non-negative"
+  ):
     on.regularize(optax.sgd(0.1), [("**/kernel", {"l2": -1.0}), ("**", None)])
   with pytest.raises(ValueError, match=r"Rule 0 \('\*\*/kernel'\): `axis` must be"):
     on.regularize(optax.sgd(0.1), [("**/kernel", {"max_norm": 1.0, "axis": 1.5}), ("**", None)])
@@ -375,7 +409,9 @@ def test_error_bad_values_and_tables():
     on.regularize(optax.sgd(0.1), [("**", 1e-4)])
   with pytest.raises(ValueError, match="Malformed glob"):
     on.regularize(optax.sgd(0.1), [("a//b", None)])
-  tx = on.regularize(optax.sgd(0.1), [("**", {"max_norm": 1.0, "axis": on.unit_axes(stacked="blokcs/**")})])
+  tx = on.regularize(
+    optax.sgd(0.1), [("**", {"max_norm": 1.0, "axis": on.unit_axes(stacked="blokcs/**")})]
+  )
   with pytest.raises(ValueError, match=r"stacked glob 'blokcs/\*\*'"):
     tx.init(PARAMS)
   with pytest.raises(ValueError, match="describe_rules takes the rules"):
@@ -385,10 +421,13 @@ def test_error_bad_values_and_tables():
 @pytest.mark.standard_promotion
 def test_path_mask_selectors_and_none_settings_leave_leaves_alone():
   params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
-  tx = on.regularize(optax.sgd(1.0), [
+  tx = on.regularize(
+    optax.sgd(1.0),
+    [
       (on.path_mask("**", where=lambda path, leaf: leaf.ndim == 2), {"max_abs": 0.5}),
       (["dense/bias"], {}),
-  ])
+    ],
+  )
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   new = optax.apply_updates(params, updates)
   np.testing.assert_array_equal(new["dense"]["kernel"], 0.5)
@@ -406,7 +445,7 @@ def test_readme_transformer_example_runs_and_prints_the_table_shown(capsys):
   exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
   printed = capsys.readouterr().out
   assert printed.startswith(table)
-  per_layer = np.array([float(v) for v in printed[len(table):].strip().strip("[]").split()])
+  per_layer = np.array([float(v) for v in printed[len(table) :].strip().strip("[]").split()])
   assert per_layer.shape == (2,) and np.all(per_layer <= 2.0)
 
 
@@ -414,9 +453,14 @@ def test_readme_transformer_example_runs_and_prints_the_table_shown(capsys):
 def test_regularize_under_jit_with_named_sharding_keeps_shardings():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
   spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "x"))
-  params = {"dense": {"kernel": jax.device_put(jnp.ones((4, 2)), spec),
-                      "bias": jax.device_put(jnp.ones(2), jax.sharding.NamedSharding(
-                          mesh, jax.sharding.PartitionSpec("x")))}}
+  params = {
+    "dense": {
+      "kernel": jax.device_put(jnp.ones((4, 2)), spec),
+      "bias": jax.device_put(
+        jnp.ones(2), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+      ),
+    }
+  }
   tx = on.regularize(optax.adam(0.1), [("**/kernel", {"max_norm": 1.0, "l2": 1e-3}), ("**", None)])
   state = jax.jit(tx.init)(params)
   updates, _ = jax.jit(tx.update)(params, state, params)
@@ -433,10 +477,10 @@ def test_newer_transforms_are_reachable_from_rules_with_prox_adam_as_the_optimiz
   params = {k: {"kernel": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)} for k in "abc"}
   params["bias"] = jnp.zeros(4)
   rules = [
-      ("a/kernel", {"spectral_norm": 1.0}),
-      ("b/kernel", {"min_max_norm": {"min_norm": 0.5, "max_norm": 1.0}, "n_of_m": (2, 4)}),
-      ("c/kernel", {"sparsity": 0.5, "non_negative": True}),
-      ("**", None),
+    ("a/kernel", {"spectral_norm": 1.0}),
+    ("b/kernel", {"min_max_norm": {"min_norm": 0.5, "max_norm": 1.0}, "n_of_m": (2, 4)}),
+    ("c/kernel", {"sparsity": 0.5, "non_negative": True}),
+    ("**", None),
   ]
   tx = on.regularize(on.prox_adam(1e-2, l1=1e-3), rules, learning_rate=1e-2)
   state = tx.init(params)
@@ -459,8 +503,10 @@ def test_glob_masks_and_regularize_work_with_optax_tree_map_params():
   """optax.tree_map_params initializes with a placeholder tree that has no leaves: a glob
   or a rule table must not call that 'a typo' (state shardings are derived this way)."""
   params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
-  for tx in (optax.chain(on.add_l2_decay(0.1, mask="**/kernel"), optax.adam(1e-3)),
-             on.regularize(optax.adam(1e-3), [("**/kernel", {"l2": 0.1}), ("**", None)])):
+  for tx in (
+    optax.chain(on.add_l2_decay(0.1, mask="**/kernel"), optax.adam(1e-3)),
+    on.regularize(optax.adam(1e-3), [("**/kernel", {"l2": 0.1}), ("**", None)]),
+  ):
     state = tx.init(params)
     mapped = optax.tree_map_params(tx, lambda p: p * 0, state)
     assert jax.tree.structure(mapped) == jax.tree.structure(state)

@@ -35,8 +35,9 @@ def _scale(x, c):
 # Every registered transform with its float64 oracle; units are columns (axis 0 reduced),
 # the default axis for the rank-2 leaves used here.
 CASES = {
-    entry.name: (entry.make, lambda u, w, entry=entry: entry.oracle(u, w, entry.hyperparams, (0,)))
-    for entry in REGISTRY if "half_precision" not in entry.skip
+  entry.name: (entry.make, lambda u, w, entry=entry: entry.oracle(u, w, entry.hyperparams, (0,)))
+  for entry in REGISTRY
+  if "half_precision" not in entry.skip
 }
 
 
@@ -60,7 +61,9 @@ def test_half_leaves_keep_their_dtype_and_match_float64(name, dtype):
   # One rounding to the half dtype, relative to the size of the values involved.
   eps = float(jnp.finfo(dtype).eps)
   scale = np.abs(want) + np.abs(w64) + np.abs(u64)
-  np.testing.assert_array_less(np.abs(np.asarray(out["k"], np.float64) - want), 2 * eps * scale + 1e-6)
+  np.testing.assert_array_less(
+    np.abs(np.asarray(out["k"], np.float64) - want), 2 * eps * scale + 1e-6
+  )
 
 
 @pytest.mark.parametrize("name", ["clip_by_row_norm", "constrain_row_norm"])
@@ -80,14 +83,18 @@ def test_f16_unit_whose_squares_overflow_is_clipped_correctly(name):
   np.testing.assert_allclose(out, want, rtol=3e-3, atol=1e-3)
   # The constraint stores 49.875: of the sums one f16 addition 300 + u' can give, the
   # largest that is <= 50·(1 − δ) (the grid there is 0.125).
-  np.testing.assert_allclose(out[:, 0] + (w[:, 0] if name != "clip_by_row_norm" else 0), 50.0, rtol=3e-3)
+  np.testing.assert_allclose(
+    out[:, 0] + (w[:, 0] if name != "clip_by_row_norm" else 0), 50.0, rtol=3e-3
+  )
 
 
 @pytest.mark.parametrize("name", ["prox_group_l2", "add_max_norm_decay"])
 def test_f16_large_units_do_not_overflow_in_other_per_unit_transforms(name):
   w = np.full((4, 2), 300.0, np.float16)
   u = np.zeros((4, 2), np.float16)
-  tx = on.prox_group_l2(100.0, 1.0) if name == "prox_group_l2" else on.add_max_norm_decay(100.0, 1e-3)
+  tx = (
+    on.prox_group_l2(100.0, 1.0) if name == "prox_group_l2" else on.add_max_norm_decay(100.0, 1e-3)
+  )
   out = np.asarray(_step(tx, jnp.asarray(u), jnp.asarray(w)), np.float64)
   w64 = w.astype(np.float64)
   if name == "prox_group_l2":  # ‖v‖ = 600, shrink by 1 − 100/600.
@@ -108,8 +115,11 @@ def _hand_soft(x, t):
 
 
 # The same math written in plain jnp (the registry's hand-written versions).
-HAND = {entry.name: entry.hand_rule(entry.hyperparams, entry.hyperparams.get("learning_rate", LR))
-        for entry in REGISTRY if "half_precision" not in entry.skip}
+HAND = {
+  entry.name: entry.hand_rule(entry.hyperparams, entry.hyperparams.get("learning_rate", LR))
+  for entry in REGISTRY
+  if "half_precision" not in entry.skip
+}
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
@@ -123,16 +133,32 @@ def test_no_float32_copy_of_a_leaf_beyond_a_pure_half_step(name, dtype):
   ours = jax.jit(lambda u, w: tx.update(u, state, w)[0]).lower(u, w).compile().memory_analysis()
   hand = jax.jit(HAND[name]).lower(u, w).compile().memory_analysis()
   leaf_f32 = np.prod(shape) * 4
-  print(f"{name} {jnp.dtype(dtype).name}: temp ours {ours.temp_size_in_bytes} "
-        f"hand {hand.temp_size_in_bytes}; output ours {ours.output_size_in_bytes} "
-        f"hand {hand.output_size_in_bytes}; leaf in f32 {leaf_f32}")
+  print(
+    f"{name} {jnp.dtype(dtype).name}: temp ours {ours.temp_size_in_bytes} "
+    f"hand {hand.temp_size_in_bytes}; output ours {ours.output_size_in_bytes} "
+    f"hand {hand.output_size_in_bytes}; leaf in f32 {leaf_f32}"
+  )
   assert ours.output_size_in_bytes == hand.output_size_in_bytes == np.prod(shape) * 2
   assert ours.temp_size_in_bytes - hand.temp_size_in_bytes < leaf_f32 // 2
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(CASES) if n not in {
-    "add_max_norm_decay", "prox_group_l2", "clip_by_row_norm", "constrain_row_norm",
-    "constrain_spectral_norm", "constrain_unit_norm", "constrain_min_max_norm"}])
+@pytest.mark.parametrize(
+  "name",
+  [
+    n
+    for n in sorted(CASES)
+    if n
+    not in {
+      "add_max_norm_decay",
+      "prox_group_l2",
+      "clip_by_row_norm",
+      "constrain_row_norm",
+      "constrain_spectral_norm",
+      "constrain_unit_norm",
+      "constrain_min_max_norm",
+    }
+  ],
+)
 def test_elementwise_half_steps_need_no_leaf_sized_temporary(name):
   u = w = jnp.ones((512, 256), jnp.bfloat16)
   tx = CASES[name][0]()
@@ -147,9 +173,11 @@ def test_elementwise_half_steps_need_no_leaf_sized_temporary(name):
 def _bf16_params(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(64, 32)), jnp.bfloat16),
-                "bias": jnp.asarray(rng.normal(size=(32,)), jnp.bfloat16)},
-      "f32": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)},
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(64, 32)), jnp.bfloat16),
+      "bias": jnp.asarray(rng.normal(size=(32,)), jnp.bfloat16),
+    },
+    "f32": {"kernel": jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)},
   }
 
 
@@ -161,10 +189,10 @@ def _unchanged_after_decay(params, alpha, lr):
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   return {
-      "/".join(str(k.key) for k in path): float(np.mean(np.asarray(a)[np.asarray(a) != 0]
-                                                        == np.asarray(b)[np.asarray(a) != 0]))
-      for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                              jax.tree.leaves(new))
+    "/".join(str(k.key) for k in path): float(
+      np.mean(np.asarray(a)[np.asarray(a) != 0] == np.asarray(b)[np.asarray(a) != 0])
+    )
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(new))
   }
 
 

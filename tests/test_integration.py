@@ -90,8 +90,11 @@ def test_nnx_optimizer_with_adam_updates_exactly_the_selected_leaves():
   for _ in range(3):
     step(model, optimizer)
   after = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  changed = {p for p, a, b in zip(on.tree_paths(after), jax.tree.leaves(after),
-                                  jax.tree.leaves(before)) if not np.array_equal(a, b)}
+  changed = {
+    p
+    for p, a, b in zip(on.tree_paths(after), jax.tree.leaves(after), jax.tree.leaves(before))
+    if not np.array_equal(a, b)
+  }
   assert changed == {"linear/kernel"}
   # Reference: optax alone on the pure dict, with optax's own masked decay (wd = 2·alpha).
   mask = jax.tree.map(lambda _: False, before)
@@ -118,8 +121,11 @@ def test_nnx_unknown_glob_raises_inside_optimizer():
 def test_equinox_with_the_same_mask_strings():
   model = eqx.nn.MLP(6, 3, 8, 2, key=jax.random.key(0))
   params = eqx.filter(model, eqx.is_array)
-  tx = optax.chain(on.add_l2_decay(1e-2, mask="**/weight"), optax.sgd(0.1),
-                   on.constrain_row_norm(0.5, axis=1, mask="**/weight"))  # (out, in) layout
+  tx = optax.chain(
+    on.add_l2_decay(1e-2, mask="**/weight"),
+    optax.sgd(0.1),
+    on.constrain_row_norm(0.5, axis=1, mask="**/weight"),
+  )  # (out, in) layout
   state = tx.init(params)
 
   @eqx.filter_jit

@@ -80,15 +80,19 @@ def _cycle(like, values):
 def test_min_max_norm_matches_keras(shape, axis, keras_axis, rate):
   w, u = _data(shape)
   # Unit norms below, inside and above [1, 2].
-  w = (w / _norms(w, keras_axis) * _cycle(_norms(w, keras_axis), [0.5, 1.5, 3.0])).astype(np.float32)
+  w = (w / _norms(w, keras_axis) * _cycle(_norms(w, keras_axis), [0.5, 1.5, 3.0])).astype(
+    np.float32
+  )
   u = (u / 100).astype(np.float32)
   v = w.astype(np.float64) + u.astype(np.float64)
   n = _norms(v, keras_axis)
   assert (n < 1).any() and (n > 2).any() and ((n > 1) & (n < 2)).any()
-  new = np.asarray(_new_weights(on.constrain_min_max_norm(1.0, 2.0, rate, axis=axis), w, u),
-                   np.float64)
-  np.testing.assert_allclose(new, keras_min_max_norm(v, 1.0, 2.0, rate, keras_axis),
-                             rtol=2e-6, atol=2e-6)
+  new = np.asarray(
+    _new_weights(on.constrain_min_max_norm(1.0, 2.0, rate, axis=axis), w, u), np.float64
+  )
+  np.testing.assert_allclose(
+    new, keras_min_max_norm(v, 1.0, 2.0, rate, keras_axis), rtol=2e-6, atol=2e-6
+  )
   # Units inside the band are left exactly as w + u (Keras shrinks them by n/(n + 1e-7)).
   inside = np.broadcast_to((n >= 1) & (n <= 2), v.shape)
   stored = np.asarray(jnp.asarray(w) + jnp.asarray(u), np.float64)
@@ -108,8 +112,9 @@ def test_min_max_norm_upper_bound_is_exact_on_stored_values(dtype):
   assert (norms <= 1.0).all(), norms.max()
   above = _norms(np.asarray(w + u, np.float64), 0) > 1.0
   assert 0 < above.sum() < above.size
-  np.testing.assert_allclose(norms[above], 1.0,
-                             rtol={jnp.float32: 1e-5, jnp.float16: 3e-3}.get(dtype, 2e-2))
+  np.testing.assert_allclose(
+    norms[above], 1.0, rtol={jnp.float32: 1e-5, jnp.float16: 3e-3}.get(dtype, 2e-2)
+  )
 
 
 def test_min_max_norm_zero_units_stay_zero():
@@ -124,9 +129,11 @@ def test_min_max_norm_zero_units_stay_zero():
 def test_min_max_norm_schedules_every_hyperparameter():
   w, u = _data((6, 4))
   w = (w * np.asarray([0.2, 0.6, 1.0, 2.0])).astype(np.float32)
-  schedules = {"min_norm": optax.linear_schedule(0.5, 1.5, 4),
-               "max_norm": optax.linear_schedule(1.0, 2.0, 4),
-               "rate": optax.linear_schedule(1.0, 0.25, 4)}
+  schedules = {
+    "min_norm": optax.linear_schedule(0.5, 1.5, 4),
+    "max_norm": optax.linear_schedule(1.0, 2.0, 4),
+    "rate": optax.linear_schedule(1.0, 0.25, 4),
+  }
   tx = on.constrain_min_max_norm(**schedules)
   params, updates = {"w": jnp.asarray(w)}, {"w": jnp.asarray(u)}
   state = tx.init(params)

@@ -14,16 +14,17 @@ RNG = np.random.default_rng(3)
 
 def _params(zero=False):
   tree = {
-      "dense": {"kernel": RNG.normal(size=(4, 3)), "bias": RNG.normal(size=(3,))},
-      "conv": {"kernel": RNG.normal(size=(2, 2, 3, 4))},
-      "count": np.asarray(5, np.int32),
+    "dense": {"kernel": RNG.normal(size=(4, 3)), "bias": RNG.normal(size=(3,))},
+    "conv": {"kernel": RNG.normal(size=(2, 2, 3, 4))},
+    "count": np.asarray(5, np.int32),
   }
   tree["dense"]["kernel"][:, 0] = 0.0  # a zero unit and zero elements
   tree["dense"]["kernel"][1, 2] = 0.0
   if zero:
     tree = jax.tree.map(np.zeros_like, tree)
-  return jax.tree.map(jnp.asarray, jax.tree.map(
-      lambda x: x.astype(np.float32) if x.dtype == np.float64 else x, tree))
+  return jax.tree.map(
+    jnp.asarray, jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == np.float64 else x, tree)
+  )
 
 
 def _float_leaves(tree, mask_paths=None):
@@ -42,29 +43,51 @@ def _unit_norms(w):
 def test_penalties_match_float64_formulas():
   params = _params()
   ws = _float_leaves(params)
-  np.testing.assert_allclose(on.l2_penalty(params, 0.3), 0.3 * sum(np.sum(w * w) for w in ws), rtol=1e-6)
-  np.testing.assert_allclose(on.l1_penalty(params, 0.3), 0.3 * sum(np.sum(np.abs(w)) for w in ws), rtol=1e-6)
   np.testing.assert_allclose(
-      on.elastic_penalty(params, 0.2, 0.7),
-      sum(0.2 * np.sum(np.abs(w)) + 0.7 * np.sum(w * w) for w in ws), rtol=1e-6)
+    on.l2_penalty(params, 0.3), 0.3 * sum(np.sum(w * w) for w in ws), rtol=1e-6
+  )
   np.testing.assert_allclose(
-      on.group_l2_penalty(params, 0.5), 0.5 * sum(np.sum(_unit_norms(w)) for w in ws), rtol=1e-6)
+    on.l1_penalty(params, 0.3), 0.3 * sum(np.sum(np.abs(w)) for w in ws), rtol=1e-6
+  )
   np.testing.assert_allclose(
-      on.max_norm_penalty(params, 1.0, 0.5),
-      0.5 * sum(np.sum(np.maximum(_unit_norms(w) - 1.0, 0) ** 2) for w in ws), rtol=1e-6)
+    on.elastic_penalty(params, 0.2, 0.7),
+    sum(0.2 * np.sum(np.abs(w)) + 0.7 * np.sum(w * w) for w in ws),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    on.group_l2_penalty(params, 0.5), 0.5 * sum(np.sum(_unit_norms(w)) for w in ws), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    on.max_norm_penalty(params, 1.0, 0.5),
+    0.5 * sum(np.sum(np.maximum(_unit_norms(w) - 1.0, 0) ** 2) for w in ws),
+    rtol=1e-6,
+  )
   kernels = _float_leaves(params, {"dense/kernel", "conv/kernel"})
   np.testing.assert_allclose(
-      on.l2_penalty(params, 0.3, mask="**/kernel"), 0.3 * sum(np.sum(w * w) for w in kernels), rtol=1e-6)
+    on.l2_penalty(params, 0.3, mask="**/kernel"),
+    0.3 * sum(np.sum(w * w) for w in kernels),
+    rtol=1e-6,
+  )
 
 
 PAIRS = [
-    ("l2", lambda m: on.add_l2_decay(0.3, mask=m), lambda p, m: on.l2_penalty(p, 0.3, mask=m)),
-    ("l1", lambda m: on.add_l1_decay(0.3, mask=m), lambda p, m: on.l1_penalty(p, 0.3, mask=m)),
-    ("elastic", lambda m: on.elastic(0.2, 0.7, mask=m), lambda p, m: on.elastic_penalty(p, 0.2, 0.7, mask=m)),
-    ("max_norm", lambda m: on.add_max_norm_decay(0.5, 2.0, mask=m),
-     lambda p, m: on.max_norm_penalty(p, 0.5, 2.0, mask=m)),
-    ("max_norm_zero_radius", lambda m: on.add_max_norm_decay(0.0, 2.0, mask=m),
-     lambda p, m: on.max_norm_penalty(p, 0.0, 2.0, mask=m)),
+  ("l2", lambda m: on.add_l2_decay(0.3, mask=m), lambda p, m: on.l2_penalty(p, 0.3, mask=m)),
+  ("l1", lambda m: on.add_l1_decay(0.3, mask=m), lambda p, m: on.l1_penalty(p, 0.3, mask=m)),
+  (
+    "elastic",
+    lambda m: on.elastic(0.2, 0.7, mask=m),
+    lambda p, m: on.elastic_penalty(p, 0.2, 0.7, mask=m),
+  ),
+  (
+    "max_norm",
+    lambda m: on.add_max_norm_decay(0.5, 2.0, mask=m),
+    lambda p, m: on.max_norm_penalty(p, 0.5, 2.0, mask=m),
+  ),
+  (
+    "max_norm_zero_radius",
+    lambda m: on.add_max_norm_decay(0.0, 2.0, mask=m),
+    lambda p, m: on.max_norm_penalty(p, 0.0, 2.0, mask=m),
+  ),
 ]
 
 
@@ -79,8 +102,11 @@ def test_update_equals_gradient_plus_grad_of_penalty(name, make_tx, penalty, zer
   floats = {k: v for k, v in params.items() if k != "count"}
   penalty_grad = jax.grad(lambda p: penalty(p, mask))(floats)
   expected = jax.tree.map(lambda g, d: g + d, {k: grads[k] for k in floats}, penalty_grad)
-  for path, a, e in zip(on.tree_paths(expected), jax.tree.leaves({k: updates[k] for k in floats}),
-                        jax.tree.leaves(expected)):
+  for path, a, e in zip(
+    on.tree_paths(expected),
+    jax.tree.leaves({k: updates[k] for k in floats}),
+    jax.tree.leaves(expected),
+  ):
     assert np.all(np.isfinite(np.asarray(e))), path
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6, err_msg=path)
 
@@ -89,7 +115,9 @@ def test_l1_gradient_at_zero_is_zero_unlike_jax_abs():
   w = {"k": jnp.zeros(3)}
   np.testing.assert_array_equal(jax.grad(on.l1_penalty)(w, 1.0)["k"], 0.0)
   np.testing.assert_array_equal(jax.grad(lambda p: jnp.sum(jnp.abs(p["k"])))(w)["k"], 1.0)
-  np.testing.assert_array_equal(jax.grad(on.group_l2_penalty)({"k": jnp.zeros((3, 2))}, 1.0)["k"], 0.0)
+  np.testing.assert_array_equal(
+    jax.grad(on.group_l2_penalty)({"k": jnp.zeros((3, 2))}, 1.0)["k"], 0.0
+  )
 
 
 def test_penalty_bad_hyperparameters():

@@ -39,8 +39,13 @@ MESHES = ("explicit", "auto")
 # is sharded. Documented in docs/reliability.md; the test fails when one starts to pass.
 KNOWN_EXPLICIT = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm"}
 # Transforms that read more than one unit at a time: they communicate more than norm vectors.
-COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam",
-                "regularize (3 groups)"}
+COMMUNICATES = {
+  "constrain_sparsity",
+  "constrain_n_of_m",
+  "constrain_spectral_norm",
+  "prox_adam",
+  "regularize (3 groups)",
+}
 # Rank-based budgets: discontinuous in the input (a 1-ulp difference can flip a near-tie).
 DISCONTINUOUS = {"constrain_sparsity"}
 # An open finding, not explained yet: constrain_n_of_m on 2 processes (auto axes) differs
@@ -59,7 +64,9 @@ def _show(procs) -> str:
   parts = []
   for i, streams in enumerate(procs):
     out, err = ("\n".join(x for x in s.splitlines() if not x.startswith("[Gloo]")) for s in streams)
-    parts.append(f"--- process {i} stdout ---\n{out[-6000:]}\n--- process {i} stderr ---\n{err[-6000:]}")
+    parts.append(
+      f"--- process {i} stdout ---\n{out[-6000:]}\n--- process {i} stderr ---\n{err[-6000:]}"
+    )
   return "\n".join(parts)
 
 
@@ -69,14 +76,19 @@ def _launch(phase: str, workdir: pathlib.Path) -> list[tuple[int, str, str]]:
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
   env["JAX_PLATFORMS"] = "cpu"
   port = _free_port()
-  logs = [(open(workdir / f"{phase}.{i}.out", "w+"), open(workdir / f"{phase}.{i}.err", "w+"))
-          for i in range(2)]
+  logs = [
+    (open(workdir / f"{phase}.{i}.out", "w+"), open(workdir / f"{phase}.{i}.err", "w+"))
+    for i in range(2)
+  ]
   procs = [
-      subprocess.Popen(
-          [sys.executable, str(SCRIPT), phase, str(i), "2", str(port), str(workdir)],
-          stdout=out, stderr=err, env=env, cwd=SCRIPT.parent,
-      )
-      for i, (out, err) in enumerate(logs)
+    subprocess.Popen(
+      [sys.executable, str(SCRIPT), phase, str(i), "2", str(port), str(workdir)],
+      stdout=out,
+      stderr=err,
+      env=env,
+      cwd=SCRIPT.parent,
+    )
+    for i, (out, err) in enumerate(logs)
   ]
   deadline = time.monotonic() + TIMEOUT_S
   failed_at = None
@@ -102,7 +114,9 @@ def _launch(phase: str, workdir: pathlib.Path) -> list[tuple[int, str, str]]:
 
 
 def _lines(stdout: str, tag: str) -> list:
-  return [json.loads(line[len(tag) + 1:]) for line in stdout.splitlines() if line.startswith(tag + " ")]
+  return [
+    json.loads(line[len(tag) + 1 :]) for line in stdout.splitlines() if line.startswith(tag + " ")
+  ]
 
 
 @pytest.mark.slow
@@ -111,13 +125,16 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
   run = _launch("run", tmp_path)
   detail = _show([(o, e) for _, o, e in run])
   assert all(rc == 0 and "DONE" in out for rc, out, _ in run), (
-      f"returncodes {[rc for rc, _, _ in run]} (timeout {TIMEOUT_S} s)\n{detail}")
+    f"returncodes {[rc for rc, _, _ in run]} (timeout {TIMEOUT_S} s)\n{detail}"
+  )
   resume = _launch("resume", tmp_path)
   detail_resume = _show([(o, e) for _, o, e in resume])
   assert all(rc == 0 and "DONE" in out for rc, out, _ in resume), (
-      f"returncodes {[rc for rc, _, _ in resume]}\n{detail_resume}")
-  print("\n".join(line for line in run[0][1].splitlines()
-                  if not line.startswith(("RESULT ", "[Gloo]"))))
+    f"returncodes {[rc for rc, _, _ in resume]}\n{detail_resume}"
+  )
+  print(
+    "\n".join(line for line in run[0][1].splitlines() if not line.startswith(("RESULT ", "[Gloo]")))
+  )
   print(f"two phases, 2 processes each: {time.perf_counter() - started:.1f} s")
 
   # The table: every registry entry with a chain placement, on both meshes, in both processes.
@@ -126,22 +143,30 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
   tables = [_lines(out, "RESULT") for _, out, _ in run]
   for cells in tables:
     assert sorted((c["mesh"], c["transform"]) for c in cells) == sorted(
-        (m, n) for m in MESHES for n in names), detail
+      (m, n) for m in MESHES for n in names
+    ), detail
   assert [(c["ok"], c["equal"], c["shardings_kept"]) for c in tables[0]] == [
-      (c["ok"], c["equal"], c["shardings_kept"]) for c in tables[1]], detail
+    (c["ok"], c["equal"], c["shardings_kept"]) for c in tables[1]
+  ], detail
 
   known = [c for c in tables[0] if c["mesh"] == "explicit" and c["transform"] in KNOWN_EXPLICIT]
   others = [c for c in tables[0] if c not in known]
   mismatched = [c for c in others if (c["mesh"], c["transform"]) in KNOWN_MISMATCH]
   assert all(not c["equal"] and c["shardings_kept"] for c in mismatched), (
-      f"{mismatched} now match: remove them from KNOWN_MISMATCH")
-  failed = [c for c in others if (c["mesh"], c["transform"]) not in KNOWN_MISMATCH and not (
-      c["ok"] and (c["equal"] or c["transform"] in DISCONTINUOUS) and c["shardings_kept"])]
+    f"{mismatched} now match: remove them from KNOWN_MISMATCH"
+  )
+  failed = [
+    c
+    for c in others
+    if (c["mesh"], c["transform"]) not in KNOWN_MISMATCH
+    and not (c["ok"] and (c["equal"] or c["transform"] in DISCONTINUOUS) and c["shardings_kept"])
+  ]
   assert not failed, json.dumps(failed, indent=1)
   fixed = [c["transform"] for c in known if c["ok"]]
   assert not fixed, f"{fixed} now pass on the explicit mesh: remove them from KNOWN_EXPLICIT"
   assert all("Sharding" in c["problems"][0] or "carry" in c["problems"][0] for c in known), (
-      json.dumps(known, indent=1))
+    json.dumps(known, indent=1)
+  )
 
   # What the library adds to the communication: nothing for element-wise transforms; for
   # per-unit ones, only all-reduces of norm vectors, the same few per leaf whose reduced axis
@@ -160,8 +185,12 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
   for _, out, _ in run:
     (diag,) = _lines(out, "DIAG")
     assert not any(diag["fully_addressable"]), diag
-    for key in ("norm_report_jit", "norm_report_eager", "decay_resolution_report_float32",
-                "decay_resolution_report_bfloat16"):
+    for key in (
+      "norm_report_jit",
+      "norm_report_eager",
+      "decay_resolution_report_float32",
+      "decay_resolution_report_bfloat16",
+    ):
       assert diag[key]["ok"], (key, diag[key])
 
   # Checkpoint: restored in new processes, resumed bit-identical; the control differs.

@@ -68,13 +68,13 @@ def _ref_min_max(u, w):
 # NaN-aware references of the per-unit transforms (the registry's own oracles do not
 # special-case non-finite units); the list must stay the registry's per-unit list.
 PER_UNIT = {
-    "clip_by_row_norm": (lambda: on.clip_by_row_norm(C), _ref_clip),
-    "constrain_row_norm": (lambda: on.constrain_row_norm(C), _ref_constrain),
-    "prox_group_l2": (lambda: on.prox_group_l2(A, LR), _ref_group),
-    "add_max_norm_decay": (lambda: on.add_max_norm_decay(C, A), _ref_max_norm),
-    "constrain_spectral_norm": (lambda: on.constrain_spectral_norm(C, n_iter=50), _ref_spectral),
-    "constrain_unit_norm": (lambda: on.constrain_unit_norm(), _ref_unit),
-    "constrain_min_max_norm": (lambda: on.constrain_min_max_norm(A, C, 0.8), _ref_min_max),
+  "clip_by_row_norm": (lambda: on.clip_by_row_norm(C), _ref_clip),
+  "constrain_row_norm": (lambda: on.constrain_row_norm(C), _ref_constrain),
+  "prox_group_l2": (lambda: on.prox_group_l2(A, LR), _ref_group),
+  "add_max_norm_decay": (lambda: on.add_max_norm_decay(C, A), _ref_max_norm),
+  "constrain_spectral_norm": (lambda: on.constrain_spectral_norm(C, n_iter=50), _ref_spectral),
+  "constrain_unit_norm": (lambda: on.constrain_unit_norm(), _ref_unit),
+  "constrain_min_max_norm": (lambda: on.constrain_min_max_norm(A, C, 0.8), _ref_min_max),
 }
 
 
@@ -114,7 +114,8 @@ def test_non_finite_value_stays_inside_its_unit(name, where, bad):
 
 
 @pytest.mark.parametrize(
-    "name", [e.name for e in REGISTRY if not e.per_unit and "nonfinite" not in e.skip])
+  "name", [e.name for e in REGISTRY if not e.per_unit and "nonfinite" not in e.skip]
+)
 def test_non_finite_element_stays_in_its_element(name):
   tx = by_name(name).make()
   u, w, _, _ = _clean()
@@ -129,29 +130,31 @@ def test_non_finite_element_stays_in_its_element(name):
 
 # Every transform, at its degenerate settings: zero units, zero thresholds, zero weights.
 ALL_ZERO_SETTINGS = {
-    "add_l2_decay(0)": (lambda: on.add_l2_decay(0.0), lambda u, w: u),
-    "add_l1_decay(0)": (lambda: on.add_l1_decay(0.0), lambda u, w: u),
-    "elastic(0, 0)": (lambda: on.elastic(0.0, 0.0), lambda u, w: u),
-    "add_max_norm_decay(0, a)": (lambda: on.add_max_norm_decay(0.0, A),
-                                 lambda u, w: u + 2 * A * w),  # Excess = ‖w‖: pull = 2αw.
-    "add_max_norm_decay(c, 0)": (lambda: on.add_max_norm_decay(C, 0.0), lambda u, w: u),
-    "prox_l1(0, lr)": (lambda: on.prox_l1(0.0, LR), lambda u, w: u),
-    "prox_l1(a, 0)": (lambda: on.prox_l1(A, 0.0), lambda u, w: u),
-    "prox_elastic(0, 0, lr)": (lambda: on.prox_elastic(0.0, 0.0, LR), lambda u, w: u),
-    "prox_group_l2(0, lr)": (lambda: on.prox_group_l2(0.0, LR), lambda u, w: u),
-    "prox_group_l2(a, 0)": (lambda: on.prox_group_l2(A, 0.0), lambda u, w: u),
-    "clip_by_max_abs(0)": (lambda: on.clip_by_max_abs(0.0), lambda u, w: 0 * u),
-    "clip_by_row_norm(0)": (lambda: on.clip_by_row_norm(0.0), lambda u, w: 0 * u),
-    "constrain_max_abs(0)": (lambda: on.constrain_max_abs(0.0), lambda u, w: -w),
-    "constrain_row_norm(0)": (lambda: on.constrain_row_norm(0.0), lambda u, w: -w),
-    "constrain_spectral_norm(0)": (lambda: on.constrain_spectral_norm(0.0), lambda u, w: -w),
-    "constrain_unit_norm()": (lambda: on.constrain_unit_norm(), _ref_unit),
-    "constrain_min_max_norm(0, 0, 1)": (lambda: on.constrain_min_max_norm(0.0, 0.0),
-                                        lambda u, w: -w),
-    "constrain_min_max_norm(a, c, 0)": (lambda: on.constrain_min_max_norm(A, C, 0.0),
-                                        lambda u, w: u),
-    "constrain_non_negative()": (lambda: on.constrain_non_negative(),
-                                 lambda u, w: np.maximum(w + u, 0) - w),
+  "add_l2_decay(0)": (lambda: on.add_l2_decay(0.0), lambda u, w: u),
+  "add_l1_decay(0)": (lambda: on.add_l1_decay(0.0), lambda u, w: u),
+  "elastic(0, 0)": (lambda: on.elastic(0.0, 0.0), lambda u, w: u),
+  "add_max_norm_decay(0, a)": (
+    lambda: on.add_max_norm_decay(0.0, A),
+    lambda u, w: u + 2 * A * w,
+  ),  # Excess = ‖w‖: pull = 2αw.
+  "add_max_norm_decay(c, 0)": (lambda: on.add_max_norm_decay(C, 0.0), lambda u, w: u),
+  "prox_l1(0, lr)": (lambda: on.prox_l1(0.0, LR), lambda u, w: u),
+  "prox_l1(a, 0)": (lambda: on.prox_l1(A, 0.0), lambda u, w: u),
+  "prox_elastic(0, 0, lr)": (lambda: on.prox_elastic(0.0, 0.0, LR), lambda u, w: u),
+  "prox_group_l2(0, lr)": (lambda: on.prox_group_l2(0.0, LR), lambda u, w: u),
+  "prox_group_l2(a, 0)": (lambda: on.prox_group_l2(A, 0.0), lambda u, w: u),
+  "clip_by_max_abs(0)": (lambda: on.clip_by_max_abs(0.0), lambda u, w: 0 * u),
+  "clip_by_row_norm(0)": (lambda: on.clip_by_row_norm(0.0), lambda u, w: 0 * u),
+  "constrain_max_abs(0)": (lambda: on.constrain_max_abs(0.0), lambda u, w: -w),
+  "constrain_row_norm(0)": (lambda: on.constrain_row_norm(0.0), lambda u, w: -w),
+  "constrain_spectral_norm(0)": (lambda: on.constrain_spectral_norm(0.0), lambda u, w: -w),
+  "constrain_unit_norm()": (lambda: on.constrain_unit_norm(), _ref_unit),
+  "constrain_min_max_norm(0, 0, 1)": (lambda: on.constrain_min_max_norm(0.0, 0.0), lambda u, w: -w),
+  "constrain_min_max_norm(a, c, 0)": (lambda: on.constrain_min_max_norm(A, C, 0.0), lambda u, w: u),
+  "constrain_non_negative()": (
+    lambda: on.constrain_non_negative(),
+    lambda u, w: np.maximum(w + u, 0) - w,
+  ),
 }
 
 
@@ -164,11 +167,15 @@ def test_zero_hyperparameters_and_zero_units_never_give_nan(setting):
   w[:, 0] = 0.0  # A zero unit of weights...
   u[:, 0] = 0.0  # ...with a zero update,
   u[:, 1] = -w[:, 1]  # and a unit whose w + u is exactly zero.
-  out = np.asarray(_step(factory(), {"k": u, "z": np.zeros(3, np.float32)},
-                         {"k": w, "z": np.zeros(3, np.float32)})["k"])
+  out = np.asarray(
+    _step(
+      factory(), {"k": u, "z": np.zeros(3, np.float32)}, {"k": w, "z": np.zeros(3, np.float32)}
+    )["k"]
+  )
   assert not np.isnan(out).any(), out
-  np.testing.assert_allclose(out, reference(u.astype(np.float64), w.astype(np.float64)),
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    out, reference(u.astype(np.float64), w.astype(np.float64)), rtol=1e-6, atol=1e-7
+  )
 
 
 @pytest.mark.parametrize("name", sorted(PER_UNIT))
@@ -195,4 +202,5 @@ def test_gradients_through_zero_units_are_finite(name):
 
 def test_per_unit_references_cover_the_registry():
   assert sorted(PER_UNIT) == sorted(
-      e.name for e in REGISTRY if e.per_unit and "nonfinite" not in e.skip)
+    e.name for e in REGISTRY if e.per_unit and "nonfinite" not in e.skip
+  )

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.slow
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = [
-    "01_tour.ipynb", "02_sparsity.ipynb", "03_maxnorm_and_clipping.ipynb",
-    "04_transformer_groups.ipynb", "05_rnn_gradient_clipping.ipynb",
+  "01_tour.ipynb",
+  "02_sparsity.ipynb",
+  "03_maxnorm_and_clipping.ipynb",
+  "04_transformer_groups.ipynb",
+  "05_rnn_gradient_clipping.ipynb",
 ]
 
 
@@ -39,9 +42,10 @@ class _ThisInterpreter(kernelspec.KernelSpecManager):
 
 def _images(nb) -> int:
   return sum(
-      "image/png" in output.get("data", {})
-      for cell in nb.cells if cell.cell_type == "code"
-      for output in cell.get("outputs", [])
+    "image/png" in output.get("data", {})
+    for cell in nb.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
   )
 
 
@@ -54,18 +58,24 @@ def test_notebook_runs(name, tmp_path):
   nb = nbformat.read(copy, as_version=4)
   km = manager.KernelManager(kernel_name="python3", kernel_spec_manager=_ThisInterpreter())
   client = nbclient.NotebookClient(
-      nb, km=km, timeout=600, kernel_name="python3",
-      resources={"metadata": {"path": str(tmp_path)}},
+    nb,
+    km=km,
+    timeout=600,
+    kernel_name="python3",
+    resources={"metadata": {"path": str(tmp_path)}},
   )
   client.execute()  # Raises CellExecutionError on the first failing cell.
   errors = [
-      output for cell in nb.cells if cell.cell_type == "code"
-      for output in cell.get("outputs", []) if output.output_type == "error"
+    output
+    for cell in nb.cells
+    if cell.cell_type == "code"
+    for output in cell.get("outputs", [])
+    if output.output_type == "error"
   ]
   assert not errors
   # Every plot is drawn, and the committed copy was stored executed, with the same plots.
   assert _images(nb) >= 3
   assert _images(stored) == _images(nb), "re-execute the notebook and commit its outputs"
-  assert all(
-      cell.get("execution_count") for cell in stored.cells if cell.cell_type == "code"
-  ), "the committed notebook has cells that were never executed"
+  assert all(cell.get("execution_count") for cell in stored.cells if cell.cell_type == "code"), (
+    "the committed notebook has cells that were never executed"
+  )

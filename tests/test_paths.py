@@ -29,8 +29,12 @@ class Pair(NamedTuple):
 
 def test_paths_of_every_container_kind():
   assert on.tree_paths(_linen_params()) == [
-      "layers_0/bias", "layers_0/kernel", "layers_1/bias", "layers_1/scale",
-      "layers_2/bias", "layers_2/kernel",
+    "layers_0/bias",
+    "layers_0/kernel",
+    "layers_1/bias",
+    "layers_1/scale",
+    "layers_2/bias",
+    "layers_2/kernel",
   ]
   assert on.tree_paths(FrozenDict({"a": {"kernel": jnp.ones(1)}})) == ["a/kernel"]
   assert on.tree_paths([jnp.ones(1), {"w": jnp.ones(1)}]) == ["0", "1/w"]
@@ -55,16 +59,16 @@ def test_nnx_paths_drop_variable_value():
 
 
 @pytest.mark.parametrize(
-    "globs, selected",
-    [
-        ("**/kernel", {"layers_0/kernel", "layers_2/kernel"}),
-        ("*/kernel", {"layers_0/kernel", "layers_2/kernel"}),
-        ("layers_0/**", {"layers_0/kernel", "layers_0/bias"}),
-        (["**", "!**/bias", "!layers_1/*"], {"layers_0/kernel", "layers_2/kernel"}),
-        (["!**/bias"], {"layers_0/kernel", "layers_1/scale", "layers_2/kernel"}),
-        ("layers_[02]/kernel", {"layers_0/kernel", "layers_2/kernel"}),
-        ("layers_?/scale", {"layers_1/scale"}),
-    ],
+  "globs, selected",
+  [
+    ("**/kernel", {"layers_0/kernel", "layers_2/kernel"}),
+    ("*/kernel", {"layers_0/kernel", "layers_2/kernel"}),
+    ("layers_0/**", {"layers_0/kernel", "layers_0/bias"}),
+    (["**", "!**/bias", "!layers_1/*"], {"layers_0/kernel", "layers_2/kernel"}),
+    (["!**/bias"], {"layers_0/kernel", "layers_1/scale", "layers_2/kernel"}),
+    ("layers_[02]/kernel", {"layers_0/kernel", "layers_2/kernel"}),
+    ("layers_?/scale", {"layers_1/scale"}),
+  ],
 )
 def test_globs_select_the_right_leaves(globs, selected):
   params = _linen_params()
@@ -75,7 +79,9 @@ def test_globs_select_the_right_leaves(globs, selected):
 
 def test_double_star_spans_any_depth_single_star_one_segment():
   tree = {"a": {"kernel": 1.0, "b": {"kernel": 2.0}}, "kernel": 3.0}
-  pick = lambda g: sorted(p for p, m in zip(on.tree_paths(tree), jax.tree.leaves(on.path_mask(g)(tree))) if m)  # noqa: E731
+  pick = lambda g: sorted(
+    p for p, m in zip(on.tree_paths(tree), jax.tree.leaves(on.path_mask(g)(tree))) if m
+  )  # noqa: E731
   assert pick("**/kernel") == ["a/b/kernel", "a/kernel", "kernel"]
   assert pick("*/kernel") == ["a/kernel"]
   assert pick("a/**") == ["a/b/kernel", "a/kernel"]
@@ -94,8 +100,12 @@ def test_unknown_glob_raises_at_init_listing_real_paths():
 
 
 def test_malformed_globs_raise():
-  for glob, message in [("a//b", "doubled"), ("/a", "leading"), ("a**/b", "whole path segment"),
-                        ("a/[bc", "is never closed")]:
+  for glob, message in [
+    ("a//b", "doubled"),
+    ("/a", "leading"),
+    ("a**/b", "whole path segment"),
+    ("a/[bc", "is never closed"),
+  ]:
     with pytest.raises(ValueError, match=message):
       on.path_mask(glob)
 
@@ -103,13 +113,13 @@ def test_malformed_globs_raise():
 def test_weights_only_does_not_rely_on_ndim():
   # A scanned/stacked transformer: LayerNorm scales are 2-D (layers, d).
   params = {
-      "embed": {"embedding": jnp.ones((10, 4))},
-      "blocks": {
-          "attn": {"kernel": jnp.ones((2, 4, 4)), "bias": jnp.ones((2, 4))},
-          "LayerNorm_0": {"scale": jnp.ones((2, 4)), "bias": jnp.ones((2, 4))},
-          "ln_1": {"weight": jnp.ones((2, 4))},  # PyTorch-style name
-      },
-      "head": {"kernel": jnp.ones((4, 10))},
+    "embed": {"embedding": jnp.ones((10, 4))},
+    "blocks": {
+      "attn": {"kernel": jnp.ones((2, 4, 4)), "bias": jnp.ones((2, 4))},
+      "LayerNorm_0": {"scale": jnp.ones((2, 4)), "bias": jnp.ones((2, 4))},
+      "ln_1": {"weight": jnp.ones((2, 4))},  # PyTorch-style name
+    },
+    "head": {"kernel": jnp.ones((4, 10))},
   }
   mask = on.weights_only()(params)
   got = {p for p, m in zip(on.tree_paths(params), jax.tree.leaves(mask)) if m}
@@ -152,8 +162,9 @@ def test_mask_structure_mismatch_names_the_first_path():
   with pytest.raises(ValueError, match="does not cover the parameter 'layers_2/bias'"):
     on.add_l2_decay(0.1, mask={"layers_0": True, "layers_1": True}).init(params)
   with pytest.raises(ValueError, match="'layers_9' that is not a parameter"):
-    on.add_l2_decay(0.1, mask={"layers_0": True, "layers_1": True, "layers_2": True,
-                               "layers_9": True}).init(params)
+    on.add_l2_decay(
+      0.1, mask={"layers_0": True, "layers_1": True, "layers_2": True, "layers_9": True}
+    ).init(params)
 
 
 def test_equinox_module_as_a_mask_is_a_tree_not_a_function():
@@ -183,12 +194,16 @@ def test_path_labels_for_partition():
   params = _linen_params()
   labels = on.path_labels({"decay": "**/kernel", "norm": "layers_1/**"}, default="rest")(params)
   assert dict(zip(on.tree_paths(params), jax.tree.leaves(labels))) == {
-      "layers_0/bias": "rest", "layers_0/kernel": "decay", "layers_1/bias": "norm",
-      "layers_1/scale": "norm", "layers_2/bias": "rest", "layers_2/kernel": "decay",
+    "layers_0/bias": "rest",
+    "layers_0/kernel": "decay",
+    "layers_1/bias": "norm",
+    "layers_1/scale": "norm",
+    "layers_2/bias": "rest",
+    "layers_2/kernel": "decay",
   }
   tx = optax.partition(
-      {"decay": optax.sgd(1.0), "norm": optax.set_to_zero(), "rest": optax.sgd(0.5)},
-      on.path_labels({"decay": "**/kernel", "norm": "layers_1/**"}, default="rest"),
+    {"decay": optax.sgd(1.0), "norm": optax.set_to_zero(), "rest": optax.sgd(0.5)},
+    on.path_labels({"decay": "**/kernel", "norm": "layers_1/**"}, default="rest"),
   )
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)

@@ -33,7 +33,7 @@ def arrays(draw, shape=None, low=-6.0, high=6.0):
   shape = draw(st.sampled_from(SHAPES)) if shape is None else shape
   # No subnormals: XLA on CPU flushes them to zero in arithmetic (outside our control).
   elements = st.one_of(
-      st.just(0.0), st.floats(low, high, allow_nan=False, allow_subnormal=False, width=32)
+    st.just(0.0), st.floats(low, high, allow_nan=False, allow_subnormal=False, width=32)
   )
   x = draw(hnp.arrays(np.float64, shape, elements=elements))
   if len(shape) >= 2 and draw(st.booleans()):
@@ -56,10 +56,18 @@ def trees(draw, dtype_names=("float32",)):
   cast = lambda x: jnp.asarray(x, dtype)
   params = {"a": cast(wa), "conv": {"kernel": cast(wk)}}
   updates = {"a": cast(ua), "conv": {"kernel": cast(uk)}}
-  mask = draw(st.sampled_from([
-      None, "**/kernel", ["a"], {"a": True, "conv": {"kernel": False}},
-      on.path_mask(exclude="a"), lambda p: {"a": False, "conv": {"kernel": True}},
-  ]))
+  mask = draw(
+    st.sampled_from(
+      [
+        None,
+        "**/kernel",
+        ["a"],
+        {"a": True, "conv": {"kernel": False}},
+        on.path_mask(exclude="a"),
+        lambda p: {"a": False, "conv": {"kernel": True}},
+      ]
+    )
+  )
   return params, updates, mask
 
 
@@ -89,14 +97,22 @@ def _unit_norm(x):
 # --- gradient equivalence: T.update(g, s, w)[0] == g + jax.grad(P)(w) ----------------
 
 PAIRS = {
-    "l2": (lambda h: on.add_l2_decay(h[0], mask=h[-1]),
-           lambda w, h: on.l2_penalty(w, h[0], mask=h[-1])),
-    "l1": (lambda h: on.add_l1_decay(h[0], mask=h[-1]),
-           lambda w, h: on.l1_penalty(w, h[0], mask=h[-1])),
-    "elastic": (lambda h: on.elastic(h[0], h[1], mask=h[-1]),
-                lambda w, h: on.elastic_penalty(w, h[0], h[1], mask=h[-1])),
-    "max_norm": (lambda h: on.add_max_norm_decay(h[2], h[0], mask=h[-1]),
-                 lambda w, h: on.max_norm_penalty(w, h[2], h[0], mask=h[-1])),
+  "l2": (
+    lambda h: on.add_l2_decay(h[0], mask=h[-1]),
+    lambda w, h: on.l2_penalty(w, h[0], mask=h[-1]),
+  ),
+  "l1": (
+    lambda h: on.add_l1_decay(h[0], mask=h[-1]),
+    lambda w, h: on.l1_penalty(w, h[0], mask=h[-1]),
+  ),
+  "elastic": (
+    lambda h: on.elastic(h[0], h[1], mask=h[-1]),
+    lambda w, h: on.elastic_penalty(w, h[0], h[1], mask=h[-1]),
+  ),
+  "max_norm": (
+    lambda h: on.add_max_norm_decay(h[2], h[0], mask=h[-1]),
+    lambda w, h: on.max_norm_penalty(w, h[2], h[0], mask=h[-1]),
+  ),
 }
 
 
@@ -109,8 +125,9 @@ def test_transform_equals_gradient_of_penalty(pair, tree, a, b, c):
   tx = make_tx(h)
   got = tx.update(grads, tx.init(params), params)[0]
   grad_p = jax.grad(lambda w: penalty(w, h))(params)
-  want = jax.tree.map(lambda g, d: np.asarray(g, np.float64) + np.asarray(d, np.float64),
-                      grads, grad_p)
+  want = jax.tree.map(
+    lambda g, d: np.asarray(g, np.float64) + np.asarray(d, np.float64), grads, grad_p
+  )
   dtype = jax.tree.leaves(params)[0].dtype
   tol = 8 * _eps(dtype)
   for key in ("a", "kernel"):
@@ -241,8 +258,9 @@ def test_clip_by_max_abs_bounds_elements(u, c, dtype):
   x = np.asarray(tx.update(U, tx.init(U))[0], np.float64)
   c_d = float(jnp.asarray(c, dtype))
   assert np.all(np.abs(x) <= max(c, c_d))
-  np.testing.assert_allclose(x, np.clip(np.asarray(U, np.float64), -c, c),
-                             rtol=_eps(dtype), atol=_eps(dtype) * c)
+  np.testing.assert_allclose(
+    x, np.clip(np.asarray(U, np.float64), -c, c), rtol=_eps(dtype), atol=_eps(dtype) * c
+  )
 
 
 def test_constrain_row_norm_is_accurate_for_a_large_step_from_zero():

@@ -16,9 +16,11 @@ B1, B2, EPS = 0.9, 0.999, 1e-8
 def _params(seed=0):
   rng = np.random.default_rng(seed)
   return {
-      "dense": {"kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
-                "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
-      "head": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)},
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+    },
+    "head": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)},
   }
 
 
@@ -27,10 +29,14 @@ def _grad_sequence(params, steps, seed=1):
   out = []
   for _ in range(steps):
     scale = 10.0 ** rng.uniform(-3, -1)
-    out.append(jax.tree.map(
+    out.append(
+      jax.tree.map(
         lambda p, scale=scale: jnp.asarray(
-            scale * rng.normal(size=p.shape) * 10 ** rng.uniform(-2, 1, p.shape), jnp.float32),
-        params))
+          scale * rng.normal(size=p.shape) * 10 ** rng.uniform(-2, 1, p.shape), jnp.float32
+        ),
+        params,
+      )
+    )
   return out
 
 
@@ -47,8 +53,13 @@ def _ref_prox(v, d, lr, l1, l2, group):
     return z / a
   if np.linalg.norm(z) <= lam:
     return np.zeros_like(z)
-  t = brentq(lambda t: np.sum(z**2 / (a * t + lam) ** 2) - 1, 0, np.linalg.norm(z) / a.min(),
-             xtol=1e-300, rtol=1e-15)
+  t = brentq(
+    lambda t: np.sum(z**2 / (a * t + lam) ** 2) - 1,
+    0,
+    np.linalg.norm(z) / a.min(),
+    xtol=1e-300,
+    rtol=1e-15,
+  )
   return z * t / (a * t + lam)
 
 
@@ -80,26 +91,33 @@ class _Reference:
         if f"{layer}/{name}" in self.selected:
           cols = point.reshape(point.shape[0], -1) if point.ndim > 1 else point[:, None]
           dc = d.reshape(cols.shape)
-          new = np.stack([_ref_prox(cols[:, j], dc[:, j], lr, l1, l2, group)
-                          for j in range(cols.shape[1])], axis=1).reshape(point.shape)
+          new = np.stack(
+            [_ref_prox(cols[:, j], dc[:, j], lr, l1, l2, group) for j in range(cols.shape[1])],
+            axis=1,
+          ).reshape(point.shape)
         else:
           new = point
         leaves[name] = new
 
 
 @pytest.mark.standard_promotion
-@pytest.mark.parametrize("penalties", [
+@pytest.mark.parametrize(
+  "penalties",
+  [
     dict(l1=0.5, l2=0.0, group=0.0),
     dict(l1=0.2, l2=0.5, group=0.0),
     dict(l1=0.1, l2=0.5, group=2.0),
     dict(l1=0.0, l2=0.0, group=5.0),
-], ids=["l1", "elastic", "sparse-group", "group"])
+  ],
+  ids=["l1", "elastic", "sparse-group", "group"],
+)
 @pytest.mark.parametrize("scheduled", [False, True], ids=["const", "schedule"])
 def test_prox_adam_matches_float64_reference_for_20_steps(penalties, scheduled):
   params = _params()
   lr = optax.linear_schedule(0.05, 0.01, 20) if scheduled else 0.03
-  hp = {k: (optax.linear_schedule(v, 2 * v, 20) if scheduled and v else v)
-        for k, v in penalties.items()}
+  hp = {
+    k: (optax.linear_schedule(v, 2 * v, 20) if scheduled and v else v) for k, v in penalties.items()
+  }
   tx = on.prox_adam(lr, **hp, mask="**/kernel")
   ref = _Reference(params, lr, hp["l1"], hp["l2"], hp["group"], {"dense/kernel", "head/kernel"})
   state, update = tx.init(params), jax.jit(tx.update)
@@ -110,19 +128,25 @@ def test_prox_adam_matches_float64_reference_for_20_steps(penalties, scheduled):
     ref.step(grads)
     for layer in params:
       for name in params[layer]:
-        np.testing.assert_allclose(np.asarray(params[layer][name], np.float64),
-                                   ref.w[layer][name], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{layer}/{name}")
+        np.testing.assert_allclose(
+          np.asarray(params[layer][name], np.float64),
+          ref.w[layer][name],
+          rtol=1e-5,
+          atol=1e-6,
+          err_msg=f"{layer}/{name}",
+        )
   for layer in ("dense", "head"):
-    np.testing.assert_array_equal(np.asarray(params[layer]["kernel"]) == 0,
-                                  ref.w[layer]["kernel"] == 0)
+    np.testing.assert_array_equal(
+      np.asarray(params[layer]["kernel"]) == 0, ref.w[layer]["kernel"] == 0
+    )
     zeros += int(np.sum(np.asarray(params[layer]["kernel"]) == 0))
   assert zeros > 0  # Exact zeros appear.
 
 
 @pytest.mark.standard_promotion
-@pytest.mark.parametrize("lr", [1e-3, optax.cosine_decay_schedule(1e-2, 30)],
-                         ids=["const", "schedule"])
+@pytest.mark.parametrize(
+  "lr", [1e-3, optax.cosine_decay_schedule(1e-2, 30)], ids=["const", "schedule"]
+)
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("mask", [None, "**/kernel"], ids=["all", "kernels"])
 def test_zero_penalties_equal_optax_adam_bit_for_bit(lr, jit, mask):
@@ -151,8 +175,9 @@ def test_unselected_leaves_take_plain_adam_steps_bit_for_bit():
     u1, s1 = jax.jit(ours.update)(grads, s1, p1)
     u2, s2 = jax.jit(adam.update)(grads, s2, p2)
     for path in (("dense", "bias"), ("head", "kernel")):
-      np.testing.assert_array_equal(np.asarray(u1[path[0]][path[1]]),
-                                    np.asarray(u2[path[0]][path[1]]))
+      np.testing.assert_array_equal(
+        np.asarray(u1[path[0]][path[1]]), np.asarray(u2[path[0]][path[1]])
+      )
     p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
   assert not np.array_equal(np.asarray(p1["dense"]["kernel"]), np.asarray(p2["dense"]["kernel"]))
 
@@ -164,11 +189,12 @@ def test_group_prox_equals_scipy_argmin_of_the_weighted_objective(seed):
   l1, l2, group = [(0.0, 0.0, 2.0), (0.3, 0.0, 1.0), (0.1, 0.4, 3.0)][seed % 3]
   w = rng.normal(size=(n, units)).astype(np.float32)
   # The first step from a fresh state has d = |g| + eps: the metric spans 4 decades.
-  g = (rng.choice([-1, 1], size=(n, units)) * 10 ** rng.uniform(-2, 2, size=(n, units)))
+  g = rng.choice([-1, 1], size=(n, units)) * 10 ** rng.uniform(-2, 2, size=(n, units))
   g = g.astype(np.float32)
   tx = on.prox_adam(lr, l1=l1, l2=l2, group=group)
-  u, _ = jax.jit(tx.update)({"k": jnp.asarray(g)}, tx.init({"k": jnp.asarray(w)}),
-                            {"k": jnp.asarray(w)})
+  u, _ = jax.jit(tx.update)(
+    {"k": jnp.asarray(g)}, tx.init({"k": jnp.asarray(w)}), {"k": jnp.asarray(w)}
+  )
   x = w.astype(np.float64) + np.asarray(u["k"], np.float64)
   d = np.abs(g.astype(np.float64)) + EPS
   v = w - lr * g.astype(np.float64) / d
@@ -180,8 +206,9 @@ def test_group_prox_equals_scipy_argmin_of_the_weighted_objective(seed):
       penalty = l1 * np.abs(y).sum() + l2 * (y**2).sum() + group * np.linalg.norm(y)
       return 0.5 * np.sum(dj * (y - vj) ** 2) + lr * penalty
 
-    best = minimize(objective, vj, method="Powell",
-                    options=dict(xtol=1e-12, ftol=1e-15, maxiter=200000)).x
+    best = minimize(
+      objective, vj, method="Powell", options=dict(xtol=1e-12, ftol=1e-15, maxiter=200000)
+    ).x
     assert objective(x[:, j]) <= objective(best) + 1e-6 * (1 + abs(objective(best)))
     np.testing.assert_allclose(x[:, j], best, atol=1e-4 * (1 + np.abs(best).max()))
     if np.linalg.norm(_soft(dj * vj, lr * l1)) <= lr * group:
@@ -197,12 +224,21 @@ def test_group_radius_newton_reaches_float32_precision(spread):
   z = rng.normal(size=(50, 8)) * 10
   a = 10 ** rng.uniform(0, np.log10(spread), size=(50, 8))
   lam = 0.3 * np.linalg.norm(z, axis=0, keepdims=True)
-  t = np.asarray(_group_radius(jnp.asarray(z, jnp.float32), jnp.asarray(a, jnp.float32),
-                               jnp.asarray(lam, jnp.float32), (0,)), np.float64)
+  t = np.asarray(
+    _group_radius(
+      jnp.asarray(z, jnp.float32), jnp.asarray(a, jnp.float32), jnp.asarray(lam, jnp.float32), (0,)
+    ),
+    np.float64,
+  )
   for j in range(8):
     zj, aj, lj = z[:, j], a[:, j], lam[0, j]
-    root = brentq(lambda s, zj=zj, aj=aj, lj=lj: np.sum(zj**2 / (aj * s + lj) ** 2) - 1, 0,
-                  np.linalg.norm(zj) / aj.min(), xtol=1e-300, rtol=1e-15)
+    root = brentq(
+      lambda s, zj=zj, aj=aj, lj=lj: np.sum(zj**2 / (aj * s + lj) ** 2) - 1,
+      0,
+      np.linalg.norm(zj) / aj.min(),
+      xtol=1e-300,
+      rtol=1e-15,
+    )
     np.testing.assert_allclose(t[0, j], root, rtol=2e-5)
 
 

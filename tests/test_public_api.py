@@ -41,6 +41,8 @@ def test_every_transform_is_registered_and_public():
 
 
 def test_import_pulls_only_jax_and_optax():
-  code = ("import sys, optax_norms; bad = [m for m in ('flax', 'equinox', 'sklearn', "
-          "'matplotlib', 'tqdm', 'orbax') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+  code = (
+    "import sys, optax_norms; bad = [m for m in ('flax', 'equinox', 'sklearn', "
+    "'matplotlib', 'tqdm', 'orbax') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+  )
   assert subprocess.run([sys.executable, "-c", code]).returncode == 0

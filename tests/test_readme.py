@@ -71,20 +71,29 @@ def _python_blocks() -> list[tuple[int, str]]:
 BLOCKS = _python_blocks()
 
 
-def _run(source: str, tmp_path: pathlib.Path, name: str, promotion: str = "strict",
-         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _run(
+  source: str,
+  tmp_path: pathlib.Path,
+  name: str,
+  promotion: str = "strict",
+  env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
   script = tmp_path / f"{name}.py"
   script.write_text(source)
   runner = tmp_path / "_runner.py"
   runner.write_text(RUNNER)
   environ = dict(os.environ, **(env or {}))
   environ["PYTHONPATH"] = os.pathsep.join(
-      [str(ROOT)] + ([environ["PYTHONPATH"]] if environ.get("PYTHONPATH") else [])
+    [str(ROOT)] + ([environ["PYTHONPATH"]] if environ.get("PYTHONPATH") else [])
   )
   environ.setdefault("JAX_PLATFORMS", "cpu")
   return subprocess.run(
-      [sys.executable, str(runner), str(script), promotion], cwd=tmp_path, env=environ,
-      capture_output=True, text=True, timeout=TIMEOUT_S,
+    [sys.executable, str(runner), str(script), promotion],
+    cwd=tmp_path,
+    env=environ,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT_S,
   )
 
 
@@ -102,7 +111,7 @@ def test_readme_block_runs(line, source, tmp_path):
   if result.returncode == 3:  # Strict-clean but for optax itself: as a user runs it.
     result = _run(source, tmp_path, name, promotion="standard")
   assert result.returncode == 0, (
-      f"README.md block at line {line} failed:\n{source}\n--- stderr ---\n{result.stderr[-4000:]}"
+    f"README.md block at line {line} failed:\n{source}\n--- stderr ---\n{result.stderr[-4000:]}"
   )
 
 

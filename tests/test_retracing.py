@@ -16,9 +16,13 @@ pytestmark = pytest.mark.standard_promotion
 
 def _params():
   rng = np.random.default_rng(0)
-  return {"dense": {"kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
-                    "bias": jnp.zeros(3, jnp.float32)},
-          "head": {"kernel": jnp.asarray(rng.normal(size=(3, 1)), jnp.float32)}}
+  return {
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+      "bias": jnp.zeros(3, jnp.float32),
+    },
+    "head": {"kernel": jnp.asarray(rng.normal(size=(3, 1)), jnp.float32)},
+  }
 
 
 def _loss(params, x):
@@ -51,21 +55,32 @@ def test_schedules_compile_once_over_100_steps():
   tx = chain_of_all(optax.sgd(lr), lambda v: optax.linear_schedule(v, v / 2, 50))
   traces, first, last, state = _count_traces(tx)
   assert traces == 1
-  counts = [int(s.count) for s in jax.tree.leaves(
-      state, is_leaf=lambda s: isinstance(s, on.ScheduleState)) if isinstance(s, on.ScheduleState)]
+  counts = [
+    int(s.count)
+    for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, on.ScheduleState))
+    if isinstance(s, on.ScheduleState)
+  ]
   # One ScheduleState per transform in the chain with a hyperparameter and no per-leaf state.
-  scheduled = [e for e in CASES if e.hyperparams and not e.stateful
-               and "chain_of_all" not in e.skip and e.placement != "optimizer"]
+  scheduled = [
+    e
+    for e in CASES
+    if e.hyperparams
+    and not e.stateful
+    and "chain_of_all" not in e.skip
+    and e.placement != "optimizer"
+  ]
   assert len(counts) == len(scheduled) and set(counts) == {100}
-  assert not np.array_equal(np.asarray(first["dense"]["kernel"]), np.asarray(last["dense"]["kernel"]))
+  assert not np.array_equal(
+    np.asarray(first["dense"]["kernel"]), np.asarray(last["dense"]["kernel"])
+  )
 
 
 def test_injected_hyperparameters_compile_once():
   tx = optax.chain(
-      optax.inject_hyperparams(on.add_l2_decay)(alpha=1e-3, mask="**/kernel"),
-      optax.sgd(0.1),
-      optax.inject_hyperparams(on.prox_l1)(alpha=1e-3, learning_rate=0.1),
-      optax.inject_hyperparams(on.constrain_row_norm, static_args=("axis",))(max_norm=2.0, axis=0),
+    optax.inject_hyperparams(on.add_l2_decay)(alpha=1e-3, mask="**/kernel"),
+    optax.sgd(0.1),
+    optax.inject_hyperparams(on.prox_l1)(alpha=1e-3, learning_rate=0.1),
+    optax.inject_hyperparams(on.constrain_row_norm, static_args=("axis",))(max_norm=2.0, axis=0),
   )
   traces = []
 

@@ -24,8 +24,9 @@ KERNEL = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
 # --- 1. every eager check also runs under jit(init) / eval_shape(init) -------------------
 
 
-@pytest.mark.parametrize("wrap", [jax.jit, lambda f: (lambda p: jax.eval_shape(f, p))],
-                         ids=["jit", "eval_shape"])
+@pytest.mark.parametrize(
+  "wrap", [jax.jit, lambda f: lambda p: jax.eval_shape(f, p)], ids=["jit", "eval_shape"]
+)
 def test_1_vector_schedule_rejected_under_trace(wrap):
   with pytest.raises(ValueError, match=r"`alpha` must be a scalar"):
     on.add_l2_decay(lambda step: jnp.array([0.1, 5.0]))
@@ -35,8 +36,9 @@ def test_1_vector_schedule_rejected_under_trace(wrap):
     wrap(tx.init)(KERNEL)
 
 
-@pytest.mark.parametrize("wrap", [jax.jit, lambda f: (lambda p: jax.eval_shape(f, p))],
-                         ids=["jit", "eval_shape"])
+@pytest.mark.parametrize(
+  "wrap", [jax.jit, lambda f: lambda p: jax.eval_shape(f, p)], ids=["jit", "eval_shape"]
+)
 def test_1_negative_schedule_at_step_0_rejected_under_trace(wrap):
   def build(params):
     return on.prox_l1(0.1, lambda step: jnp.asarray(-0.1)).init(params)
@@ -59,8 +61,17 @@ def test_1_injected_negative_value_under_jit_poisons_the_update():
   assert all(bool(jnp.all(jnp.isnan(leaf))) for leaf in jax.tree.leaves(updates))
 
 
-@pytest.mark.parametrize("name", ["constrain_row_norm", "constrain_max_abs", "prox_l1",
-                                  "clip_by_max_abs", "clip_by_row_norm", "prox_group_l2"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "constrain_row_norm",
+    "constrain_max_abs",
+    "prox_l1",
+    "clip_by_max_abs",
+    "clip_by_row_norm",
+    "prox_group_l2",
+  ],
+)
 def test_1_schedule_turning_negative_poisons_those_steps(name):
   """linear_schedule(0.1, -0.1, 100) is valid at step 0 and negative from step 51."""
   schedule = optax.linear_schedule(0.1, -0.1, 100)
@@ -190,7 +201,10 @@ def test_4_inside_units_stay_exactly_w_plus_u(dtype):
 def test_4_repeated_adam_steps_keep_the_bound():
   rng = np.random.default_rng(4)
   params = {"w": jnp.asarray(rng.normal(size=(32, 16)), jnp.bfloat16)}
-  tx = optax.chain(optax.adam(0.3), on.constrain_row_norm(1.0), )
+  tx = optax.chain(
+    optax.adam(0.3),
+    on.constrain_row_norm(1.0),
+  )
   state = tx.init(params)
 
   @jax.jit
@@ -384,8 +398,9 @@ def test_16_add_l2_decay_bit_identical_to_optax_in_f32_more_accurate_in_bf16():
   w32 = rng.normal(size=(256,)).astype(np.float32)
   g32 = rng.normal(size=(256,)).astype(np.float32)
   ours, _ = on.add_l2_decay(0.3).update({"w": jnp.asarray(g32)}, None, {"w": jnp.asarray(w32)})
-  theirs, _ = optax.add_decayed_weights(0.6).update({"w": jnp.asarray(g32)}, None,
-                                                   {"w": jnp.asarray(w32)})
+  theirs, _ = optax.add_decayed_weights(0.6).update(
+    {"w": jnp.asarray(g32)}, None, {"w": jnp.asarray(w32)}
+  )
   np.testing.assert_array_equal(np.asarray(ours["w"]), np.asarray(theirs["w"]))
   wb, gb = jnp.asarray(w32, jnp.bfloat16), jnp.asarray(g32, jnp.bfloat16)
   ours, _ = on.add_l2_decay(0.3).update({"w": gb}, None, {"w": wb})
@@ -402,9 +417,14 @@ def test_18_no_reference_to_files_outside_the_project():
 
   root = pathlib.Path(__file__).resolve().parent.parent
   hits = []
-  for path in [*root.glob("optax_norms/**/*.py"), *root.glob("tests/*.py"),
-               *root.glob("docs/**/*.md"), *root.glob("notebooks/*.ipynb"), root / "README.md",
-               root / "CHANGELOG.md"]:
+  for path in [
+    *root.glob("optax_norms/**/*.py"),
+    *root.glob("tests/*.py"),
+    *root.glob("docs/**/*.md"),
+    *root.glob("notebooks/*.ipynb"),
+    root / "README.md",
+    root / "CHANGELOG.md",
+  ]:
     if path.name == "test_review_defects.py":
       continue
     text = path.read_text()

@@ -34,11 +34,13 @@ def report():
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run(
-      [sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600
+    [sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600
   )
   print("\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")))
   cells = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-  controls = [json.loads(line[8:]) for line in proc.stdout.splitlines() if line.startswith("CONTROL ")]
+  controls = [
+    json.loads(line[8:]) for line in proc.stdout.splitlines() if line.startswith("CONTROL ")
+  ]
   return proc, cells, controls
 
 

@@ -17,8 +17,9 @@ def _apply(tx, w, u=None):
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8), (0, 2), (3, 3)])
-@pytest.mark.parametrize("shape, axis", [((8, 5), -2), ((3, 3, 8, 2), -2), ((6, 8), -1),
-                                          ((8,), -2)])
+@pytest.mark.parametrize(
+  "shape, axis", [((8, 5), -2), ((3, 3, 8, 2), -2), ((6, 8), -1), ((8,), -2)]
+)
 def test_n_of_m_keeps_exactly_n_per_block_along_axis(n, m, shape, axis):
   if shape[axis if len(shape) > 1 else 0] % m:
     pytest.skip("axis length not a multiple of m")
@@ -49,10 +50,19 @@ def test_n_of_m_error_names_the_leaf_and_its_shape():
   on.constrain_n_of_m(2, 4, mask="dense/**").init(params)  # The right mask is fine.
 
 
-@pytest.mark.parametrize("n, m, match", [
-    (-1, 4, "`n`"), (5, 4, "`n`"), (1.5, 4, "`n`"), (True, 4, "`n`"), (2, 0, "`m`"),
-    (2, 4.0, "`m`"), (2, "4", "`m`"), (float("nan"), 4, "`n`"),
-])
+@pytest.mark.parametrize(
+  "n, m, match",
+  [
+    (-1, 4, "`n`"),
+    (5, 4, "`n`"),
+    (1.5, 4, "`n`"),
+    (True, 4, "`n`"),
+    (2, 0, "`m`"),
+    (2, 4.0, "`m`"),
+    (2, "4", "`m`"),
+    (float("nan"), 4, "`n`"),
+  ],
+)
 def test_n_of_m_validates_n_and_m(n, m, match):
   with pytest.raises(ValueError, match=match):
     on.constrain_n_of_m(n, m)

@@ -32,9 +32,13 @@ C = 1.0
 
 def _mlp_params(seed=0):
   rng = np.random.default_rng(seed)
-  return {f"layer{i}": {"kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
-                        "bias": jnp.zeros(b, jnp.float32)}
-          for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))}
+  return {
+    f"layer{i}": {
+      "kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
+      "bias": jnp.zeros(b, jnp.float32),
+    }
+    for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:]))
+  }
 
 
 def _mlp(params, x):
@@ -99,9 +103,11 @@ def test_one_step_with_50_iterations_is_the_exact_svd_projection():
   # The estimate converges like (σ₂/σ₁)^(2k): with σ₂/σ₁ = 2/3, 50 rounds reach float32
   # precision from any start (a random matrix with σ₂/σ₁ = 0.95 would need ~200).
   rng = np.random.default_rng(0)
-  params = {"dense": _with_singular_values(rng, (8, 5), [4.5, 3.0, 2.0, 1.0, 0.5]),
-            "conv": _with_singular_values(rng, (3, 3, 4, 6), [6.0, 4.0, 3.0, 2.0, 1.0, 0.0]),
-            "small": jnp.asarray(0.01 * rng.normal(size=(4, 3)), jnp.float32)}
+  params = {
+    "dense": _with_singular_values(rng, (8, 5), [4.5, 3.0, 2.0, 1.0, 0.5]),
+    "conv": _with_singular_values(rng, (3, 3, 4, 6), [6.0, 4.0, 3.0, 2.0, 1.0, 0.0]),
+    "small": jnp.asarray(0.01 * rng.normal(size=(4, 3)), jnp.float32),
+  }
   updates = {name: jnp.zeros_like(p) for name, p in params.items()}
   updates["small"] = jnp.asarray(0.1 * rng.normal(size=(4, 3)), jnp.float32)
   out, _ = _one_step(on.constrain_spectral_norm(2.0, n_iter=50), params, updates)
@@ -120,8 +126,9 @@ def test_explicit_axis_pytorch_layout():
   # PyTorch (out, in) weight: rows are `in` (axis=1); the same singular values either way.
   rng = np.random.default_rng(3)
   w = jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
-  out, _ = _one_step(on.constrain_spectral_norm(1.0, axis=1, n_iter=50), {"w": w},
-                     {"w": jnp.zeros_like(w)})
+  out, _ = _one_step(
+    on.constrain_spectral_norm(1.0, axis=1, n_iter=50), {"w": w}, {"w": jnp.zeros_like(w)}
+  )
   want = _project(np.asarray(w, np.float64), 1.0, rows=(1,)) - np.asarray(w, np.float64)
   np.testing.assert_allclose(np.asarray(out["w"]), want, rtol=1e-5, atol=1e-6)
 
@@ -150,29 +157,39 @@ def test_stacked_layers_are_constrained_per_layer():
     np.testing.assert_allclose(got[layer], want, rtol=1e-5, atol=1e-6, err_msg=str(layer))
   np.testing.assert_array_equal(got[1], np.asarray(u[1]))  # Untouched inside the ball.
   # Versus the same leaf as one big matrix: a different answer.
-  joint, _ = _one_step(on.constrain_spectral_norm(1.0, axis=(0, 1), n_iter=50),
-                       {"stack": w}, {"stack": u})
+  joint, _ = _one_step(
+    on.constrain_spectral_norm(1.0, axis=(0, 1), n_iter=50), {"stack": w}, {"stack": u}
+  )
   assert not np.allclose(np.asarray(joint["stack"]), got)
 
 
 def test_spectral_norm_report_matches_numpy_svd():
   rng = np.random.default_rng(4)
-  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(10, 6)), jnp.float32),
-                      "bias": jnp.asarray(rng.normal(size=(6,)), jnp.float32)},
-            "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
-            "stack": {"kernel": jnp.asarray(rng.normal(size=(3, 7, 5)), jnp.float32)}}
-  report = jax.jit(lambda p: on.spectral_norm_report(p, n_iter=100, mask="**/kernel",
-                                                     batch_axis=None))(params)
+  params = {
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(10, 6)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(6,)), jnp.float32),
+    },
+    "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+    "stack": {"kernel": jnp.asarray(rng.normal(size=(3, 7, 5)), jnp.float32)},
+  }
+  report = jax.jit(
+    lambda p: on.spectral_norm_report(p, n_iter=100, mask="**/kernel", batch_axis=None)
+  )(params)
   assert set(report) == {"dense/kernel", "conv/kernel", "stack/kernel"}
-  for path, leaf in [("dense/kernel", params["dense"]["kernel"]),
-                     ("conv/kernel", params["conv"]["kernel"])]:
+  for path, leaf in [
+    ("dense/kernel", params["dense"]["kernel"]),
+    ("conv/kernel", params["conv"]["kernel"]),
+  ]:
     assert report[path].dtype == jnp.float32 and report[path].shape == ()
     assert float(report[path]) == pytest.approx(_sigma(leaf), rel=1e-5)
   stacked = on.spectral_norm_report(params["stack"], batch_axis=0, n_iter=100)["kernel"]
   assert stacked.shape == (3,)
-  np.testing.assert_allclose(np.asarray(stacked),
-                             [_sigma(layer) for layer in np.asarray(params["stack"]["kernel"])],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(stacked),
+    [_sigma(layer) for layer in np.asarray(params["stack"]["kernel"])],
+    rtol=1e-5,
+  )
   bias = on.spectral_norm_report(params["dense"], mask="**/bias")["bias"]
   assert float(bias) == pytest.approx(float(np.linalg.norm(params["dense"]["bias"])), rel=1e-6)
 
@@ -182,9 +199,13 @@ def test_spectral_norm_report_matches_numpy_svd():
 
 def _params():
   rng = np.random.default_rng(5)
-  return {"dense": {"kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
-                    "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
-          "head": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+  return {
+    "dense": {
+      "kernel": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+      "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+    },
+    "head": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)},
+  }
 
 
 def test_state_holds_one_unit_vector_per_matrix_and_masked_nodes():
@@ -202,11 +223,13 @@ def test_state_holds_one_unit_vector_per_matrix_and_masked_nodes():
     new_updates, new_state = update(params, state, params)
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == jax.tree.map(
-        lambda x: (x.shape, x.dtype), state)
+      lambda x: (x.shape, x.dtype), state
+    )
     state = jax.lax.cond(True, lambda a, b: a, lambda a, b: b, new_state, state)
   assert int(state.count) == 3
-  np.testing.assert_array_equal(np.asarray(new_updates["dense"]["bias"]),
-                                np.asarray(params["dense"]["bias"]))
+  np.testing.assert_array_equal(
+    np.asarray(new_updates["dense"]["bias"]), np.asarray(params["dense"]["bias"])
+  )
 
 
 def test_initial_vectors_are_deterministic_from_seed_and_path():
@@ -219,8 +242,9 @@ def test_initial_vectors_are_deterministic_from_seed_and_path():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # Under jit XLA may fuse the normalization differently: equal up to one rounding.
     np.testing.assert_allclose(np.asarray(x), np.asarray(z), rtol=2e-7, atol=0)
-  assert not np.array_equal(np.asarray(a.leaves["dense"]["kernel"]),
-                            np.asarray(c.leaves["dense"]["kernel"]))
+  assert not np.array_equal(
+    np.asarray(a.leaves["dense"]["kernel"]), np.asarray(c.leaves["dense"]["kernel"])
+  )
   # Two leaves of the same shape get different vectors (the path enters the key).
   same = on.constrain_spectral_norm(1.0).init({"x": jnp.ones((3, 4)), "y": jnp.ones((3, 4))})
   assert not np.array_equal(np.asarray(same.leaves["x"]), np.asarray(same.leaves["y"]))
@@ -240,9 +264,12 @@ def test_zero_matrices_give_no_nan_and_keep_their_vector():
   out, new_state = jax.jit(tx.update)(bad, state, zeros)
   assert np.isfinite(np.asarray(new_state.leaves["k"])).all()
   assert np.isnan(np.asarray(out["k"])[0, 0])
+
   # Gradients through the transform at a zero matrix are finite.
   def loss(w):
-    new, _ = tx.update({"k": jnp.ones((4, 3)) - w, "b": zeros["b"]}, state, {"k": w, "b": zeros["b"]})
+    new, _ = tx.update(
+      {"k": jnp.ones((4, 3)) - w, "b": zeros["b"]}, state, {"k": w, "b": zeros["b"]}
+    )
     return jnp.sum(new["k"] ** 2)
 
   grad = jax.grad(loss)(jnp.zeros((4, 3)))
@@ -283,21 +310,25 @@ def test_state_survives_an_orbax_round_trip_and_the_resumed_run_is_identical(tmp
   for x, y in zip(jax.tree.leaves(restored["opt_state"]), jax.tree.leaves(half_state)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   resumed_params, resumed_state = run(fresh, restored["params"], restored["opt_state"], 5)
-  for x, y in zip(jax.tree.leaves((resumed_params, resumed_state)),
-                  jax.tree.leaves((full_params, full_state))):
+  for x, y in zip(
+    jax.tree.leaves((resumed_params, resumed_state)), jax.tree.leaves((full_params, full_state))
+  ):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # --- Bad arguments -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"n_iter": 0}, "`n_iter`"),
     ({"n_iter": 1.5}, "`n_iter`"),
     ({"seed": 0.5}, "`seed`"),
     ({"batch_axis": "0"}, "`batch_axis`"),
     ({"axis": "x"}, "`axis`"),
-])
+  ],
+)
 def test_bad_arguments_raise_naming_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     on.constrain_spectral_norm(1.0, **kwargs)

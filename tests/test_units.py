@@ -28,31 +28,31 @@ def _np_unit_norms(w, axes):
 
 # (path, shape, hand-computed reduced axes) for unit_axes("flax", stacked="blocks/**").
 FLAX_CASES = [
-    (("Dense_0", "kernel"), (6, 4), (0,)),
-    (("Conv_0", "kernel"), (3, 3, 2, 5), (0, 1, 2)),
-    (("attn", "query", "kernel"), (16, 2, 8), (0,)),  # (in, heads, head_dim)
-    (("attn", "key", "kernel"), (16, 2, 8), (0,)),
-    (("attn", "value", "kernel"), (16, 2, 8), (0,)),
-    (("attn", "out", "kernel"), (2, 8, 16), (0, 1)),  # (heads, head_dim, out)
-    (("attn", "query", "bias"), (2, 8), (0, 1)),  # a bias is one unit
-    (("embed", "embedding"), (50, 16), (1,)),  # one token's row
-    (("ln", "scale"), (16,), (0,)),
-    (("blocks", "mlp_in", "kernel"), (3, 16, 64), (1,)),  # stacked Dense
-    (("blocks", "attn", "query", "kernel"), (3, 16, 2, 8), (1,)),  # stacked attention
-    (("blocks", "attn", "out", "kernel"), (3, 2, 8, 16), (1, 2)),
-    (("blocks", "attn", "query", "bias"), (3, 2, 8), (1, 2)),  # per layer
-    (("blocks", "ln1", "scale"), (3, 16), (1,)),
-    (("blocks", "conv", "kernel"), (3, 3, 3, 2, 5), (1, 2, 3)),  # stacked Conv
-    (("conv1d", "kernel"), (5, 4, 8), (0, 1)),  # not stacked: a Conv1D
+  (("Dense_0", "kernel"), (6, 4), (0,)),
+  (("Conv_0", "kernel"), (3, 3, 2, 5), (0, 1, 2)),
+  (("attn", "query", "kernel"), (16, 2, 8), (0,)),  # (in, heads, head_dim)
+  (("attn", "key", "kernel"), (16, 2, 8), (0,)),
+  (("attn", "value", "kernel"), (16, 2, 8), (0,)),
+  (("attn", "out", "kernel"), (2, 8, 16), (0, 1)),  # (heads, head_dim, out)
+  (("attn", "query", "bias"), (2, 8), (0, 1)),  # a bias is one unit
+  (("embed", "embedding"), (50, 16), (1,)),  # one token's row
+  (("ln", "scale"), (16,), (0,)),
+  (("blocks", "mlp_in", "kernel"), (3, 16, 64), (1,)),  # stacked Dense
+  (("blocks", "attn", "query", "kernel"), (3, 16, 2, 8), (1,)),  # stacked attention
+  (("blocks", "attn", "out", "kernel"), (3, 2, 8, 16), (1, 2)),
+  (("blocks", "attn", "query", "bias"), (3, 2, 8), (1, 2)),  # per layer
+  (("blocks", "ln1", "scale"), (3, 16), (1,)),
+  (("blocks", "conv", "kernel"), (3, 3, 3, 2, 5), (1, 2, 3)),  # stacked Conv
+  (("conv1d", "kernel"), (5, 4, 8), (0, 1)),  # not stacked: a Conv1D
 ]
 
 TORCH_CASES = [
-    (("linear", "weight"), (8, 6), (1,)),  # (out, in)
-    (("conv", "weight"), (8, 3, 5, 5), (1, 2, 3)),  # (out, in, kh, kw)
-    (("linear", "bias"), (8,), (0,)),
-    (("embedding", "weight"), (100, 16), (1,)),  # one token's row
-    (("norm", "weight"), (16,), (0,)),
-    (("layers", "linear", "weight"), (4, 8, 6), (2,)),  # stacked (eqx.filter_vmap)
+  (("linear", "weight"), (8, 6), (1,)),  # (out, in)
+  (("conv", "weight"), (8, 3, 5, 5), (1, 2, 3)),  # (out, in, kh, kw)
+  (("linear", "bias"), (8,), (0,)),
+  (("embedding", "weight"), (100, 16), (1,)),  # one token's row
+  (("norm", "weight"), (16,), (0,)),
+  (("layers", "linear", "weight"), (4, 8, 6), (2,)),  # stacked (eqx.filter_vmap)
 ]
 
 
@@ -79,8 +79,9 @@ def test_unit_axes_norms_match_float64_numpy_per_unit_norms(layout, cases):
     # clip_by_row_norm with the same axes: every unit of norm > c lands on c (float64).
     tx = on.clip_by_row_norm(0.5, axis=lambda p, leaf, path=path: axis(path, leaf))
     clipped, _ = tx.update({"w": w}, tx.init({"w": w}))
-    np.testing.assert_allclose(_np_unit_norms(clipped["w"], axes),
-                               np.minimum(norms, 0.5), rtol=2e-6)
+    np.testing.assert_allclose(
+      _np_unit_norms(clipped["w"], axes), np.minimum(norms, 0.5), rtol=2e-6
+    )
 
 
 def test_norm_report_stacked_is_per_layer_and_matches_numpy():
@@ -92,8 +93,9 @@ def test_norm_report_stacked_is_per_layer_and_matches_numpy():
     norms = _np_unit_norms(w, (1,))  # (3, 1, 2, 8)
     assert stats["max_unit_norm"].shape == (3,)
     np.testing.assert_allclose(stats["max_unit_norm"], norms.reshape(3, -1).max(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(stats["l2"], np.linalg.norm(np.asarray(w, np.float64).reshape(3, -1), axis=1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      stats["l2"], np.linalg.norm(np.asarray(w, np.float64).reshape(3, -1), axis=1), rtol=1e-6
+    )
     np.testing.assert_array_equal(stats["units"], [16.0, 16.0, 16.0])
     np.testing.assert_array_equal(stats["axes"], [1])
     assert report["head/kernel"]["l2"].shape == ()
@@ -108,12 +110,12 @@ def test_norm_report_stacked_glob_that_matches_nothing_raises():
 # --- axis=None: no silent guess ------------------------------------------------------------
 
 AMBIGUOUS = [
-    (("blocks", "mlp_in", "kernel"), (3, 16, 64), "stacked Dense kernel"),
-    (("blocks", "attn", "query", "kernel"), (3, 16, 2, 8), "stacked attention kernel"),
-    (("blocks", "attn", "out", "kernel"), (3, 2, 8, 16), "stacked attention kernel"),
-    (("ScanBlock_0", "Dense_0", "kernel"), (3, 4, 4, 5), "Linen Dense kernel is 2-D"),
-    (("embed", "embedding"), (3, 50, 16), "stacked table"),
-    (("conv", "weight"), (8, 3, 5, 5), "PyTorch/Equinox Conv weight"),
+  (("blocks", "mlp_in", "kernel"), (3, 16, 64), "stacked Dense kernel"),
+  (("blocks", "attn", "query", "kernel"), (3, 16, 2, 8), "stacked attention kernel"),
+  (("blocks", "attn", "out", "kernel"), (3, 2, 8, 16), "stacked attention kernel"),
+  (("ScanBlock_0", "Dense_0", "kernel"), (3, 4, 4, 5), "Linen Dense kernel is 2-D"),
+  (("embed", "embedding"), (3, 50, 16), "stacked table"),
+  (("conv", "weight"), (8, 3, 5, 5), "PyTorch/Equinox Conv weight"),
 ]
 
 
@@ -125,8 +127,12 @@ def test_default_axis_raises_for_an_ambiguous_unit_at_init(path, shape, reading)
     node = node.setdefault(key, {})
   node[path[-1]] = jnp.ones(shape)
   text = "/".join(path)
-  for tx in (on.clip_by_row_norm(1.0), on.constrain_row_norm(1.0), on.prox_group_l2(0.1, 0.1),
-             on.add_max_norm_decay(1.0, 0.1)):
+  for tx in (
+    on.clip_by_row_norm(1.0),
+    on.constrain_row_norm(1.0),
+    on.prox_group_l2(0.1, 0.1),
+    on.add_max_norm_decay(1.0, 0.1),
+  ):
     with pytest.raises(ValueError, match="ambiguous") as info:
       tx.init(params)
     message = str(info.value)
@@ -138,7 +144,9 @@ def test_default_axis_raises_for_an_ambiguous_unit_at_init(path, shape, reading)
     on.norm_report(params)
 
 
-@pytest.mark.parametrize("path, shape, axes", [
+@pytest.mark.parametrize(
+  "path, shape, axes",
+  [
     (("Dense_0", "kernel"), (6, 4), (0,)),  # Linen auto-named: as before
     (("Conv_0", "kernel"), (3, 3, 2, 5), (0, 1, 2)),
     (("Conv_0", "kernel"), (5, 2, 4), (0, 1)),  # Conv1D under a Conv name
@@ -149,7 +157,8 @@ def test_default_axis_raises_for_an_ambiguous_unit_at_init(path, shape, reading)
     (("w",), (2, 3, 4), (0, 1)),  # no framework name: the rank rule, as documented
     ((), (2, 3, 4), (0, 1)),  # a bare array
     (("attn", "query", "bias"), (2, 8), (0,)),  # rank <= 2: the rank rule
-])
+  ],
+)
 def test_default_axis_where_the_path_decides(path, shape, axes):
   assert _units.default_axes(path, shape) == axes
 

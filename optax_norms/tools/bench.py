@@ -44,21 +44,36 @@ LR = {"sgd": 1e-2, "adam": 1e-3}
 # size -> (big-leaf side, transformer width, transformer layers, small-leaf side,
 #          small-leaf blocks (2 leaves each), MLP width, MLP batch, steps, repeats)
 SIZES = {
-    "tiny": dict(big=256, d=16, layers=2, small=8, blocks=10, width=32, batch=16,
-                 steps=2, repeats=2),
-    "small": dict(big=1024, d=64, layers=20, small=16, blocks=500, width=256, batch=64,
-                  steps=10, repeats=5),
-    "medium": dict(big=4096, d=256, layers=20, small=64, blocks=500, width=512, batch=128,
-                   steps=20, repeats=7),
-    "large": dict(big=16384, d=1024, layers=20, small=256, blocks=500, width=2048, batch=512,
-                  steps=50, repeats=9),
+  "tiny": dict(big=256, d=16, layers=2, small=8, blocks=10, width=32, batch=16, steps=2, repeats=2),
+  "small": dict(
+    big=1024, d=64, layers=20, small=16, blocks=500, width=256, batch=64, steps=10, repeats=5
+  ),
+  "medium": dict(
+    big=4096, d=256, layers=20, small=64, blocks=500, width=512, batch=128, steps=20, repeats=7
+  ),
+  "large": dict(
+    big=16384, d=1024, layers=20, small=256, blocks=500, width=2048, batch=512, steps=50, repeats=9
+  ),
 }
 
 # Opcodes that launch no kernel of their own.
-_FREE_OPS = frozenset({
-    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
-    "call", "after-all", "opt-barrier", "partition-id", "replica-id", "iota",
-})
+_FREE_OPS = frozenset(
+  {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "opt-barrier",
+    "partition-id",
+    "replica-id",
+    "iota",
+  }
+)
 
 
 class _UsageError(Exception):
@@ -66,7 +81,6 @@ class _UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-
   def error(self, message):  # One line, no usage dump, no traceback.
     raise _UsageError(message)
 
@@ -76,7 +90,7 @@ def _names(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
   bad = [n for n in names if n not in allowed]
   if bad or not names:
     raise _UsageError(
-        f"{flag}: unknown name(s) {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}"
+      f"{flag}: unknown name(s) {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}"
     )
   return names
 
@@ -93,12 +107,16 @@ def _positive(text: str) -> int:
 
 def _parse(argv: list[str]) -> argparse.Namespace:
   parser = _Parser(
-      prog="python -m optax_norms bench",
-      description="Time every optax_norms transform against the unpenalized chain, the optax "
-      "peer and a hand-written jnp version, inside one jit-compiled loop.",
+    prog="python -m optax_norms bench",
+    description="Time every optax_norms transform against the unpenalized chain, the optax "
+    "peer and a hand-written jnp version, inside one jit-compiled loop.",
   )
-  parser.add_argument("--size", choices=tuple(SIZES), default="small",
-                      help="problem size (tiny: CI smoke; small: CPU default; large: GPU)")
+  parser.add_argument(
+    "--size",
+    choices=tuple(SIZES),
+    default="small",
+    help="problem size (tiny: CI smoke; small: CPU default; large: GPU)",
+  )
   parser.add_argument("--steps", type=_positive, help="optimizer steps per timed call (K)")
   parser.add_argument("--repeats", type=_positive, help="timed calls per variant")
   parser.add_argument("--only", help="comma-separated transforms to run (default: all)")
@@ -130,24 +148,24 @@ def _trees(config: dict[str, int], names: Sequence[str]) -> dict[str, Any]:
   trees = {}
   if "big" in names:
     n = config["big"]
-    trees["big"] = {"dense": {"kernel": normal((n, n), n ** -0.5)}}
+    trees["big"] = {"dense": {"kernel": normal((n, n), n**-0.5)}}
   if "transformer" in names:
     d = config["d"]
     layers = {}
     for i in range(config["layers"]):
       layers[f"layer_{i}"] = {
-          "ln_1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
-          "attn": {name: {"kernel": normal((d, d), d ** -0.5)} for name in "qkvo"},
-          "ln_2": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
-          "mlp_in": {"kernel": normal((d, 4 * d), d ** -0.5)},
-          "mlp_out": {"kernel": normal((4 * d, d), (4 * d) ** -0.5)},
+        "ln_1": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+        "attn": {name: {"kernel": normal((d, d), d**-0.5)} for name in "qkvo"},
+        "ln_2": {"scale": jnp.ones((d,)), "bias": jnp.zeros((d,))},
+        "mlp_in": {"kernel": normal((d, 4 * d), d**-0.5)},
+        "mlp_out": {"kernel": normal((4 * d, d), (4 * d) ** -0.5)},
       }
     trees["transformer"] = layers
   if "many" in names:
     s = config["small"]
     trees["many"] = {
-        f"block_{i}": {"kernel": normal((s, s), s ** -0.5), "bias": normal((s,), 0.1)}
-        for i in range(config["blocks"])
+      f"block_{i}": {"kernel": normal((s, s), s**-0.5), "bias": normal((s,), 0.1)}
+      for i in range(config["blocks"])
     }
   return trees
 
@@ -180,7 +198,9 @@ def _scheduled(name: str):
   import optax
 
   entry = by_name(name)
-  return entry.factory(**{k: optax.constant_schedule(v) for k, v in entry.bench_values(0.1).items()})
+  return entry.factory(
+    **{k: optax.constant_schedule(v) for k, v in entry.bench_values(0.1).items()}
+  )
 
 
 def _hand_rule(name: str, lr: float) -> Callable[[Any, Any], Any]:
@@ -324,7 +344,7 @@ def _time(variants: dict[str, _Compiled], repeats: int) -> dict[str, list[float]
     variants[name].output = variants[name]()
   times = {name: [] for name in names}
   for r in range(repeats):
-    order = names[r % len(names):] + names[: r % len(names)]
+    order = names[r % len(names) :] + names[: r % len(names)]
     if r % 2:
       order.reverse()
     for name in order:
@@ -344,13 +364,14 @@ def _max_diff(x, y) -> float:
   import jax
   import numpy as np
 
-  diffs = [float(np.max(np.abs(np.asarray(p) - np.asarray(q)), initial=0.0))
-           for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y))]
+  diffs = [
+    float(np.max(np.abs(np.asarray(p) - np.asarray(q)), initial=0.0))
+    for p, q in zip(jax.tree.leaves(x), jax.tree.leaves(y))
+  ]
   return max(diffs, default=0.0)
 
 
 class _Progress:
-
   def __init__(self, total: int, enabled: bool):
     self.bar = None
     if enabled:
@@ -406,23 +427,24 @@ def _bench_tree(tree_name, params, args, progress) -> dict[str, Any]:
       times = _time(variants, args.repeats)
       us = {k: 1e6 * statistics.median(v) / steps for k, v in times.items()}
       row = {
-          "transform": name,
-          "optimizer": opt_name,
-          "us_per_step": us,
-          "ratio_vs_base": _ratio(times, "ours", "base"),
-          "ratio_vs_peer": _ratio(times, "ours", "peer"),
-          "ratio_vs_hand": _ratio(times, "ours", "hand"),
-          "peer_same_math": None if peer is None else peer[1],
-          "bw_fraction": min_bytes / (us["ours"] * 1e-6) / copy_bw,
-          "compile_s": {k: v.compile_s for k, v in variants.items()},
-          "kernels": {k: v.kernels for k, v in variants.items()},
-          "temp_bytes": {k: v.temp_bytes for k, v in variants.items()},
-          "state_bytes": _nbytes(ours_tx.init(params)),
-          "max_abs_diff_vs_hand": _max_diff(variants["ours"].output[0],
-                                            variants["hand"].output[0]),
-          "max_abs_diff_vs_peer": (_max_diff(variants["ours"].output[0],
-                                             variants["peer"].output[0])
-                                   if peer is not None and peer[1] else None),
+        "transform": name,
+        "optimizer": opt_name,
+        "us_per_step": us,
+        "ratio_vs_base": _ratio(times, "ours", "base"),
+        "ratio_vs_peer": _ratio(times, "ours", "peer"),
+        "ratio_vs_hand": _ratio(times, "ours", "hand"),
+        "peer_same_math": None if peer is None else peer[1],
+        "bw_fraction": min_bytes / (us["ours"] * 1e-6) / copy_bw,
+        "compile_s": {k: v.compile_s for k, v in variants.items()},
+        "kernels": {k: v.kernels for k, v in variants.items()},
+        "temp_bytes": {k: v.temp_bytes for k, v in variants.items()},
+        "state_bytes": _nbytes(ours_tx.init(params)),
+        "max_abs_diff_vs_hand": _max_diff(variants["ours"].output[0], variants["hand"].output[0]),
+        "max_abs_diff_vs_peer": (
+          _max_diff(variants["ours"].output[0], variants["peer"].output[0])
+          if peer is not None and peer[1]
+          else None
+        ),
       }
       for v in variants.values():
         v.output = None
@@ -430,10 +452,10 @@ def _bench_tree(tree_name, params, args, progress) -> dict[str, Any]:
       progress.step(f"{tree_name} {opt_name} {name}")
   leaves = jax.tree.leaves(params)
   return {
-      "n_leaves": len(leaves),
-      "n_params": int(sum(x.size for x in leaves)),
-      "copy": {"us_per_step": 1e6 * copy_s, "gb_per_s": copy_bw / 1e9},
-      "rows": rows,
+    "n_leaves": len(leaves),
+    "n_params": int(sum(x.size for x in leaves)),
+    "copy": {"us_per_step": 1e6 * copy_s, "gb_per_s": copy_bw / 1e9},
+    "rows": rows,
   }
 
 
@@ -444,9 +466,9 @@ def _group_rules(tree_name: str):
   else:  # "many": 1000 leaves.
     g1, g2, g3 = "block_[0-4]*/kernel", "block_[5-9]*/kernel", "*/bias"
   rules = [
-      (g1, {"l2": ALPHA, "max_norm": MAX_NORM}),
-      (g2, {"clip_unit_norm": MAX_NORM, "l2": ALPHA}),
-      (g3, {"l1": 1e-5}),
+    (g1, {"l2": ALPHA, "max_norm": MAX_NORM}),
+    (g2, {"clip_unit_norm": MAX_NORM, "l2": ALPHA}),
+    (g3, {"l1": 1e-5}),
   ]
   if tree_name == "transformer":  # LayerNorm biases: left alone.
     rules.append(("**", None))
@@ -468,40 +490,47 @@ def _bench_groups(config, args, progress) -> dict[str, Any]:
     lr = LR["adam"]
     ours = on.regularize(optax.adam(lr), rules, learning_rate=lr)
     hand = optax.chain(
-        on.clip_by_row_norm(MAX_NORM, mask=g2),
-        on.add_l2_decay(ALPHA, mask=[g1, g2]),
-        on.add_l1_decay(1e-5, mask=g3),
-        optax.adam(lr),
-        on.constrain_row_norm(MAX_NORM, mask=g1),
+      on.clip_by_row_norm(MAX_NORM, mask=g2),
+      on.add_l2_decay(ALPHA, mask=[g1, g2]),
+      on.add_l1_decay(1e-5, mask=g3),
+      optax.adam(lr),
+      on.constrain_row_norm(MAX_NORM, mask=g1),
     )
     variants = {
-        name: _Compiled(_tree_loop(tx, args.steps), (params, tx.init(params), target))
-        for name, tx in (("regularize", ours), ("hand_chain", hand), ("adam", optax.adam(lr)))
+      name: _Compiled(_tree_loop(tx, args.steps), (params, tx.init(params), target))
+      for name, tx in (("regularize", ours), ("hand_chain", hand), ("adam", optax.adam(lr)))
     }
     times = _time(variants, args.repeats)
-    rows.append({
+    rows.append(
+      {
         "tree": tree_name,
         "n_leaves": len(jax.tree.leaves(params)),
         "us_per_step": {k: 1e6 * statistics.median(v) / args.steps for k, v in times.items()},
         "ratio_vs_hand_chain": _ratio(times, "regularize", "hand_chain"),
         "compile_s": {k: v.compile_s for k, v in variants.items()},
         "temp_bytes": {k: v.temp_bytes for k, v in variants.items()},
-        "max_abs_diff_vs_hand_chain": _max_diff(variants["regularize"].output[0],
-                                                variants["hand_chain"].output[0]),
-    })
+        "max_abs_diff_vs_hand_chain": _max_diff(
+          variants["regularize"].output[0], variants["hand_chain"].output[0]
+        ),
+      }
+    )
     progress.step(f"groups {tree_name}")
   return {"rows": rows}
 
 
 def _print_groups(result: dict[str, Any]) -> None:
   print("\n## regularize (4 groups) vs the hand-written chain of masked transforms (adam)")
-  print(f"{'tree':<12}{'leaves':>7}{'us/step':>10}{'x hand':>8}{'compile s ours/hand':>22}"
-        f"{'max |diff|':>12}")
+  print(
+    f"{'tree':<12}{'leaves':>7}{'us/step':>10}{'x hand':>8}{'compile s ours/hand':>22}"
+    f"{'max |diff|':>12}"
+  )
   for r in result["rows"]:
     c = r["compile_s"]
-    print(f"{r['tree']:<12}{r['n_leaves']:>7}{r['us_per_step']['regularize']:>10.1f}"
-          f"{r['ratio_vs_hand_chain']:>8.3f}{c['regularize']:>11.2f}/{c['hand_chain']:<10.2f}"
-          f"{r['max_abs_diff_vs_hand_chain']:>12.2e}")
+    print(
+      f"{r['tree']:<12}{r['n_leaves']:>7}{r['us_per_step']['regularize']:>10.1f}"
+      f"{r['ratio_vs_hand_chain']:>8.3f}{c['regularize']:>11.2f}/{c['hand_chain']:<10.2f}"
+      f"{r['max_abs_diff_vs_hand_chain']:>12.2e}"
+    )
 
 
 def _bench_mlp(config, args, progress) -> dict[str, Any]:
@@ -519,7 +548,6 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
   width, batch, steps, depth = config["width"], config["batch"], args.steps, 8
 
   class MLP(nn.Module):
-
     @nn.compact
     def __call__(self, x):
       for _ in range(depth - 1):
@@ -551,46 +579,55 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
   adam = lambda: optax.adam(lr)
   hand = lambda name: _hand(name, lr)
   txs = {
-      "base": adam(),
-      "l2_ours": optax.chain(on.add_l2_decay(ALPHA, mask=MASK), adam()),
-      "l2_optax": optax.chain(optax.add_decayed_weights(2 * ALPHA, mask=_bool_mask), adam()),
-      "l2_hand": optax.chain(hand("add_l2_decay"), adam()),
-      "maxnorm_ours": optax.chain(adam(), on.constrain_row_norm(MAX_NORM, mask=MASK)),
-      "maxnorm_hand": optax.chain(adam(), hand("constrain_row_norm")),
-      "clip_ours": optax.chain(on.clip_by_row_norm(MAX_NORM, mask=MASK), adam()),
-      "clip_hand": optax.chain(hand("clip_by_row_norm"), adam()),
-      "clip_agc": optax.chain(optax.masked(optax.adaptive_grad_clip(0.05), _bool_mask), adam()),
-      "all_ours": optax.chain(
-          on.clip_by_row_norm(MAX_NORM, mask=MASK), on.add_l2_decay(ALPHA, mask=MASK), adam(),
-          on.constrain_row_norm(MAX_NORM, mask=MASK)),
-      "all_hand": optax.chain(
-          hand("clip_by_row_norm"), hand("add_l2_decay"), adam(), hand("constrain_row_norm")),
+    "base": adam(),
+    "l2_ours": optax.chain(on.add_l2_decay(ALPHA, mask=MASK), adam()),
+    "l2_optax": optax.chain(optax.add_decayed_weights(2 * ALPHA, mask=_bool_mask), adam()),
+    "l2_hand": optax.chain(hand("add_l2_decay"), adam()),
+    "maxnorm_ours": optax.chain(adam(), on.constrain_row_norm(MAX_NORM, mask=MASK)),
+    "maxnorm_hand": optax.chain(adam(), hand("constrain_row_norm")),
+    "clip_ours": optax.chain(on.clip_by_row_norm(MAX_NORM, mask=MASK), adam()),
+    "clip_hand": optax.chain(hand("clip_by_row_norm"), adam()),
+    "clip_agc": optax.chain(optax.masked(optax.adaptive_grad_clip(0.05), _bool_mask), adam()),
+    "all_ours": optax.chain(
+      on.clip_by_row_norm(MAX_NORM, mask=MASK),
+      on.add_l2_decay(ALPHA, mask=MASK),
+      adam(),
+      on.constrain_row_norm(MAX_NORM, mask=MASK),
+    ),
+    "all_hand": optax.chain(
+      hand("clip_by_row_norm"), hand("add_l2_decay"), adam(), hand("constrain_row_norm")
+    ),
   }
   variants = {name: loop(tx) for name, tx in txs.items()}
   times = _time(variants, args.repeats)
   rows = []
   for name, v in variants.items():
-    rows.append({
+    rows.append(
+      {
         "variant": name,
         "us_per_step": 1e6 * statistics.median(times[name]) / steps,
         "ratio_vs_base": _ratio(times, name, "base"),
-        "ratio_vs_hand": (_ratio(times, name, name.rsplit("_", 1)[0] + "_hand")
-                          if name.endswith("_ours") else None),
+        "ratio_vs_hand": (
+          _ratio(times, name, name.rsplit("_", 1)[0] + "_hand") if name.endswith("_ours") else None
+        ),
         "compile_s": v.compile_s,
         "kernels": v.kernels,
         "temp_bytes": v.temp_bytes,
-    })
+      }
+    )
   diffs = {
-      group: _max_diff(variants[f"{group}_ours"].output[0], variants[f"{group}_hand"].output[0])
-      for group in ("l2", "maxnorm", "clip", "all")
+    group: _max_diff(variants[f"{group}_ours"].output[0], variants[f"{group}_hand"].output[0])
+    for group in ("l2", "maxnorm", "clip", "all")
   }
   diffs["l2_optax"] = _max_diff(variants["l2_ours"].output[0], variants["l2_optax"].output[0])
   progress.step("mlp")
   return {
-      "depth": depth, "width": width, "batch": batch,
-      "n_params": int(sum(p.size for p in jax.tree.leaves(params))),
-      "rows": rows,
-      "max_abs_diff_vs_hand": diffs,
+    "depth": depth,
+    "width": width,
+    "batch": batch,
+    "n_params": int(sum(p.size for p in jax.tree.leaves(params))),
+    "rows": rows,
+    "max_abs_diff_vs_hand": diffs,
   }
 
 
@@ -599,9 +636,11 @@ def _state_bytes(names: Sequence[str]) -> dict[str, dict[str, int]]:
 
   params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))}}
   return {
-      name: {"constant": _nbytes(_ours(name, 0.1).init(params)),
-             "scheduled": _nbytes(_scheduled(name).init(params))}
-      for name in names
+    name: {
+      "constant": _nbytes(_ours(name, 0.1).init(params)),
+      "scheduled": _nbytes(_scheduled(name).init(params)),
+    }
+    for name in names
   }
 
 
@@ -618,12 +657,16 @@ def _kib(x: int | None) -> str:
 
 
 def _print_tree(name: str, result: dict[str, Any]) -> None:
-  print(f"\n## {name}: {result['n_leaves']} leaves, {result['n_params']:,} params; "
-        f"copy {result['copy']['us_per_step']:.1f} us/step = "
-        f"{result['copy']['gb_per_s']:.1f} GB/s")
+  print(
+    f"\n## {name}: {result['n_leaves']} leaves, {result['n_params']:,} params; "
+    f"copy {result['copy']['us_per_step']:.1f} us/step = "
+    f"{result['copy']['gb_per_s']:.1f} GB/s"
+  )
   width = max([19] + [len(r["transform"]) + 1 for r in result["rows"]])
-  head = (f"{'transform':<{width}}{'opt':<5}{'us/step':>9}{'xbase':>7}{'xpeer':>7}{'xhand':>7}"
-          f"{'BW%':>5} {'compile s':>11} {'kernels':>11} {'temp KiB':>11}")
+  head = (
+    f"{'transform':<{width}}{'opt':<5}{'us/step':>9}{'xbase':>7}{'xpeer':>7}{'xhand':>7}"
+    f"{'BW%':>5} {'compile s':>11} {'kernels':>11} {'temp KiB':>11}"
+  )
   print(head)
   print("-" * len(head))
   for r in result["rows"]:
@@ -631,27 +674,35 @@ def _print_tree(name: str, result: dict[str, Any]) -> None:
     peer = _fmt(r["ratio_vs_peer"])
     if r["peer_same_math"] is False:
       peer += "*"
-    print(f"{r['transform']:<{width}}{r['optimizer']:<5}{r['us_per_step']['ours']:>9.1f}"
-          f"{_fmt(r['ratio_vs_base']):>7}{peer:>7}{_fmt(r['ratio_vs_hand']):>7}"
-          f"{100 * r['bw_fraction']:>5.0f} {c['ours']:>5.2f}/{c['hand']:<5.2f}"
-          f" {k['ours']:>3}/{k['hand']:>3}/{k['base']:<3}"
-          f" {_kib(t['ours']):>5}/{_kib(t['hand']):<5}")
+    print(
+      f"{r['transform']:<{width}}{r['optimizer']:<5}{r['us_per_step']['ours']:>9.1f}"
+      f"{_fmt(r['ratio_vs_base']):>7}{peer:>7}{_fmt(r['ratio_vs_hand']):>7}"
+      f"{100 * r['bw_fraction']:>5.0f} {c['ours']:>5.2f}/{c['hand']:<5.2f}"
+      f" {k['ours']:>3}/{k['hand']:>3}/{k['base']:<3}"
+      f" {_kib(t['ours']):>5}/{_kib(t['hand']):<5}"
+    )
 
 
 def _print_mlp(result: dict[str, Any]) -> None:
   if "skipped" in result:
     print(f"\n## mlp: skipped ({result['skipped']})")
     return
-  print(f"\n## mlp: Flax Linen {result['depth']}x{result['width']} Dense, batch "
-        f"{result['batch']}, adam; {result['n_params']:,} params")
-  head = (f"{'variant':<14}{'us/step':>10}{'xbase':>8}{'xhand':>8}{'compile s':>11}"
-          f"{'kernels':>9}{'temp KiB':>10}")
+  print(
+    f"\n## mlp: Flax Linen {result['depth']}x{result['width']} Dense, batch "
+    f"{result['batch']}, adam; {result['n_params']:,} params"
+  )
+  head = (
+    f"{'variant':<14}{'us/step':>10}{'xbase':>8}{'xhand':>8}{'compile s':>11}"
+    f"{'kernels':>9}{'temp KiB':>10}"
+  )
   print(head)
   print("-" * len(head))
   for r in result["rows"]:
-    print(f"{r['variant']:<14}{r['us_per_step']:>10.1f}{_fmt(r['ratio_vs_base']):>8}"
-          f"{_fmt(r['ratio_vs_hand']):>8}{r['compile_s']:>11.2f}{r['kernels']:>9}"
-          f"{_kib(r['temp_bytes']):>10}")
+    print(
+      f"{r['variant']:<14}{r['us_per_step']:>10.1f}{_fmt(r['ratio_vs_base']):>8}"
+      f"{_fmt(r['ratio_vs_hand']):>8}{r['compile_s']:>11.2f}{r['kernels']:>9}"
+      f"{_kib(r['temp_bytes']):>10}"
+    )
 
 
 def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -668,26 +719,44 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   rows = [r for t in results["trees"].values() for r in t["rows"]]
   elem = [r for r in rows if r["transform"] in ELEMENTWISE]
   unit = [r for r in rows if r["transform"] in PER_UNIT]
-  add("element-wise: ours / unpenalized chain", [r["ratio_vs_base"] for r in elem],
-      lambda w: w <= tol, tol)
-  add("element-wise: ours / optax peer", [r["ratio_vs_peer"] for r in elem],
-      lambda w: w <= tol, tol)
-  add("per-unit: ours / hand-written", [r["ratio_vs_hand"] for r in unit],
-      lambda w: w <= tol, tol)
+  add(
+    "element-wise: ours / unpenalized chain",
+    [r["ratio_vs_base"] for r in elem],
+    lambda w: w <= tol,
+    tol,
+  )
+  add(
+    "element-wise: ours / optax peer", [r["ratio_vs_peer"] for r in elem], lambda w: w <= tol, tol
+  )
+  add("per-unit: ours / hand-written", [r["ratio_vs_hand"] for r in unit], lambda w: w <= tol, tol)
   add("all: ours / hand-written", [r["ratio_vs_hand"] for r in rows], lambda w: w <= tol, tol)
   many = results["trees"].get("many")
   if many:
-    add(f"compile time on the {many['n_leaves']}-leaf tree: ours / hand-written",
-        [r["compile_s"]["ours"] / r["compile_s"]["hand"] for r in many["rows"]],
-        lambda w: w <= 1.10, 1.10)
-  temp = [r["temp_bytes"]["ours"] - r["temp_bytes"]["hand"] for r in rows
-          if r["temp_bytes"]["ours"] is not None and r["temp_bytes"]["hand"] is not None]
+    add(
+      f"compile time on the {many['n_leaves']}-leaf tree: ours / hand-written",
+      [r["compile_s"]["ours"] / r["compile_s"]["hand"] for r in many["rows"]],
+      lambda w: w <= 1.10,
+      1.10,
+    )
+  temp = [
+    r["temp_bytes"]["ours"] - r["temp_bytes"]["hand"]
+    for r in rows
+    if r["temp_bytes"]["ours"] is not None and r["temp_bytes"]["hand"] is not None
+  ]
   add("temp bytes: ours - hand-written", temp, lambda w: w <= 0, 0)
   sb = results["state_bytes"]
-  add("state bytes, constant hyperparameters", [v["constant"] for v in sb.values()],
-      lambda w: w == 0, 0)
-  add("state bytes, one schedule (an int32 count)", [v["scheduled"] for v in sb.values()],
-      lambda w: w <= 4, 4)
+  add(
+    "state bytes, constant hyperparameters",
+    [v["constant"] for v in sb.values()],
+    lambda w: w == 0,
+    0,
+  )
+  add(
+    "state bytes, one schedule (an int32 count)",
+    [v["scheduled"] for v in sb.values()],
+    lambda w: w <= 4,
+    4,
+  )
   return out
 
 
@@ -696,8 +765,9 @@ def _print_targets(targets: list[dict[str, Any]]) -> None:
   for t in targets:
     worst = t["worst"]
     shown = f"{worst:.3f}" if isinstance(worst, float) else f"{worst}"
-    print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: worst {shown} "
-          f"(target <= {t['threshold']})")
+    print(
+      f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: worst {shown} (target <= {t['threshold']})"
+    )
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
@@ -709,24 +779,28 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   config = SIZES[args.size]
   device = jax.devices()[0]
   meta = {
-      "device": str(device),
-      "device_kind": device.device_kind,
-      "platform": device.platform,
-      "n_devices": jax.device_count(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "optax_norms": optax_norms.__version__,
-      "python": platform.python_version(),
-      "size": args.size,
-      "config": config,
-      "steps": args.steps,
-      "repeats": args.repeats,
-      "transforms": list(args.only),
+    "device": str(device),
+    "device_kind": device.device_kind,
+    "platform": device.platform,
+    "n_devices": jax.device_count(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "optax_norms": optax_norms.__version__,
+    "python": platform.python_version(),
+    "size": args.size,
+    "config": config,
+    "steps": args.steps,
+    "repeats": args.repeats,
+    "transforms": list(args.only),
   }
-  print(f"optax_norms bench: device {meta['device_kind']} ({meta['platform']}), "
-        f"jax {meta['jax']}, optax {meta['optax']}, optax_norms {meta['optax_norms']}")
-  print(f"size {args.size}, {args.steps} steps per jit-compiled loop, {args.repeats} repeats, "
-        f"mask {MASK!r}; ratios are medians of paired, alternated runs")
+  print(
+    f"optax_norms bench: device {meta['device_kind']} ({meta['platform']}), "
+    f"jax {meta['jax']}, optax {meta['optax']}, optax_norms {meta['optax_norms']}"
+  )
+  print(
+    f"size {args.size}, {args.steps} steps per jit-compiled loop, {args.repeats} repeats, "
+    f"mask {MASK!r}; ratios are medians of paired, alternated runs"
+  )
   tree_names = [t for t in args.trees if t not in ("mlp", "groups")]
   total = sum(len(TREE_OPTIMIZERS[t]) for t in tree_names) * len(args.only)
   total += ("mlp" in args.trees) + 2 * ("groups" in args.trees)
@@ -750,13 +824,16 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   if "groups" in results:
     _print_groups(results["groups"])
   print("\n## optimizer-state bytes of our transform alone (constant / with one schedule)")
-  print("  ".join(f"{k} {v['constant']}/{v['scheduled']}"
-                  for k, v in results["state_bytes"].items()))
+  print(
+    "  ".join(f"{k} {v['constant']}/{v['scheduled']}" for k, v in results["state_bytes"].items())
+  )
   _print_targets(results["targets"])
-  print("\ncolumns: us/step = ours, median; xbase/xpeer/xhand = ours / (no penalty | optax peer "
-        "| hand-written jnp); * = peer is relative (adaptive_grad_clip), not the same math; "
-        "BW% = minimal bytes moved / time, as % of the measured copy; compile = lower+compile "
-        "s, ours/hand; kernels = ours/hand/base; temp = XLA temp KiB, ours/hand")
+  print(
+    "\ncolumns: us/step = ours, median; xbase/xpeer/xhand = ours / (no penalty | optax peer "
+    "| hand-written jnp); * = peer is relative (adaptive_grad_clip), not the same math; "
+    "BW% = minimal bytes moved / time, as % of the measured copy; compile = lower+compile "
+    "s, ours/hand; kernels = ours/hand/base; temp = XLA temp KiB, ours/hand"
+  )
   return results
 
 
@@ -777,8 +854,7 @@ def main(argv: list[str]) -> int:
     try:
       open(args.json, "a").close()
     except OSError as error:
-      print(f"optax_norms bench: error: cannot write --json {args.json}: {error}",
-            file=sys.stderr)
+      print(f"optax_norms bench: error: cannot write --json {args.json}: {error}", file=sys.stderr)
       return 2
   results = _run(args)
   if args.json:
@@ -786,8 +862,7 @@ def main(argv: list[str]) -> int:
       with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
     except OSError as error:
-      print(f"optax_norms bench: error: cannot write --json {args.json}: {error}",
-            file=sys.stderr)
+      print(f"optax_norms bench: error: cannot write --json {args.json}: {error}", file=sys.stderr)
       return 1
     print(f"\nwrote {args.json}")
   return 0

@@ -53,61 +53,61 @@ def _sgd(optax):
 # Hyperparameters chosen so that each effect is visible at the default 600 steps.
 _MAX_NORM = 0.5
 SETTINGS: tuple[Setting, ...] = (
-    Setting("none", "sgd", lambda ox, on: _sgd(ox)),
-    Setting(
-        "l2",
-        "add_l2_decay(3e-3) → sgd",
-        lambda ox, on: ox.chain(on.add_l2_decay(3e-3, mask=_KERNELS), _sgd(ox)),
-    ),
-    Setting(
-        "l1",
-        "add_l1_decay(3e-4) → sgd",
-        lambda ox, on: ox.chain(on.add_l1_decay(3e-4, mask=_KERNELS), _sgd(ox)),
-    ),
-    Setting(
-        "prox_l1",
-        "sgd → prox_l1(3e-3, lr)",
-        lambda ox, on: ox.chain(_sgd(ox), on.prox_l1(3e-3, _LR, mask=_KERNELS)),
-    ),
-    Setting(
-        "elastic",
-        "sgd → prox_elastic(3e-3, 3e-3, lr)",
-        lambda ox, on: ox.chain(_sgd(ox), on.prox_elastic(3e-3, 3e-3, _LR, mask=_KERNELS)),
-    ),
-    Setting(
-        "group",
-        "sgd → prox_group_l2(5e-2, lr)",
-        lambda ox, on: ox.chain(_sgd(ox), on.prox_group_l2(5e-2, _LR, mask=_KERNELS)),
-    ),
-    Setting(
-        "maxnorm",
-        f"sgd → constrain_row_norm({_MAX_NORM})",
-        lambda ox, on: ox.chain(_sgd(ox), on.constrain_row_norm(_MAX_NORM, mask=_KERNELS)),
-    ),
-    Setting(
-        "clip_row",
-        "clip_by_row_norm(0.05) → sgd",
-        lambda ox, on: ox.chain(on.clip_by_row_norm(0.05, mask=_KERNELS), _sgd(ox)),
-    ),
-    Setting(
-        "clip_abs",
-        "clip_by_max_abs(0.005) → sgd",
-        lambda ox, on: ox.chain(on.clip_by_max_abs(0.005, mask=_KERNELS), _sgd(ox)),
-    ),
+  Setting("none", "sgd", lambda ox, on: _sgd(ox)),
+  Setting(
+    "l2",
+    "add_l2_decay(3e-3) → sgd",
+    lambda ox, on: ox.chain(on.add_l2_decay(3e-3, mask=_KERNELS), _sgd(ox)),
+  ),
+  Setting(
+    "l1",
+    "add_l1_decay(3e-4) → sgd",
+    lambda ox, on: ox.chain(on.add_l1_decay(3e-4, mask=_KERNELS), _sgd(ox)),
+  ),
+  Setting(
+    "prox_l1",
+    "sgd → prox_l1(3e-3, lr)",
+    lambda ox, on: ox.chain(_sgd(ox), on.prox_l1(3e-3, _LR, mask=_KERNELS)),
+  ),
+  Setting(
+    "elastic",
+    "sgd → prox_elastic(3e-3, 3e-3, lr)",
+    lambda ox, on: ox.chain(_sgd(ox), on.prox_elastic(3e-3, 3e-3, _LR, mask=_KERNELS)),
+  ),
+  Setting(
+    "group",
+    "sgd → prox_group_l2(5e-2, lr)",
+    lambda ox, on: ox.chain(_sgd(ox), on.prox_group_l2(5e-2, _LR, mask=_KERNELS)),
+  ),
+  Setting(
+    "maxnorm",
+    f"sgd → constrain_row_norm({_MAX_NORM})",
+    lambda ox, on: ox.chain(_sgd(ox), on.constrain_row_norm(_MAX_NORM, mask=_KERNELS)),
+  ),
+  Setting(
+    "clip_row",
+    "clip_by_row_norm(0.05) → sgd",
+    lambda ox, on: ox.chain(on.clip_by_row_norm(0.05, mask=_KERNELS), _sgd(ox)),
+  ),
+  Setting(
+    "clip_abs",
+    "clip_by_max_abs(0.005) → sgd",
+    lambda ox, on: ox.chain(on.clip_by_max_abs(0.005, mask=_KERNELS), _sgd(ox)),
+  ),
 )
 _BY_NAME = {s.name: s for s in SETTINGS}
 
 _COLUMNS = (
-    ("setting", "{:<9}"),
-    ("train acc", "{:>9.3f}"),
-    ("test acc", "{:>8.3f}"),
-    ("gap", "{:>6.3f}"),
-    ("zero frac", "{:>9.3f}"),
-    ("dead units", "{:>10d}"),
-    ("max unit norm", "{:>13.3f}"),
-    ("total L2", "{:>8.2f}"),
-    ("max |Δw|", "{:>8.4f}"),
-    ("max unit Δw", "{:>11.4f}"),
+  ("setting", "{:<9}"),
+  ("train acc", "{:>9.3f}"),
+  ("test acc", "{:>8.3f}"),
+  ("gap", "{:>6.3f}"),
+  ("zero frac", "{:>9.3f}"),
+  ("dead units", "{:>10d}"),
+  ("max unit norm", "{:>13.3f}"),
+  ("total L2", "{:>8.2f}"),
+  ("max |Δw|", "{:>8.4f}"),
+  ("max unit Δw", "{:>11.4f}"),
 )
 # Over the whole run and all kernels: "max |Δw|" is the largest change of one weight in one
 # step, "max unit Δw" the largest change of one unit (a kernel column) in one step, in norm.
@@ -130,23 +130,23 @@ class _Parser(argparse.ArgumentParser):
 
 def _parse(argv: list[str]) -> argparse.Namespace:
   parser = _Parser(
-      prog="python -m optax_norms demo",
-      description=(
-          "Train one Flax MLP on scikit-learn digits once per regularizer; print a table "
-          "and write figures."
-      ),
-      epilog="settings:\n" + "\n".join(f"  {s.name:<9} {s.chain}" for s in SETTINGS),
-      formatter_class=_Formatter,
+    prog="python -m optax_norms demo",
+    description=(
+      "Train one Flax MLP on scikit-learn digits once per regularizer; print a table "
+      "and write figures."
+    ),
+    epilog="settings:\n" + "\n".join(f"  {s.name:<9} {s.chain}" for s in SETTINGS),
+    formatter_class=_Formatter,
   )
   parser.add_argument("--out", default="optax_norms_demo", help="folder for the PNG figures")
   parser.add_argument(
-      "--steps", type=int, default=_DEFAULT_STEPS, help="full-batch training steps per setting"
+    "--steps", type=int, default=_DEFAULT_STEPS, help="full-batch training steps per setting"
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the split and the init")
   parser.add_argument(
-      "--settings",
-      default="all",
-      help="comma-separated names of the settings listed below, or 'all'",
+    "--settings",
+    default="all",
+    help="comma-separated names of the settings listed below, or 'all'",
   )
   args = parser.parse_args(argv)
   if args.steps < 1:
@@ -159,15 +159,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   empty = [i + 1 for i, n in enumerate(names) if not n]
   if empty and len(names) > 1:
     raise _UsageError(
-        f"--settings {args.settings!r} has an empty entry (entry "
-        f"{', '.join(map(str, empty))} of {len(names)}); separate names with single commas"
+      f"--settings {args.settings!r} has an empty entry (entry "
+      f"{', '.join(map(str, empty))} of {len(names)}); separate names with single commas"
     )
   names = [n for n in names if n]
   unknown = [n for n in names if n not in _BY_NAME]
   if unknown or not names:
     raise _UsageError(
-        f"unknown setting(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-        f"choose from {', '.join(_BY_NAME)}"
+      f"unknown setting(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+      f"choose from {', '.join(_BY_NAME)}"
     )
   args.settings = list(dict.fromkeys(names))
   return args
@@ -232,9 +232,9 @@ def _train_one(setting, model, params0, data, steps, progress) -> dict[str, Any]
     train_logits = model.apply({"params": params}, x_tr)
     test_logits = model.apply({"params": params}, x_te)
     return {
-        "train_loss": optax.softmax_cross_entropy_with_integer_labels(train_logits, y_tr).mean(),
-        "train_acc": jnp.mean(jnp.argmax(train_logits, -1) == y_tr),
-        "test_acc": jnp.mean(jnp.argmax(test_logits, -1) == y_te),
+      "train_loss": optax.softmax_cross_entropy_with_integer_labels(train_logits, y_tr).mean(),
+      "train_acc": jnp.mean(jnp.argmax(train_logits, -1) == y_tr),
+      "test_acc": jnp.mean(jnp.argmax(test_logits, -1) == y_te),
     }
 
   def run(params, opt_state, n):
@@ -246,10 +246,12 @@ def _train_one(setting, model, params0, data, steps, progress) -> dict[str, Any]
       updates, opt_state = tx.update(grads, opt_state, params)
       new = optax.apply_updates(params, updates)
       deltas = [a - b for a, b in zip(_leaves(new), _leaves(params), strict=True)]
-      step = jnp.stack([
+      step = jnp.stack(
+        [
           jnp.max(jnp.stack([jnp.max(jnp.abs(d)) for d in deltas])),
           jnp.max(jnp.stack([jnp.max(jnp.sqrt(jnp.sum(jnp.square(d), axis=0))) for d in deltas])),
-      ])
+        ]
+      )
       return new, opt_state, jnp.maximum(max_step, step)
 
     return jax.lax.fori_loop(0, n, body, (params, opt_state, jnp.zeros(2, jnp.float32)))
@@ -273,9 +275,9 @@ def _train_one(setting, model, params0, data, steps, progress) -> dict[str, Any]
       curve[key].append(float(value))
     progress.update(n)
   return {
-      "params": params,
-      "curve": {k: np.asarray(v) for k, v in curve.items()},
-      "max_step": max_step,
+    "params": params,
+    "curve": {k: np.asarray(v) for k, v in curve.items()},
+    "max_step": max_step,
   }
 
 
@@ -290,16 +292,16 @@ def _row(name: str, result: dict[str, Any]) -> dict[str, Any]:
   curve = result["curve"]
   train_acc, test_acc = float(curve["train_acc"][-1]), float(curve["test_acc"][-1])
   return {
-      "setting": name,
-      "train acc": train_acc,
-      "test acc": test_acc,
-      "gap": train_acc - test_acc,
-      "zero frac": zeros / sum(sizes.values()),
-      "dead units": int(sum(float(r["dead_units"]) for r in report.values())),
-      "max unit norm": max(float(r["max_unit_norm"]) for r in report.values()),
-      "total L2": float(np.sqrt(sum(float(r["l2"]) ** 2 for r in report.values()))),
-      "max |Δw|": float(result["max_step"][0]),
-      "max unit Δw": float(result["max_step"][1]),
+    "setting": name,
+    "train acc": train_acc,
+    "test acc": test_acc,
+    "gap": train_acc - test_acc,
+    "zero frac": zeros / sum(sizes.values()),
+    "dead units": int(sum(float(r["dead_units"]) for r in report.values())),
+    "max unit norm": max(float(r["max_unit_norm"]) for r in report.values()),
+    "total L2": float(np.sqrt(sum(float(r["l2"]) ** 2 for r in report.values()))),
+    "max |Δw|": float(result["max_step"][0]),
+    "max unit Δw": float(result["max_step"][1]),
   }
 
 
@@ -317,14 +319,14 @@ def _kernels(params) -> list[tuple[str, Any]]:
 def _table(rows: list[dict[str, Any]]) -> str:
   widths = [max(len(name), len(fmt.format(rows[0][name]))) for name, fmt in _COLUMNS]
   header = "  ".join(
-      name.ljust(w) if i == 0 else name.rjust(w)
-      for i, ((name, _), w) in enumerate(zip(_COLUMNS, widths, strict=True))
+    name.ljust(w) if i == 0 else name.rjust(w)
+    for i, ((name, _), w) in enumerate(zip(_COLUMNS, widths, strict=True))
   )
   lines = [header, "-" * len(header)]
   for row in rows:
     cells = (
-        fmt.format(row[name]).ljust(w) if i == 0 else fmt.format(row[name]).rjust(w)
-        for i, ((name, fmt), w) in enumerate(zip(_COLUMNS, widths, strict=True))
+      fmt.format(row[name]).ljust(w) if i == 0 else fmt.format(row[name]).rjust(w)
+      for i, ((name, fmt), w) in enumerate(zip(_COLUMNS, widths, strict=True))
     )
     lines.append("  ".join(cells))
   return "\n".join(lines)
@@ -343,8 +345,10 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
   cols = min(3, len(names))
   nrows = -(-len(names) // cols)
   fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
-  values = {n: np.concatenate([np.ravel(np.asarray(k)) for _, k in _kernels(results[n]["params"])])
-            for n in names}
+  values = {
+    n: np.concatenate([np.ravel(np.asarray(k)) for _, k in _kernels(results[n]["params"])])
+    for n in names
+  }
   bound = max(float(np.max(np.abs(v))) for v in values.values())
   bins = np.linspace(-bound, bound, 81)
   for ax, name in zip(axes.flat, names, strict=False):
@@ -355,7 +359,7 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
     ax.tick_params(labelsize=7)
   for ax in axes[:, 0]:
     ax.set_ylabel("count (log)", fontsize=8)
-  for ax in list(axes.flat)[len(names):]:
+  for ax in list(axes.flat)[len(names) :]:
     ax.axis("off")
   fig.suptitle("Kernel weights after training", fontsize=10)
   fig.tight_layout()
@@ -385,8 +389,15 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
   for i, name in enumerate(names):
     curve = results[name]["curve"]
-    style = {"color": colors(i % 10), "ls": styles[i % len(styles)], "marker": markers[i % 9],
-             "markevery": (0.02 * (i % 9), 0.2), "ms": 4, "lw": 1.2, "label": name}
+    style = {
+      "color": colors(i % 10),
+      "ls": styles[i % len(styles)],
+      "marker": markers[i % 9],
+      "markevery": (0.02 * (i % 9), 0.2),
+      "ms": 4,
+      "lw": 1.2,
+      "label": name,
+    }
     ax1.plot(curve["step"], curve["train_loss"], **style)
     ax2.plot(curve["step"], curve["test_acc"], **style)
   ax1.set_yscale("log")
@@ -420,19 +431,22 @@ def _run(args: argparse.Namespace, extras: dict[str, Any]) -> int:
   settings = [_BY_NAME[n] for n in args.settings]
   results: dict[str, dict[str, Any]] = {}
   with extras["tqdm"].tqdm(
-      total=len(settings) * args.steps, desc="training", unit="step", file=sys.stderr,
-      dynamic_ncols=True,
+    total=len(settings) * args.steps,
+    desc="training",
+    unit="step",
+    file=sys.stderr,
+    dynamic_ncols=True,
   ) as progress:
     for setting in settings:
       progress.set_postfix_str(setting.name)
       results[setting.name] = _train_one(setting, model, params0, data, args.steps, progress)
   rows = [_row(n, r) for n, r in results.items()]
   print(
-      f"digits: {len(data[1])} train / {len(data[3])} test samples, MLP 64-"
-      f"{'-'.join(map(str, _HIDDEN))}-10, {args.steps} full-batch steps of "
-      f"sgd(lr={_LR}, momentum={_MOMENTUM}), seed {args.seed}. Norm columns over the kernels "
-      f"(mask '{_KERNELS}'); max |Δw|: the largest change of one weight in one step, max unit Δw: "
-      "of one unit (kernel column, in norm)."
+    f"digits: {len(data[1])} train / {len(data[3])} test samples, MLP 64-"
+    f"{'-'.join(map(str, _HIDDEN))}-10, {args.steps} full-batch steps of "
+    f"sgd(lr={_LR}, momentum={_MOMENTUM}), seed {args.seed}. Norm columns over the kernels "
+    f"(mask '{_KERNELS}'); max |Δw|: the largest change of one weight in one step, max unit Δw: "
+    "of one unit (kernel column, in norm)."
   )
   print(_table(rows))
   print()
@@ -473,7 +487,9 @@ def main(argv: list[str] | None = None) -> int:
       pass
     os.remove(probe)
   except OSError as error:
-    print(f"optax_norms demo: error: cannot write to --out {args.out!r}: {error.strerror}",
-          file=sys.stderr)
+    print(
+      f"optax_norms demo: error: cannot write to --out {args.out!r}: {error.strerror}",
+      file=sys.stderr,
+    )
     return 1
   return _run(args, extras)

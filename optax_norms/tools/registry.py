@@ -52,6 +52,8 @@ def _spectral_project(v, c, axes):
 def _min_max_scale(n, hp):
   desired = hp["rate"] * np.clip(n, hp["min_norm"], hp["max_norm"]) + (1 - hp["rate"]) * n
   return np.where(n > 0, desired / np.where(n > 0, n, 1), 1)
+
+
 def _keep_largest(v, count):
   """Mask keeping the `count` largest |v| of a 1-d array; ties keep the lower index."""
   order = np.argsort(-np.abs(v), kind="stable")
@@ -173,7 +175,6 @@ class Entry:
     return self.factory(**hp, mask=mask, **extra)
 
 
-
 def _jnp():
   import jax.numpy as jnp
 
@@ -258,133 +259,218 @@ def _optax_peer(build):
 
 
 REGISTRY: tuple[Entry, ...] = (
-    Entry(
-        "add_l2_decay", on.add_l2_decay, {"alpha": 0.3},
-        lambda u, w, hp, a: u + 2 * hp["alpha"] * w, "before",
-        hand_rule=lambda hp, lr: lambda g, w: g + (2 * hp["alpha"]) * w,
-        peer=_optax_peer(lambda ox, hp, m: (ox.add_decayed_weights(2 * hp["alpha"], mask=m), True)),
-        bench_hyperparams={"alpha": 1e-4},
+  Entry(
+    "add_l2_decay",
+    on.add_l2_decay,
+    {"alpha": 0.3},
+    lambda u, w, hp, a: u + 2 * hp["alpha"] * w,
+    "before",
+    hand_rule=lambda hp, lr: lambda g, w: g + (2 * hp["alpha"]) * w,
+    peer=_optax_peer(lambda ox, hp, m: (ox.add_decayed_weights(2 * hp["alpha"], mask=m), True)),
+    bench_hyperparams={"alpha": 1e-4},
+  ),
+  Entry(
+    "add_l1_decay",
+    on.add_l1_decay,
+    {"alpha": 0.3},
+    lambda u, w, hp, a: u + hp["alpha"] * np.sign(w),
+    "before",
+    hand_rule=lambda hp, lr: lambda g, w: g + hp["alpha"] * _jnp().sign(w),
+    bench_hyperparams={"alpha": 1e-4},
+  ),
+  Entry(
+    "elastic",
+    on.elastic,
+    {"l1": 0.2, "l2": 0.3},
+    lambda u, w, hp, a: u + hp["l1"] * np.sign(w) + 2 * hp["l2"] * w,
+    "before",
+    hand_rule=lambda hp, lr: lambda g, w: g + hp["l1"] * _jnp().sign(w) + (2 * hp["l2"]) * w,
+    bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
+  ),
+  Entry(
+    "add_max_norm_decay",
+    on.add_max_norm_decay,
+    {"max_norm": 1.0, "alpha": 0.5},
+    lambda u, w, hp, a: (
+      u
+      + 2
+      * hp["alpha"]
+      * np.maximum(_unit_norm(w, a) - hp["max_norm"], 0)
+      * w
+      / np.where(_unit_norm(w, a) > 0, _unit_norm(w, a), 1)
     ),
-    Entry(
-        "add_l1_decay", on.add_l1_decay, {"alpha": 0.3},
-        lambda u, w, hp, a: u + hp["alpha"] * np.sign(w), "before",
-        hand_rule=lambda hp, lr: lambda g, w: g + hp["alpha"] * _jnp().sign(w),
-        bench_hyperparams={"alpha": 1e-4},
+    "before",
+    per_unit=True,
+    hand_rule=_hand_max_norm_decay,
+    bench_hyperparams={"max_norm": 1.0, "alpha": 1e-4},
+  ),
+  Entry(
+    "prox_l1",
+    on.prox_l1,
+    {"alpha": 0.5, "learning_rate": 0.4},
+    lambda u, w, hp, a: _soft(w + u, hp["learning_rate"] * hp["alpha"]) - w,
+    "after",
+    hand_rule=lambda hp, lr: lambda g, w: _hand_soft(w + g, lr * hp["alpha"]) - w,
+    bench_hyperparams={"alpha": 1e-4},
+  ),
+  Entry(
+    "prox_elastic",
+    on.prox_elastic,
+    {"l1": 0.5, "l2": 0.25, "learning_rate": 0.4},
+    lambda u, w, hp, a: (
+      _soft(w + u, hp["learning_rate"] * hp["l1"]) / (1 + 2 * hp["learning_rate"] * hp["l2"]) - w
     ),
-    Entry(
-        "elastic", on.elastic, {"l1": 0.2, "l2": 0.3},
-        lambda u, w, hp, a: u + hp["l1"] * np.sign(w) + 2 * hp["l2"] * w, "before",
-        hand_rule=lambda hp, lr: lambda g, w: g + hp["l1"] * _jnp().sign(w) + (2 * hp["l2"]) * w,
-        bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
+    "after",
+    hand_rule=lambda hp, lr: (
+      lambda g, w: _hand_soft(w + g, lr * hp["l1"]) / (1 + 2 * lr * hp["l2"]) - w
     ),
-    Entry(
-        "add_max_norm_decay", on.add_max_norm_decay, {"max_norm": 1.0, "alpha": 0.5},
-        lambda u, w, hp, a: u + 2 * hp["alpha"] * np.maximum(_unit_norm(w, a) - hp["max_norm"], 0)
-        * w / np.where(_unit_norm(w, a) > 0, _unit_norm(w, a), 1),
-        "before", per_unit=True, hand_rule=_hand_max_norm_decay,
-        bench_hyperparams={"max_norm": 1.0, "alpha": 1e-4},
+    bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
+  ),
+  Entry(
+    "prox_group_l2",
+    on.prox_group_l2,
+    {"alpha": 1.0, "learning_rate": 0.5},
+    lambda u, w, hp, a: (
+      (w + u)
+      * np.maximum(
+        0,
+        1
+        - hp["learning_rate"]
+        * hp["alpha"]
+        / np.where(_unit_norm(w + u, a) > 0, _unit_norm(w + u, a), np.inf),
+      )
+      - w
     ),
-    Entry(
-        "prox_l1", on.prox_l1, {"alpha": 0.5, "learning_rate": 0.4},
-        lambda u, w, hp, a: _soft(w + u, hp["learning_rate"] * hp["alpha"]) - w, "after",
-        hand_rule=lambda hp, lr: lambda g, w: _hand_soft(w + g, lr * hp["alpha"]) - w,
-        bench_hyperparams={"alpha": 1e-4},
+    "after",
+    per_unit=True,
+    hand_rule=_hand_group,
+    bench_hyperparams={"alpha": 1e-4},
+  ),
+  Entry(
+    "clip_by_max_abs",
+    on.clip_by_max_abs,
+    {"max_abs": 0.5},
+    lambda u, w, hp, a: np.clip(u, -hp["max_abs"], hp["max_abs"]),
+    "before",
+    needs_params=False,
+    hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(g, -hp["max_abs"], hp["max_abs"]),
+    peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.clip(hp["max_abs"]), m), True)),
+    bench_hyperparams={"max_abs": 0.05},
+  ),
+  Entry(
+    "clip_by_row_norm",
+    on.clip_by_row_norm,
+    {"max_norm": 1.0},
+    lambda u, w, hp, a: _project(u, hp["max_norm"], a),
+    "before",
+    per_unit=True,
+    needs_params=False,
+    hand_rule=lambda hp, lr: (
+      lambda g, w: g * (hp["max_norm"] / _jnp().maximum(_hand_norm(g), hp["max_norm"]))
     ),
-    Entry(
-        "prox_elastic", on.prox_elastic, {"l1": 0.5, "l2": 0.25, "learning_rate": 0.4},
-        lambda u, w, hp, a: _soft(w + u, hp["learning_rate"] * hp["l1"])
-        / (1 + 2 * hp["learning_rate"] * hp["l2"]) - w,
-        "after",
-        hand_rule=lambda hp, lr: lambda g, w: _hand_soft(w + g, lr * hp["l1"])
-        / (1 + 2 * lr * hp["l2"]) - w,
-        bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
+    # Relative (to ‖w‖) per-unit clip: the nearest peer, not the same math.
+    peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.adaptive_grad_clip(0.05), m), False)),
+    bench_hyperparams={"max_norm": 1.0},
+  ),
+  Entry(
+    "constrain_max_abs",
+    on.constrain_max_abs,
+    {"max_abs": 0.5},
+    lambda u, w, hp, a: np.clip(w + u, -hp["max_abs"], hp["max_abs"]) - w,
+    "after",
+    hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(w + g, -hp["max_abs"], hp["max_abs"]) - w,
+    bench_hyperparams={"max_abs": 0.05},
+  ),
+  Entry(
+    "constrain_row_norm",
+    on.constrain_row_norm,
+    {"max_norm": 1.0},
+    lambda u, w, hp, a: _project(w + u, hp["max_norm"], a) - w,
+    "after",
+    per_unit=True,
+    hand_rule=lambda hp, lr: (
+      lambda g, w: (
+        (w + g) * (hp["max_norm"] / _jnp().maximum(_hand_norm(w + g), hp["max_norm"])) - w
+      )
     ),
-    Entry(
-        "prox_group_l2", on.prox_group_l2, {"alpha": 1.0, "learning_rate": 0.5},
-        lambda u, w, hp, a: (w + u) * np.maximum(
-            0, 1 - hp["learning_rate"] * hp["alpha"]
-            / np.where(_unit_norm(w + u, a) > 0, _unit_norm(w + u, a), np.inf)) - w,
-        "after", per_unit=True, hand_rule=_hand_group,
-        bench_hyperparams={"alpha": 1e-4},
+    bench_hyperparams={"max_norm": 1.0},
+  ),
+  Entry(
+    # 50 rounds from the initial vector: the estimate then equals σ_max to float32
+    # precision on the battery's matrices, so the exact SVD projection is the oracle.
+    # The bench times these 50 rounds per step too (the default n_iter=1 does 1).
+    "constrain_spectral_norm",
+    functools.partial(on.constrain_spectral_norm, n_iter=50),
+    {"max_norm": 1.0},
+    lambda u, w, hp, a: _spectral_project(w + u, hp["max_norm"], a) - w,
+    "after",
+    per_unit=True,
+    stateful=True,
+    hand_rule=_hand_spectral,
+    bench_hyperparams={"max_norm": 1.0},
+  ),
+  Entry(
+    "constrain_unit_norm",
+    on.constrain_unit_norm,
+    {},
+    lambda u, w, hp, a: np.where(
+      _unit_norm(w + u, a) > 0,
+      (w + u) / np.where(_unit_norm(w + u, a) > 0, _unit_norm(w + u, a), 1) - w,
+      u,
     ),
-    Entry(
-        "clip_by_max_abs", on.clip_by_max_abs, {"max_abs": 0.5},
-        lambda u, w, hp, a: np.clip(u, -hp["max_abs"], hp["max_abs"]), "before",
-        needs_params=False,
-        hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(g, -hp["max_abs"], hp["max_abs"]),
-        peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.clip(hp["max_abs"]), m), True)),
-        bench_hyperparams={"max_abs": 0.05},
+    "after",
+    per_unit=True,
+    hand_rule=lambda hp, lr: (
+      lambda g, w: (w + g) / _jnp().where(_hand_norm(w + g) > 0, _hand_norm(w + g), 1) - w
     ),
-    Entry(
-        "clip_by_row_norm", on.clip_by_row_norm, {"max_norm": 1.0},
-        lambda u, w, hp, a: _project(u, hp["max_norm"], a), "before",
-        per_unit=True, needs_params=False,
-        hand_rule=lambda hp, lr: lambda g, w: g * (
-            hp["max_norm"] / _jnp().maximum(_hand_norm(g), hp["max_norm"])),
-        # Relative (to ‖w‖) per-unit clip: the nearest peer, not the same math.
-        peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.adaptive_grad_clip(0.05), m), False)),
-        bench_hyperparams={"max_norm": 1.0},
-    ),
-    Entry(
-        "constrain_max_abs", on.constrain_max_abs, {"max_abs": 0.5},
-        lambda u, w, hp, a: np.clip(w + u, -hp["max_abs"], hp["max_abs"]) - w, "after",
-        hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(w + g, -hp["max_abs"], hp["max_abs"]) - w,
-        bench_hyperparams={"max_abs": 0.05},
-    ),
-    Entry(
-        "constrain_row_norm", on.constrain_row_norm, {"max_norm": 1.0},
-        lambda u, w, hp, a: _project(w + u, hp["max_norm"], a) - w, "after", per_unit=True,
-        hand_rule=lambda hp, lr: lambda g, w: (w + g) * (
-            hp["max_norm"] / _jnp().maximum(_hand_norm(w + g), hp["max_norm"])) - w,
-        bench_hyperparams={"max_norm": 1.0},
-    ),
-    Entry(
-        # 50 rounds from the initial vector: the estimate then equals σ_max to float32
-        # precision on the battery's matrices, so the exact SVD projection is the oracle.
-        # The bench times these 50 rounds per step too (the default n_iter=1 does 1).
-        "constrain_spectral_norm",
-        functools.partial(on.constrain_spectral_norm, n_iter=50), {"max_norm": 1.0},
-        lambda u, w, hp, a: _spectral_project(w + u, hp["max_norm"], a) - w, "after",
-        per_unit=True, stateful=True, hand_rule=_hand_spectral,
-        bench_hyperparams={"max_norm": 1.0},
-    ),
-    Entry(
-        "constrain_unit_norm", on.constrain_unit_norm, {},
-        lambda u, w, hp, a: np.where(_unit_norm(w + u, a) > 0, (w + u) / np.where(
-            _unit_norm(w + u, a) > 0, _unit_norm(w + u, a), 1) - w, u),
-        "after", per_unit=True,
-        hand_rule=lambda hp, lr: lambda g, w: (w + g) / _jnp().where(
-            _hand_norm(w + g) > 0, _hand_norm(w + g), 1) - w,
-    ),
-    Entry(
-        "constrain_min_max_norm", on.constrain_min_max_norm,
-        {"min_norm": 2.0, "max_norm": 3.0, "rate": 0.8},
-        lambda u, w, hp, a: (w + u) * _min_max_scale(_unit_norm(w + u, a), hp) - w, "after",
-        per_unit=True, hand_rule=_hand_min_max,
-        bench_hyperparams={"min_norm": 0.5, "max_norm": 1.0, "rate": 1.0},
-    ),
-    Entry(
-        "constrain_non_negative", on.constrain_non_negative, {},
-        lambda u, w, hp, a: np.maximum(w + u, 0) - w, "after",
-        hand_rule=lambda hp, lr: lambda g, w: _jnp().maximum(w + g, 0) - w,
-    ),
-    Entry(
-        "prox_adam", on.prox_adam, {"learning_rate": 0.1, "l1": 0.5, "l2": 0.25, "group": 0.5},
-        _prox_adam_oracle, "optimizer", per_unit=True,
-        # An optimizer: no chain to time it in, and state beyond a schedule count; its own
-        # tests (tests/test_prox_adam.py) cover NaN, state and checkpoints.
-        skip=frozenset({"bench", "nonfinite", "half_precision", "checkpoint"}),
-    ),
-    Entry(
-        "constrain_n_of_m", _n_of_4, {"n": 2.0}, _n_of_m_oracle, "after",
-        # Those checks use leaves with axis lengths 5 or 6 (not multiples of 4).
-        skip=frozenset({"half_precision", "checkpoint", "chain_of_all", "nonfinite", "bench"}),
-    ),
-    Entry(
-        "constrain_sparsity", on.constrain_sparsity, {"fraction": 0.4}, _sparsity_oracle, "after",
-        # half_precision: its memory checks assume element-wise work (a sort needs a copy).
-        skip=frozenset({"nonfinite", "bench", "half_precision"}),
-    ),
+  ),
+  Entry(
+    "constrain_min_max_norm",
+    on.constrain_min_max_norm,
+    {"min_norm": 2.0, "max_norm": 3.0, "rate": 0.8},
+    lambda u, w, hp, a: (w + u) * _min_max_scale(_unit_norm(w + u, a), hp) - w,
+    "after",
+    per_unit=True,
+    hand_rule=_hand_min_max,
+    bench_hyperparams={"min_norm": 0.5, "max_norm": 1.0, "rate": 1.0},
+  ),
+  Entry(
+    "constrain_non_negative",
+    on.constrain_non_negative,
+    {},
+    lambda u, w, hp, a: np.maximum(w + u, 0) - w,
+    "after",
+    hand_rule=lambda hp, lr: lambda g, w: _jnp().maximum(w + g, 0) - w,
+  ),
+  Entry(
+    "prox_adam",
+    on.prox_adam,
+    {"learning_rate": 0.1, "l1": 0.5, "l2": 0.25, "group": 0.5},
+    _prox_adam_oracle,
+    "optimizer",
+    per_unit=True,
+    # An optimizer: no chain to time it in, and state beyond a schedule count; its own
+    # tests (tests/test_prox_adam.py) cover NaN, state and checkpoints.
+    skip=frozenset({"bench", "nonfinite", "half_precision", "checkpoint"}),
+  ),
+  Entry(
+    "constrain_n_of_m",
+    _n_of_4,
+    {"n": 2.0},
+    _n_of_m_oracle,
+    "after",
+    # Those checks use leaves with axis lengths 5 or 6 (not multiples of 4).
+    skip=frozenset({"half_precision", "checkpoint", "chain_of_all", "nonfinite", "bench"}),
+  ),
+  Entry(
+    "constrain_sparsity",
+    on.constrain_sparsity,
+    {"fraction": 0.4},
+    _sparsity_oracle,
+    "after",
+    # half_precision: its memory checks assume element-wise work (a sort needs a copy).
+    skip=frozenset({"nonfinite", "bench", "half_precision"}),
+  ),
 )
 
 _BY_NAME = {entry.name: entry for entry in REGISTRY}
