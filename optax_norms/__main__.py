@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-_USAGE = "usage: python -m optax_norms {demo,bench} [--help]"
+# Each command is the ``main(argv) -> int`` of a module in the tools subpackage, imported
+# only when it runs (the core never imports the tools).
+_COMMANDS = {"demo": "optax_norms.tools.demo", "bench": "optax_norms.tools.bench"}
+_USAGE = f"usage: python -m optax_norms {{{','.join(_COMMANDS)}}} [--help]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,16 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     print(_USAGE)
     return 0 if argv else 2
   command, rest = argv[0], argv[1:]
-  if command == "demo":
-    from optax_norms.tools.demo import main as demo_main
-
-    return demo_main(rest)
-  if command == "bench":
-    from optax_norms.tools.bench import main as bench_main
-
-    return bench_main(rest)
-  print(f"unknown command {command!r}. {_USAGE}", file=sys.stderr)
-  return 2
+  if command not in _COMMANDS:
+    print(f"unknown command {command!r}. {_USAGE}", file=sys.stderr)
+    return 2
+  return importlib.import_module(_COMMANDS[command]).main(rest)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -105,26 +107,54 @@ def test_state_bytes_are_zero_without_schedules_and_one_int32_count_with_one(tin
     assert r["state_bytes"] == 0 or by_name(r["transform"]).stateful, r["transform"]
 
 
-def test_kernel_count_counts_fusions_in_loop_bodies_not_fused_computations():
-  hlo = """HloModule m
-%fused_computation (p: f32[4]) -> f32[4] {
-  %p = f32[4]{0} parameter(0)
-  ROOT %m = f32[4]{0} multiply(%p, %p)
-}
-%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {
-  %t = (s32[], f32[4]{0}) parameter(0)
-  %g = f32[4]{0} get-tuple-element(%t), index=1
-  %f = f32[4]{0} fusion(%g), kind=kLoop, calls=%fused_computation
-  %r = f32[] reduce(%f, %c), dimensions={0}, to_apply=%fused_computation
-  ROOT %o = (s32[], f32[4]{0}) tuple(%i, %f)
-}
-ENTRY %main (x: f32[4]) -> f32[4] {
-  %x = f32[4]{0} parameter(0)
-  %w = (s32[], f32[4]{0}) while(%x), condition=%cond, body=%body
-  ROOT %c = f32[4]{0} copy(%x)
-}
-"""
-  assert _bench._kernel_count(hlo) == 3  # fusion, reduce, copy.
+_TEXT_FREE_OPS = {
+  "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+  "call", "after-all", "opt-barrier", "partition-id", "replica-id", "iota",
+}  # fmt: skip
+
+
+def _kernels_from_text(hlo: str) -> int:
+  """An independent count from the module's text: instructions outside fused and applied
+  computations, whose opcode launches a kernel."""
+  inner = set(re.findall(r"(?:calls|to_apply)=%?([\w.-]+)", hlo))
+  count, skip = 0, True
+  for line in hlo.splitlines():
+    if line and not line[0].isspace() and line.rstrip().endswith("{"):  # A computation header.
+      words = line.split()
+      name = (words[1] if words[0] == "ENTRY" else words[0]).lstrip("%")
+      skip = name in inner
+      continue
+    if skip or " = " not in line:
+      continue
+    rhs = line.split(" = ", 1)[1]
+    match = re.match(r"(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(", rhs)
+    count += bool(match) and match.group(1) not in _TEXT_FREE_OPS
+  return count
+
+
+def _loop(fn):
+  return lambda x: jax.lax.fori_loop(0, 3, lambda _, v: fn(v), x)
+
+
+@pytest.mark.parametrize(
+  "fn, at_least",
+  [
+    (lambda x: jnp.sin(x) * 2, 1),  # One fusion.
+    (lambda x: x.sum() * x, 1),  # A reduce (its adder is no kernel) and a fusion, or one.
+    (_loop(lambda v: jnp.sort(jnp.sin(v) * 2 + v.sum())), 3),  # Loop body: sort, fusions.
+    (_loop(lambda v: jnp.cumsum(v, axis=0) / (1 + jnp.abs(v).max())), 2),
+  ],
+)
+def test_kernel_count_from_xla_modules_matches_the_module_text(fn, at_least):
+  compiled = jax.jit(fn).lower(jnp.ones((8, 8))).compile()
+  count = _bench._kernel_count(compiled)
+  assert count == _kernels_from_text(compiled.as_text()) >= at_least
+
+
+def test_kernel_count_grows_with_an_unfusable_op():
+  one = jax.jit(lambda x: jnp.sin(x) * 2).lower(jnp.ones(64)).compile()
+  two = jax.jit(lambda x: jnp.sort(jnp.sin(x)) * 2).lower(jnp.ones(64)).compile()
+  assert _bench._kernel_count(two) > _bench._kernel_count(one) >= 1
 
 
 @pytest.mark.parametrize(

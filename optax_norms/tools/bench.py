@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from optax_norms.tools import _cli
 from optax_norms.tools.registry import REGISTRY, by_name
 
 __all__ = ["main"]
@@ -34,6 +35,7 @@ OPTIMIZERS = ("sgd", "adam")
 # with adam its compile time is ~5x longer on CPU for the same information, so sgd only.
 TREE_OPTIMIZERS = {"big": OPTIMIZERS, "transformer": OPTIMIZERS, "many": ("sgd",)}
 MASK = "**/kernel"
+_PROG = "python -m optax_norms bench"
 
 # Hyperparameters: small enough that training stays sane, large enough that clips and
 # projections are active for part of the units.
@@ -59,55 +61,29 @@ SIZES = {
 # Opcodes that launch no kernel of their own.
 _FREE_OPS = frozenset(
   {
-    "parameter",
-    "constant",
-    "get-tuple-element",
-    "tuple",
-    "bitcast",
-    "while",
-    "conditional",
-    "call",
-    "after-all",
-    "opt-barrier",
-    "partition-id",
-    "replica-id",
-    "iota",
+    "kParameter",
+    "kConstant",
+    "kGetTupleElement",
+    "kTuple",
+    "kBitcast",
+    "kWhile",
+    "kConditional",
+    "kCall",
+    "kAfterAll",
+    "kOptimizationBarrier",
+    "kPartitionId",
+    "kReplicaId",
+    "kIota",
   }
 )
-
-
-class _UsageError(Exception):
-  pass
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # One line, no usage dump, no traceback.
-    raise _UsageError(message)
-
-
-def _names(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
-  names = tuple(n.strip() for n in text.split(",") if n.strip())
-  bad = [n for n in names if n not in allowed]
-  if bad or not names:
-    raise _UsageError(
-      f"{flag}: unknown name(s) {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)}"
-    )
-  return names
-
-
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-  return value
+# Called computations run inside the kernel of the op that applies them (a reduce's adder, a
+# sort's comparator), except those of control flow, whose instructions are kernels themselves.
+_APPLIED = re.compile(r"\bto_apply=%?([\w.-]+)")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
-  parser = _Parser(
-    prog="python -m optax_norms bench",
+  parser = _cli.Parser(
+    prog=_PROG,
     description="Time every optax_norms transform against the unpenalized chain, the optax "
     "peer and a hand-written jnp version, inside one jit-compiled loop.",
   )
@@ -117,15 +93,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     default="small",
     help="problem size (tiny: CI smoke; small: CPU default; large: GPU)",
   )
-  parser.add_argument("--steps", type=_positive, help="optimizer steps per timed call (K)")
-  parser.add_argument("--repeats", type=_positive, help="timed calls per variant")
+  parser.add_argument("--steps", type=_cli.positive_int, help="optimizer steps per timed call (K)")
+  parser.add_argument("--repeats", type=_cli.positive_int, help="timed calls per variant")
   parser.add_argument("--only", help="comma-separated transforms to run (default: all)")
   parser.add_argument("--trees", help=f"comma-separated benchmarks among {','.join(TREES)}")
   parser.add_argument("--json", metavar="PATH", help="also write all results as JSON")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = parser.parse_args(argv)
-  args.only = _names(args.only, TRANSFORMS, "--only") if args.only else TRANSFORMS
-  args.trees = _names(args.trees, TREES, "--trees") if args.trees else TREES
+  args.only = _cli.names(args.only, TRANSFORMS, "--only") if args.only else TRANSFORMS
+  args.trees = _cli.names(args.trees, TREES, "--trees") if args.trees else TREES
   config = SIZES[args.size]
   args.steps = args.steps or config["steps"]
   args.repeats = args.repeats or config["repeats"]
@@ -278,24 +254,32 @@ def _copy_loop(steps: int):
   return run
 
 
-def _kernel_count(hlo: str) -> int:
-  """Kernel-launching instructions of the compiled module: fusions, custom calls and unfused
-  ops in the entry computation and in loop bodies (not inside fused or reducer computations)."""
-  inner = set(re.findall(r"(?:calls|to_apply)=%?([\w.-]+)", hlo))
-  count, skip = 0, True
-  for line in hlo.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{"):  # A computation header.
-      words = line.split()
-      name = (words[1] if words[0] == "ENTRY" else words[0]).lstrip("%")
-      skip = name in inner
-      continue
-    if skip or " = " not in line:
-      continue
-    rhs = line.split(" = ", 1)[1]
-    match = re.match(r"(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(", rhs)
-    if match and match.group(1) not in _FREE_OPS:
-      count += 1
-  return count
+def _kernel_count(compiled) -> int | None:
+  """Kernel-launching instructions of the compiled module, from XLA's HLO module objects:
+  fusions, custom calls and unfused ops in the entry computation and in loop bodies (not
+  inside fused computations, which XLA lists apart, nor inside a reduce's adder or a sort's
+  comparator). ``None`` where this jaxlib does not expose the modules."""
+  try:
+    modules = compiled.runtime_executable().hlo_modules()
+    computations = [c for m in modules for c in m.make_nonfusion_computations()]
+    everything = [c for m in modules for c in m.computations()]
+  except (AttributeError, NotImplementedError):
+    return None
+  # XLA's Python API gives opcodes but not called computations: only the name of a
+  # computation applied by a non-control-flow op is read from that instruction's text.
+  applied = {
+    name
+    for computation in everything
+    for instruction in computation.instructions()
+    if instruction.opcode.name != "kCall"
+    for name in _APPLIED.findall(instruction.to_string())
+  }
+  return sum(
+    instruction.opcode.name not in _FREE_OPS
+    for computation in computations
+    if computation.name not in applied
+    for instruction in computation.instructions()
+  )
 
 
 def _temp_bytes(compiled) -> int | None:
@@ -325,7 +309,7 @@ class _Compiled:
     self.compiled = jax.jit(fn).lower(*args).compile()
     self.compile_s = time.perf_counter() - start
     self.args = args
-    self.kernels = _kernel_count(self.compiled.as_text())
+    self.kernels = _kernel_count(self.compiled)
     self.temp_bytes = _temp_bytes(self.compiled)
     self.output = None
 
@@ -837,32 +821,24 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
   return results
 
 
+def _main(args: argparse.Namespace) -> int:
+  if args.json:
+    try:
+      open(args.json, "a").close()
+    except OSError as error:
+      raise _cli.UsageError(f"cannot write --json {args.json}: {error}") from None
+  results = _run(args)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"\nwrote {args.json}")
+  return 0
+
+
 def main(argv: list[str]) -> int:
   """Runs the benchmark; returns the exit status.
 
   Args:
     argv: the arguments after ``bench`` (e.g. ``["--size", "tiny"]``).
   """
-  try:
-    args = _parse(list(argv))
-  except _UsageError as error:
-    print(f"optax_norms bench: error: {error} (see --help)", file=sys.stderr)
-    return 2
-  except SystemExit as exit_:  # --help.
-    return int(exit_.code or 0)
-  if args.json:
-    try:
-      open(args.json, "a").close()
-    except OSError as error:
-      print(f"optax_norms bench: error: cannot write --json {args.json}: {error}", file=sys.stderr)
-      return 2
-  results = _run(args)
-  if args.json:
-    try:
-      with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
-    except OSError as error:
-      print(f"optax_norms bench: error: cannot write --json {args.json}: {error}", file=sys.stderr)
-      return 1
-    print(f"\nwrote {args.json}")
-  return 0
+  return _cli.run(_PROG, _parse, _main, argv)

@@ -23,9 +23,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from optax_norms.tools import _cli
+
 __all__ = ["SETTINGS", "main"]
 
 _INSTALL_HINT = "install with pip install -e '.[demo]'"
+_PROG = "python -m optax_norms demo"
 _KERNELS = "**/kernel"
 
 # Base optimizer and data split, shared by every setting.
@@ -114,33 +117,21 @@ _COLUMNS = (
 # clip_abs bounds the first, clip_row the second (with momentum β: by lr·c/(1−β)).
 
 
-class _UsageError(Exception):
-  """A bad command-line value: reported in one line, without a traceback."""
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """Shows each flag's default, and keeps the epilog's line breaks."""
-
-
-class _Parser(argparse.ArgumentParser):
-  def error(self, message: str):  # One line on stderr, exit status 2, no usage block.
-    print(f"optax_norms demo: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
-  parser = _Parser(
-    prog="python -m optax_norms demo",
+  parser = _cli.Parser(
+    prog=_PROG,
     description=(
       "Train one Flax MLP on scikit-learn digits once per regularizer; print a table "
       "and write figures."
     ),
     epilog="settings:\n" + "\n".join(f"  {s.name:<9} {s.chain}" for s in SETTINGS),
-    formatter_class=_Formatter,
   )
   parser.add_argument("--out", default="optax_norms_demo", help="folder for the PNG figures")
   parser.add_argument(
-    "--steps", type=int, default=_DEFAULT_STEPS, help="full-batch training steps per setting"
+    "--steps",
+    type=_cli.positive_int,
+    default=_DEFAULT_STEPS,
+    help="full-batch training steps per setting",
   )
   parser.add_argument("--seed", type=int, default=0, help="seed of the split and the init")
   parser.add_argument(
@@ -149,27 +140,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     help="comma-separated names of the settings listed below, or 'all'",
   )
   args = parser.parse_args(argv)
-  if args.steps < 1:
-    raise _UsageError(f"--steps must be a positive integer, got {args.steps}")
   if args.seed < 0:
-    raise _UsageError(f"--seed must be non-negative, got {args.seed}")
-  if args.settings.strip() == "all":
-    args.settings = ",".join(_BY_NAME)
-  names = [n.strip() for n in args.settings.split(",")]
-  empty = [i + 1 for i, n in enumerate(names) if not n]
-  if empty and len(names) > 1:
-    raise _UsageError(
-      f"--settings {args.settings!r} has an empty entry (entry "
-      f"{', '.join(map(str, empty))} of {len(names)}); separate names with single commas"
-    )
-  names = [n for n in names if n]
-  unknown = [n for n in names if n not in _BY_NAME]
-  if unknown or not names:
-    raise _UsageError(
-      f"unknown setting(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-      f"choose from {', '.join(_BY_NAME)}"
-    )
-  args.settings = list(dict.fromkeys(names))
+    raise _cli.UsageError(f"--seed must be non-negative, got {args.seed}")
+  everything = args.settings.strip() == "all"
+  args.settings = (
+    list(_BY_NAME) if everything else _cli.names(args.settings, _BY_NAME, "--settings")
+  )
   return args
 
 
@@ -462,18 +438,7 @@ def _run(args: argparse.Namespace, extras: dict[str, Any]) -> int:
   return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-  """Runs the demo; returns the process exit status.
-
-  Args:
-    argv: the arguments after ``demo`` (``--out``, ``--steps``, ``--seed``, ``--settings``).
-  """
-  argv = sys.argv[1:] if argv is None else list(argv)
-  try:
-    args = _parse(argv)
-  except _UsageError as error:
-    print(f"optax_norms demo: error: {error}", file=sys.stderr)
-    return 2
+def _main(args: argparse.Namespace) -> int:
   try:
     extras = _import_extras()
   except ImportError as error:
@@ -488,8 +453,17 @@ def main(argv: list[str] | None = None) -> int:
     os.remove(probe)
   except OSError as error:
     print(
-      f"optax_norms demo: error: cannot write to --out {args.out!r}: {error.strerror}",
+      f"{_PROG}: error: cannot write to --out {args.out!r}: {error.strerror}",
       file=sys.stderr,
     )
     return 1
   return _run(args, extras)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the demo; returns the process exit status.
+
+  Args:
+    argv: the arguments after ``demo`` (``--out``, ``--steps``, ``--seed``, ``--settings``).
+  """
+  return _cli.run(_PROG, _parse, _main, sys.argv[1:] if argv is None else argv)
