@@ -132,6 +132,8 @@ class Entry:
     hand_rule: ``(hp, lr) -> (g, w) -> new g``: the math in plain ``jnp`` for the bench, on
       float32 leaves with the default axes.
     peer: ``(hp, mask) -> (optax transform, same math?)`` or ``None``.
+    bench_options: non-hyperparameter keyword arguments the bench passes to the factory
+      (e.g. ``n_iter=1``, the default, where the tests' factory does more).
     stateful: whether the state holds per-leaf arrays beyond a schedule count
       (``LeafwiseState``), so its structure is not ``EmptyState``/``ScheduleState``.
     skip: the shared checks that cannot run this transform as they are written, each
@@ -139,7 +141,7 @@ class Entry:
       ``"checkpoint"``, ``"chain_of_all"`` (their trees have axis lengths that are not
       multiples of a block size; the half-precision memory checks assume no sort and no
       optimizer state), ``"nonfinite"`` (the element/unit NaN policy; ranking transforms
-      have a leaf/block policy) and ``"bench"`` (it times chain links).
+      have a leaf/block policy) and ``"bench"`` (not timed).
   """
 
   name: str
@@ -152,6 +154,7 @@ class Entry:
   hand_rule: Callable[[dict[str, float], float], Callable[[Any, Any], Any]] | None = None
   peer: Callable[[dict[str, float], Any], tuple[Any, bool]] | None = None
   bench_hyperparams: dict[str, float] | None = None
+  bench_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   stateful: bool = False
   skip: frozenset[str] = frozenset()
 
@@ -214,24 +217,50 @@ def _hand_group(hp, lr):
 
 
 def _hand_spectral(hp, lr):
-  """50 power-iteration rounds (as the registry's factory) from a ones vector, stateless:
-  the bench's jnp version for the cost; its numbers differ from ours (another start vector),
-  so the bench's same-math check skips stateful entries."""
+  """One power-iteration round per step (as the bench's ``n_iter=1``) from a ones vector,
+  stateless: the bench's jnp version for the cost; its numbers differ from ours (which
+  carries its vectors across steps), so the bench's same-math check skips stateful entries."""
   del lr
   jnp = _jnp()
-  from jax import lax
 
   def rule(g, w):
     v = w + g
     m = v.reshape(-1, v.shape[-1])
-
-    def body(_, x):
-      y = m.T @ (m @ x)
-      return y / jnp.maximum(jnp.linalg.norm(y), 1e-30)
-
-    x = lax.fori_loop(0, 50, body, jnp.ones(v.shape[-1:], v.dtype) / (v.shape[-1] ** 0.5))
+    x = m.T @ (m @ jnp.ones(v.shape[-1:], v.dtype))
+    x = x / jnp.maximum(jnp.linalg.norm(x), 1e-30)
     sigma = jnp.linalg.norm(m @ x)
     return v * (hp["max_norm"] / jnp.maximum(sigma, hp["max_norm"])) - w
+
+  return rule
+
+
+def _hand_n_of_4(hp, lr):
+  """2:4 by a stable double argsort inside each block of 4 along axis -2."""
+  del lr
+  jnp = _jnp()
+
+  def rule(g, w):
+    v = w + g
+    blocks = jnp.moveaxis(v, -2, -1).reshape(*v.shape[:-2], v.shape[-1], -1, 4)
+    rank = jnp.argsort(jnp.argsort(-jnp.abs(blocks), axis=-1, stable=True), axis=-1)
+    keep = jnp.moveaxis((rank < hp["n"]).reshape(*v.shape[:-2], v.shape[-1], -1), -1, -2)
+    return jnp.where(keep, g, -w)
+
+  return rule
+
+
+def _hand_sparsity(hp, lr):
+  """Magnitude pruning by one stable sort of the leaf."""
+  del lr
+  jnp = _jnp()
+
+  def rule(g, w):
+    v = (w + g).ravel()
+    count = int(hp["fraction"] * v.size)
+    pruned = jnp.argsort(jnp.abs(v), stable=True)[:count]
+    return jnp.where(jnp.zeros(v.shape, bool).at[pruned].set(True), -w.ravel(), g.ravel()).reshape(
+      w.shape
+    )
 
   return rule
 
@@ -398,7 +427,7 @@ REGISTRY: tuple[Entry, ...] = (
   Entry(
     # 50 rounds from the initial vector: the estimate then equals σ_max to float32
     # precision on the battery's matrices, so the exact SVD projection is the oracle.
-    # The bench times these 50 rounds per step too (the default n_iter=1 does 1).
+    # The bench times the default, one round per step.
     "constrain_spectral_norm",
     functools.partial(on.constrain_spectral_norm, n_iter=50),
     {"max_norm": 1.0},
@@ -408,6 +437,7 @@ REGISTRY: tuple[Entry, ...] = (
     stateful=True,
     hand_rule=_hand_spectral,
     bench_hyperparams={"max_norm": 1.0},
+    bench_options={"n_iter": 1},
   ),
   Entry(
     "constrain_unit_norm",
@@ -449,9 +479,18 @@ REGISTRY: tuple[Entry, ...] = (
     _prox_adam_oracle,
     "optimizer",
     per_unit=True,
-    # An optimizer: no chain to time it in, and state beyond a schedule count; its own
-    # tests (tests/test_prox_adam.py) cover NaN, state and checkpoints.
-    skip=frozenset({"bench", "nonfinite", "half_precision", "checkpoint"}),
+    # The bench times it against adam (its base) and the heuristic `adam → prox_l1` (the
+    # nearest peer, not the same math), with the L1 penalty alone (closed form).
+    peer=_optax_peer(
+      lambda ox, hp, m: (
+        ox.chain(ox.adam(hp["learning_rate"]), on.prox_l1(hp["l1"], hp["learning_rate"], mask=m)),
+        False,
+      )
+    ),
+    bench_hyperparams={"learning_rate": 1e-3, "l1": 1e-4},
+    # State beyond a schedule count; its own tests (tests/test_prox_adam.py) cover NaN,
+    # state and checkpoints.
+    skip=frozenset({"nonfinite", "half_precision", "checkpoint"}),
   ),
   Entry(
     "constrain_n_of_m",
@@ -459,8 +498,9 @@ REGISTRY: tuple[Entry, ...] = (
     {"n": 2.0},
     _n_of_m_oracle,
     "after",
+    hand_rule=_hand_n_of_4,
     # Those checks use leaves with axis lengths 5 or 6 (not multiples of 4).
-    skip=frozenset({"half_precision", "checkpoint", "chain_of_all", "nonfinite", "bench"}),
+    skip=frozenset({"half_precision", "checkpoint", "chain_of_all", "nonfinite"}),
   ),
   Entry(
     "constrain_sparsity",
@@ -469,7 +509,8 @@ REGISTRY: tuple[Entry, ...] = (
     _sparsity_oracle,
     "after",
     # half_precision: its memory checks assume element-wise work (a sort needs a copy).
-    skip=frozenset({"nonfinite", "bench", "half_precision"}),
+    hand_rule=_hand_sparsity,
+    skip=frozenset({"nonfinite", "half_precision"}),
   ),
 )
 
