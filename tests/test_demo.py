@@ -82,6 +82,9 @@ def _check_effects(table: dict[str, dict[str, float]]) -> None:
   # Proximal L1 makes exact zeros; plain SGD and the subgradient form do not.
   assert table["prox_l1"]["zero frac"] > none["zero frac"] + 0.05, table
   assert table["l1"]["zero frac"] == 0.0, table
+  # prox_adam thresholds in Adam's metric: exact zeros too; 2:4 zeroes half of every block.
+  assert table["prox_adam"]["zero frac"] > none["zero frac"] + 0.05, table
+  assert table["2:4"]["zero frac"] >= 0.5, table
   # The max-norm constraint bounds every unit; the unconstrained run exceeds the bound.
   assert table["maxnorm"]["max unit norm"] <= MAX_NORM + 1e-3, table
   assert none["max unit norm"] > MAX_NORM, table

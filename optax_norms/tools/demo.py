@@ -3,7 +3,8 @@
 Trains a Linen MLP (64 → 256 → 256 → 10) on a small, standardized training split of
 ``load_digits`` (300 samples, so the unregularized model overfits) and the rest as test set,
 once per setting, with the same initialization, data and base optimizer
-(``optax.sgd(lr, momentum)``, full batch). Prints a table (accuracies, generalization gap,
+(``optax.sgd(lr, momentum)``, full batch; the ``prox_adam`` setting is Adam itself, with
+its proximal L1 step). Prints a table (accuracies, generalization gap,
 sparsity, dead units, largest unit norm, total weight norm from
 `optax_norms.norm_report`, and the largest step any setting took) and writes three PNG
 figures, printing the path of each file it writes. Flax, scikit-learn, matplotlib and tqdm
@@ -81,6 +82,16 @@ SETTINGS: tuple[Setting, ...] = (
     "group",
     "sgd → prox_group_l2(5e-2, lr)",
     lambda ox, on: ox.chain(_sgd(ox), on.prox_group_l2(5e-2, _LR, mask=_KERNELS)),
+  ),
+  Setting(
+    "prox_adam",
+    "prox_adam(1e-3, l1=3e-4)",
+    lambda ox, on: on.prox_adam(1e-3, l1=3e-4, mask=_KERNELS),
+  ),
+  Setting(
+    "2:4",
+    "sgd → constrain_n_of_m(2, 4)",
+    lambda ox, on: ox.chain(_sgd(ox), on.constrain_n_of_m(2, 4, mask=_KERNELS)),
   ),
   Setting(
     "maxnorm",
