@@ -15,6 +15,7 @@ update runs ``n_iter`` rounds of ``a = V·x/‖V·x‖``, ``x = Vᵀ·a/‖Vᵀ�
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any
 
@@ -309,6 +310,13 @@ def spectral_norm_report(
     kept = tuple(a for a in range(jnp.ndim(leaf)) if a not in rows and a not in batch)
     v = jnp.asarray(leaf).astype(compute_dtype(leaf.dtype))
     x = lax.expand_dims(_initial_vector(0, path, leaf, rows, batch), rows)
-    sigma, _ = _power_iteration(v, x, rows, kept, n_iter)
-    report[format_path(path)] = lax.squeeze(sigma, rows + kept).astype(jnp.float32)
+    report[format_path(path)] = _report_sigma(v, x, rows, kept, n_iter)
   return report
+
+
+# Compiled once per leaf shape: called eagerly (outside `jax.jit`), the report would otherwise
+# trace and compile its power-iteration loop anew at every call.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _report_sigma(v, x, rows, kept, n_iter):
+  sigma, _ = _power_iteration(v, x, rows, kept, n_iter)
+  return lax.squeeze(sigma, rows + kept).astype(jnp.float32)
