@@ -30,10 +30,28 @@ __all__ = ["constrain_n_of_m", "constrain_sparsity"]
 
 
 def _magnitude(w, u, leaf_dtype):
-  """``|w + u|`` as ``apply_updates`` stores the sum, in the compute dtype; NaN -> +inf."""
-  stored = (w.astype(leaf_dtype) + u.astype(leaf_dtype)).astype(w.dtype)
-  size = jnp.abs(stored)
-  return jnp.where(jnp.isnan(size), jnp.full((), jnp.inf, size.dtype), size)
+  """``|w + u|`` as ``apply_updates`` stores the sum, in the compute dtype; NaN -> +inf.
+
+  Materialized once, as the result of a ``lax.cond`` (on whether a NaN is present), which
+  XLA cannot fuse into the comparisons that rank it. Fused, XLA would recompute ``w + u`` in
+  each operand of a comparison, and when ``u`` comes from the same program (``u = -lr·g``)
+  XLA:CPU contracts ``w + (-lr)·g`` into a fused multiply-add in some copies and not in
+  others: a value 1 ulp apart from itself compares greater than itself and a block or leaf
+  keeps the wrong number of entries. (``lax.optimization_barrier`` does not prevent it: XLA
+  removes barriers before fusion.)
+  """
+
+  def finite(w, u):
+    stored = (w.astype(leaf_dtype) + u.astype(leaf_dtype)).astype(w.dtype)
+    return jnp.abs(stored)
+
+  def nan_to_inf(w, u):
+    size = finite(w, u)
+    return jnp.where(jnp.isnan(size), jnp.full((), jnp.inf, size.dtype), size)
+
+  # The magnitudes are >= 0: their sum is NaN exactly when one of them is.
+  has_nan = jnp.isnan(jnp.sum(finite(w, u)))
+  return lax.cond(has_nan, nan_to_inf, finite, w, u)
 
 
 def _order_bits(magnitude):
