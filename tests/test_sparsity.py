@@ -154,6 +154,22 @@ def test_sparsity_ties_keep_the_lower_index():
   assert out.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(13,), (6, 5), (2, 3, 4)])
+def test_sparsity_many_ties_match_a_stable_sort(fraction, shape):
+  # Few distinct magnitudes: the threshold is shared by many entries, and the ties kept are
+  # the lowest row-major indices (a stable sort of the magnitudes, pruning the first k).
+  rng = np.random.default_rng(7)
+  for _ in range(5):
+    w = rng.integers(-3, 4, size=shape).astype(np.float32)
+    out = _apply(on.constrain_sparsity(fraction), w)
+    k = int(np.floor(fraction * w.size))
+    order = np.argsort(-np.abs(w).reshape(-1), kind="stable")  # Largest first, lower index first.
+    want = np.zeros(w.size, np.float32)
+    want[order[: w.size - k]] = w.reshape(-1)[order[: w.size - k]]
+    np.testing.assert_array_equal(out.reshape(-1), want)
+
+
 def test_sparsity_nan_is_kept():
   w = np.array([0.1, np.nan, 2.0, 0.3], np.float32)
   out = _apply(on.constrain_sparsity(0.75), w)
