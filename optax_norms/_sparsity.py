@@ -24,16 +24,37 @@ from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
 from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import _is_int
 from optax_norms._paths import format_path
+from optax_norms._sharding import explicit_spec, reshard, shard_count
 from optax_norms._transform import leafwise_transform, selected_leaves
 
 __all__ = ["constrain_n_of_m", "constrain_sparsity"]
 
 
 def _magnitude(w, u, leaf_dtype):
-  """``|w + u|`` as ``apply_updates`` stores the sum, in the compute dtype; NaN -> +inf."""
-  stored = (w.astype(leaf_dtype) + u.astype(leaf_dtype)).astype(w.dtype)
-  size = jnp.abs(stored)
-  return jnp.where(jnp.isnan(size), jnp.full((), jnp.inf, size.dtype), size)
+  """``|w + u|`` as ``apply_updates`` stores the sum, in the compute dtype; NaN -> +inf.
+
+  Materialized once, as the result of a ``lax.cond`` (on whether a NaN is present), which
+  XLA cannot fuse into the comparisons that rank it. Fused, XLA would recompute ``w + u`` in
+  each operand of a comparison, and when ``u`` comes from the same program (``u = -lr·g``)
+  XLA:CPU contracts ``w + (-lr)·g`` into a fused multiply-add in some copies and not in
+  others: a value 1 ulp apart from itself compares greater than itself and a block or leaf
+  keeps the wrong number of entries. (``lax.optimization_barrier`` does not prevent it: XLA
+  removes barriers before fusion.)
+  """
+
+  # In the leaf dtype (the operands and the result of the cond are materialized: a
+  # half-precision leaf materializes half-precision arrays), cast exactly afterwards.
+  w, u, compute = w.astype(leaf_dtype), u.astype(leaf_dtype), w.dtype
+
+  def finite(w, u):
+    return jnp.abs(w + u)
+
+  def nan_to_inf(w, u):
+    size = finite(w, u)
+    return jnp.where(jnp.isnan(size), jnp.full((), jnp.inf, size.dtype), size)
+
+  has_nan = jnp.any(jnp.isnan(finite(w, u)))
+  return lax.cond(has_nan, nan_to_inf, finite, w, u).astype(compute)
 
 
 def _order_bits(magnitude):
@@ -43,20 +64,32 @@ def _order_bits(magnitude):
   return lax.bitcast_convert_type(magnitude, int_type)
 
 
-def _kth_smallest_bits(bits, k):
-  """The ``k``-th smallest (0-indexed) of `bits` (non-negative ints): the least ``t`` with
-  ``#{bits ≤ t} ≥ k + 1``, by bisection over ``[0, max]`` (one counting pass per bit)."""
-  dtype = bits.dtype
-  width = 8 * dtype.itemsize - 1
+def _kth_smallest(values, k, passes):
+  """The ``k``-th smallest (0-indexed) of `values` (non-negative ints below ``2**passes``):
+  the least ``t`` with ``#{values ≤ t} ≥ k + 1``, by bisection over ``[0, max]``, one
+  counting pass over the leaf per halving. Counts are sums over the whole leaf: on sharded
+  leaves each pass all-reduces one scalar."""
+  dtype = values.dtype
 
   def halve(_, bounds):
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    enough = jnp.sum((bits <= mid).astype(jnp.int32)) >= k + 1
+    enough = jnp.sum((values <= mid).astype(jnp.int32)) >= k + 1
     return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-  lo, hi = jnp.zeros((), dtype), jnp.max(bits)
-  return lax.fori_loop(0, width, halve, (lo, hi))[1]
+  lo, hi = jnp.zeros((), dtype), jnp.max(values)
+  return lax.fori_loop(0, passes, halve, (lo, hi))[1]
+
+
+def _row_major_index(shape):
+  """The row-major (flat) index of every entry of an array of `shape`, as int32, built from
+  iotas (no reshape of the leaf, so any sharding of it is kept)."""
+  index = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    index = index + lax.broadcasted_iota(jnp.int32, shape, axis) * jnp.int32(stride)
+    stride *= shape[axis]
+  return index
 
 
 def _whole_number(name: str, value: Any) -> float | None:
@@ -143,6 +176,12 @@ def constrain_n_of_m(
         f"not a multiple of m = {m}."
       )
     size = _magnitude(w, u, leaf_dtype)
+    spec = explicit_spec(size)
+    cut = spec is not None and (length // shard_count(size, spec[ax])) % m != 0
+    if cut:
+      # Explicit mesh axes whose shards cut blocks: gather the axis (as auto axes do) and
+      # shard the mask back below (JAX cannot infer the sharding of such a reshape).
+      size = reshard(size, spec[:ax] + (None,) + spec[ax + 1 :])
     blocks = size.reshape(w.shape[:ax] + (length // m, m) + w.shape[ax + 1 :])
     b = ax + 1  # The within-block axis.
     mine = jnp.expand_dims(blocks, b + 1)  # [..., i, 1, ...]
@@ -156,6 +195,8 @@ def constrain_n_of_m(
     beats = (other > mine) | ((other == mine) & earlier)
     rank = jnp.sum(beats.astype(jnp.int32), axis=b + 1).astype(w.dtype)
     keep = (rank < n).reshape(w.shape)
+    if cut:
+      keep = reshard(keep, spec)
     return jnp.where(keep, u, -w)
 
   inner = leafwise_transform("constrain_n_of_m", rule, {"n": n}, mask=mask, needs_params=True)
@@ -203,10 +244,12 @@ def constrain_sparsity(
   ``inject_hyperparams``) computes it in float32 and clips it to ``[0, size]``.
 
   Cost: no sort. The ``k``-th smallest magnitude is found by bisection over its float bits,
-  31 fused counting passes over the leaf (float32), plus a cumulative sum for ties. On CPU
-  that is roughly 15–30× the time of an ``optax.adam`` step of the same leaf, where a sort
-  or ``lax.top_k`` costs 100–200× (``python tests/sparsity_cost.py``); for large models,
-  prune every few steps (``optax.masked`` or a step-gated schedule) rather than every step.
+  31 fused counting passes over the leaf (float32); when several entries equal it and some
+  must go, a second bisection over their indices (``⌈log₂ size⌉`` passes) keeps the first
+  ones. On CPU that is roughly 10–30× the time of an ``optax.adam`` step of the same leaf,
+  where a sort or ``lax.top_k`` costs 100–200× (``python tests/sparsity_cost.py``); for large
+  models, prune every few steps (``optax.masked`` or a step-gated schedule) rather than every
+  step. On a sharded leaf each pass all-reduces one scalar.
 
   Args:
     fraction: the fraction of entries to zero, ``0 ≤ fraction ≤ 1``: a number or a schedule.
@@ -246,20 +289,28 @@ def constrain_sparsity(
       k = jnp.asarray(min(math.floor(constant * size), size), jnp.int32)
     else:
       k = jnp.clip(jnp.floor(fraction * size), 0, size).astype(jnp.int32)
-    flat = _magnitude(w, u, leaf_dtype).reshape(-1)
     keep_count = size - k
     # The threshold is the k-th smallest magnitude (0-indexed): found without a sort, by a
     # binary search over the bit patterns of the magnitudes (non-negative floats order like
     # their bits), one fused counting pass per bit. Keep what is above it and, of what
-    # equals it, the first (lowest-index) ones that complete the budget.
-    bits = _order_bits(flat)
-    threshold = _kth_smallest_bits(bits, jnp.clip(k, 0, size - 1))
+    # equals it, the `room` lowest row-major indices that complete the budget: when some tie
+    # must go, the room-th smallest index of a tie is found by a second bisection (over
+    # indices). No sort, no cumulative sum, no reshape: the leaf keeps its sharding and
+    # each pass all-reduces a scalar.
+    bits = _order_bits(_magnitude(w, u, leaf_dtype))
+    threshold = _kth_smallest(bits, jnp.clip(k, 0, size - 1), 8 * bits.dtype.itemsize - 1)
     above = bits > threshold
     tie = bits == threshold
-    room = keep_count - jnp.sum(above.astype(jnp.int32))
-    tie_rank = jnp.cumsum(tie.astype(jnp.int32)) - 1
-    keep = (above | (tie & (tie_rank < room))) & (keep_count > 0)
-    return jnp.where(keep.reshape(w.shape), u, -w)
+    room = keep_count - jnp.sum(above.astype(jnp.int32))  # 1 <= room <= #tie when k < size.
+
+    def first_ties():
+      index = _row_major_index(w.shape)
+      last = _kth_smallest(jnp.where(tie, index, size), jnp.maximum(room, 1) - 1, size.bit_length())
+      return tie & (index <= last)
+
+    ties_kept = lax.cond(jnp.sum(tie.astype(jnp.int32)) > room, first_ties, lambda: tie)
+    keep = (above | ties_kept) & (keep_count > 0)
+    return jnp.where(keep, u, -w)
 
   return leafwise_transform(
     "constrain_sparsity", rule, {"fraction": fraction}, mask=mask, needs_params=True

@@ -36,6 +36,7 @@ from optax_norms._numerics import (
   unit_norm,
 )
 from optax_norms._paths import Path, format_path
+from optax_norms._sharding import reshard_to
 from optax_norms._transform import leafwise_transform, selected_leaves
 
 __all__ = ["constrain_spectral_norm", "spectral_norm_report"]
@@ -144,15 +145,20 @@ def _power_iteration(v, x, rows, kept, n_iter):
   """
   fixed = lax.stop_gradient(v)
 
-  def body(_, carry):
-    x, _ = carry
+  def round_(x):
     a, ok_a = _normalized(jnp.sum(fixed * x, axis=kept, keepdims=True), rows)
     new_x, ok_x = _normalized(jnp.sum(fixed * a, axis=rows, keepdims=True), kept)
     ok = ok_a & ok_x
     return jnp.where(ok, new_x, x), jnp.where(ok, a, jnp.zeros_like(a))
 
-  a0 = jnp.zeros(tuple(1 if i in kept else d for i, d in enumerate(v.shape)), v.dtype)
-  x, a = lax.fori_loop(0, n_iter, body, (x, a0))
+  # The first round outside the loop: its vectors have the shardings the loop carries (on
+  # explicit mesh axes a carry must keep its type, and the state's vector may be sharded
+  # unlike `v`'s kept axes, `a` unlike nothing at all).
+  first = round_(x)
+  if isinstance(n_iter, jax.core.Tracer):  # Run-time rounds (may be 0: no round at all).
+    a0 = jnp.zeros_like(first[1])
+    first = (jnp.where(n_iter >= 1, first[0], x), jnp.where(n_iter >= 1, first[1], a0))
+  x, a = lax.fori_loop(1, n_iter, lambda _, carry: round_(carry[0]), first)
   sigma = jnp.sum(lax.stop_gradient(a) * v * lax.stop_gradient(x), axis=rows + kept, keepdims=True)
   return sigma, x
 
@@ -245,7 +251,9 @@ def constrain_spectral_norm(
     )
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
     new = jnp.where(outside, _exact_update(w, target, leaf_dtype), u)
-    return new, lax.stop_gradient(lax.squeeze(x, axes)).astype(state.dtype)
+    # The new vector keeps the state's sharding (explicit mesh axes: the rounds shard it
+    # like the kept axes of `w`, and a step must return the state type it was given).
+    return new, reshard_to(lax.stop_gradient(lax.squeeze(x, axes)).astype(state.dtype), state)
 
   return leafwise_transform(
     "constrain_spectral_norm",

@@ -248,7 +248,7 @@ def _vectors_per_leaf(found) -> int | None:
 
 
 # Transforms that read more than one unit at a time (magnitude budgets, power iteration,
-# prox_adam's group solve) and rank-based ones whose result is discontinuous in the input.
+# prox_adam's group solve); DISCONTINUOUS: those checked for kept shardings only.
 COMMUNICATES = {
   "constrain_sparsity",
   "constrain_n_of_m",
@@ -256,7 +256,7 @@ COMMUNICATES = {
   "prox_adam",
   GROUPS.name,
 }  # (regularize: several per-unit settings, several vectors per leaf)
-DISCONTINUOUS = {"constrain_sparsity"}  # n_of_m: see KNOWN_MISMATCH in test_multihost.py
+DISCONTINUOUS: set[str] = set()
 
 
 def check_cell(mesh, kind, entry) -> dict:
@@ -278,9 +278,9 @@ def check_cell(mesh, kind, entry) -> dict:
     params_kept = _same(params, param_shardings)
     state_kept = init_kept and _same(state, state_shardings)
     found = _collectives(step.as_text())
-  # Rank-based budgets are discontinuous: a 1-ulp difference in the momentum between the
-  # sharded and the local reduction order can flip a near-tie in 5 steps. They are checked
-  # for kept shardings (and, in tests/test_sparsity.py, for the exact budget) instead.
+  # A transform in DISCONTINUOUS (none at present) is checked for kept shardings only. The
+  # rank-based budgets used to be: a 1-ulp difference flipped a near-tie, which was XLA:CPU
+  # contracting w + u into an FMA in only some fused copies of |w + u| (now materialized once).
   equal_required = entry.name not in DISCONTINUOUS
   problems = [] if err <= RTOL or not equal_required else [f"relative error {err:.3g} > {RTOL}"]
   if not params_kept:
@@ -360,9 +360,8 @@ def diagnostics(mesh) -> dict:
 
 # --- checkpoint ------------------------------------------------------------------------------
 
-# The checkpointed run (every transform) uses auto mesh axes: on explicit axes the magnitude
-# budgets (constrain_sparsity, constrain_n_of_m) need an out_sharding for their cumsum/reshape
-# when the ranked axis is sharded (a documented limitation).
+# The checkpointed run (every transform) uses auto mesh axes (explicit axes are covered by the
+# transforms table above).
 CKPT_MESH = "auto"
 
 

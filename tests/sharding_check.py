@@ -47,10 +47,9 @@ TRANSFORMS = {entry.name: (entry.make, entry.per_unit) for entry in REGISTRY}
 # (all-gathers), power iteration and prox_adam's group solve reduce several vectors. For
 # them the check is equality and kept shardings, not the collective pattern.
 COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam"}
-# Known limitations on explicit mesh axes (jax.make_mesh + jax.sharding.set_mesh-style typing):
-# the budget transforms' cumsum/reshape need an out_sharding JAX cannot infer when the ranked
-# axis is sharded. Documented in docs/reliability.md; listed so a fix shows up as a change.
-KNOWN_EXPLICIT = {"constrain_sparsity", "constrain_n_of_m"}
+# Known limitations on explicit mesh axes (jax.make_mesh): none at present. A transform that
+# fails there goes here (its cells are then reported, not failed), with its reason.
+KNOWN_EXPLICIT: set[str] = set()
 
 # layout -> (kernel spec, bias spec); the mesh is ("x": 2, "y": 4).
 LAYOUTS = {

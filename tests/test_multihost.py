@@ -29,15 +29,12 @@ SCRIPT = pathlib.Path(__file__).with_name("multihost_check.py")
 TIMEOUT_S = 240
 MESHES = ("explicit", "auto")
 
-# Known core bug, not a multi-host one: on a mesh with explicit axes under `jax.set_mesh`,
-# `unit_scale` (optax_norms/_clipping.py) selects between a sharded `which` and unsharded
-# `lax.full(norm.shape, ...)` / `lax.broadcast(max_norm, norm.shape)` cases and JAX raises
-# ShardingTypeError (single process too). Fix: build both cases with `lax.full_like(norm, .)`.
-# When the fix lands this test fails with "now passes": empty the set.
-# Explicit mesh axes (jax.set_mesh): the magnitude budgets' cumsum/reshape and the spectral
-# constraint's fori_loop carry need out_shardings JAX cannot infer when a ranked or kept axis
-# is sharded. Documented in docs/reliability.md; the test fails when one starts to pass.
-KNOWN_EXPLICIT = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm"}
+# Explicit mesh axes (jax.set_mesh): every transform passes. (The magnitude budgets gather a
+# block axis whose shards cut blocks and rank without cumsum or reshape of the leaf; the
+# spectral constraint peels its first power-iteration round so the loop carry keeps its
+# sharding.) A transform that fails there again goes here, with its reason; the test fails
+# when one of them starts to pass.
+KNOWN_EXPLICIT: set[str] = set()
 # Transforms that read more than one unit at a time: they communicate more than norm vectors.
 COMMUNICATES = {
   "constrain_sparsity",
@@ -46,12 +43,17 @@ COMMUNICATES = {
   "prox_adam",
   "regularize (3 groups)",
 }
-# Rank-based budgets: discontinuous in the input (a 1-ulp difference can flip a near-tie).
-DISCONTINUOUS = {"constrain_sparsity"}
-# An open finding, not explained yet: constrain_n_of_m on 2 processes (auto axes) differs
-# from one device after 5 momentum steps (max rel. error 0.51), while the single-process
-# 8-device check matches it exactly on the same data. Recorded so that a fix shows up.
-KNOWN_MISMATCH = {("auto", "constrain_n_of_m")}
+# Rank-based budgets are discontinuous in the input (a 1-ulp difference can flip a near-tie),
+# but their magnitudes are element-wise (no reduction order) and ranked as materialized once:
+# they must match one device exactly too. A transform listed here is checked for kept
+# shardings only.
+DISCONTINUOUS: set[str] = set()
+# Cells that differ from one device with shardings kept, each with its reason; the test fails
+# when one starts to match. (Was: constrain_n_of_m on auto axes, max rel. error 0.51 after 5
+# momentum steps. Not a multi-host problem: XLA:CPU contracted w + (-lr)·g into an FMA in
+# only some of the fused copies of |w + u|, so an entry outranked itself on the (4, 16)
+# shards; tests/xla_fma_repro.py. Fixed by materializing the magnitudes once.)
+KNOWN_MISMATCH: set[tuple[str, str]] = set()
 
 
 def _free_port() -> int:

@@ -43,6 +43,33 @@ def test_n_of_m_ties_keep_the_lower_index():
   assert out[:, 0].tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]
 
 
+@pytest.mark.parametrize("shape", [(4, 1), (4, 8), (4, 3, 4, 2), (7, 3), (32, 16)])
+def test_budgets_are_exact_when_the_update_is_computed_in_the_same_program(shape):
+  # u = -0.1·g computed inside the jitted step (as any optimizer does). Unguarded, XLA:CPU
+  # fused |w + u| into each operand of the comparisons and contracted w + (-0.1)·g into an
+  # FMA in only some copies: an entry 1 ulp from itself beat itself (wrong counts).
+  rng = np.random.default_rng(0)
+  for tx, zeros in (
+    (on.constrain_n_of_m(2, 4, axis=0), None),
+    (on.constrain_sparsity(0.3), int(np.floor(0.3 * np.prod(shape)))),
+  ):
+    if zeros is None and shape[0] % 4:
+      continue
+    chain = optax.chain(optax.scale(-0.1), tx)
+    step = jax.jit(
+      lambda p, g, chain=chain: optax.apply_updates(p, chain.update(g, chain.init(p), p)[0])
+    )
+    for _ in range(30):
+      w = rng.normal(size=shape).astype(np.float32)
+      g = rng.normal(size=shape).astype(np.float32)
+      out = np.asarray(step(w, g))
+      if zeros is None:
+        blocks = np.moveaxis(out, 0, -1).reshape(-1, 4)
+        assert np.all(np.sum(blocks != 0, axis=1) == 2)
+      else:
+        assert int(np.sum(out == 0)) == zeros
+
+
 def test_n_of_m_error_names_the_leaf_and_its_shape():
   params = {"dense": {"kernel": jnp.ones((8, 4))}, "conv": {"kernel": jnp.ones((3, 3, 3, 8))}}
   with pytest.raises(ValueError, match=r"'conv/kernel' of shape \(3, 3, 3, 8\).*not a multiple"):
@@ -125,6 +152,22 @@ def test_sparsity_ties_keep_the_lower_index():
   assert out.tolist() == [3.0, 1.0, -1.0, 0.0, 0.0, 0.0]
   out = _apply(on.constrain_sparsity(0.5), np.ones(6, np.float32))
   assert out.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(13,), (6, 5), (2, 3, 4)])
+def test_sparsity_many_ties_match_a_stable_sort(fraction, shape):
+  # Few distinct magnitudes: the threshold is shared by many entries, and the ties kept are
+  # the lowest row-major indices (a stable sort of the magnitudes, pruning the first k).
+  rng = np.random.default_rng(7)
+  for _ in range(5):
+    w = rng.integers(-3, 4, size=shape).astype(np.float32)
+    out = _apply(on.constrain_sparsity(fraction), w)
+    k = int(np.floor(fraction * w.size))
+    order = np.argsort(-np.abs(w).reshape(-1), kind="stable")  # Largest first, lower index first.
+    want = np.zeros(w.size, np.float32)
+    want[order[: w.size - k]] = w.reshape(-1)[order[: w.size - k]]
+    np.testing.assert_array_equal(out.reshape(-1), want)
 
 
 def test_sparsity_nan_is_kept():
