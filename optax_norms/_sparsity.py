@@ -33,28 +33,51 @@ __all__ = ["constrain_n_of_m", "constrain_sparsity"]
 def _magnitude(w, u, leaf_dtype):
   """``|w + u|`` as ``apply_updates`` stores the sum, in the compute dtype; NaN -> +inf.
 
-  Materialized once, as the result of a ``lax.cond`` (on whether a NaN is present), which
-  XLA cannot fuse into the comparisons that rank it. Fused, XLA would recompute ``w + u`` in
-  each operand of a comparison, and when ``u`` comes from the same program (``u = -lr·g``)
-  XLA:CPU contracts ``w + (-lr)·g`` into a fused multiply-add in some copies and not in
-  others: a value 1 ulp apart from itself compares greater than itself and a block or leaf
-  keeps the wrong number of entries. (``lax.optimization_barrier`` does not prevent it: XLA
-  removes barriers before fusion.)
+  Materialized once (`_materialized_magnitude`), never recomputed inside the comparisons
+  that rank it. Fused, XLA would recompute ``w + u`` in each operand of a comparison, and
+  when ``u`` comes from the same program (``u = -lr·g``) XLA:CPU contracts ``w + (-lr)·g``
+  into a fused multiply-add in some copies and not in others: a value 1 ulp apart from
+  itself compares greater than itself and a block or leaf keeps the wrong number of entries.
   """
+  # In the leaf dtype (a half-precision leaf materializes half-precision arrays), cast
+  # exactly afterwards. The magnitudes only rank (no derivative flows through a ranking), so
+  # a differentiated step sees constants here.
+  w, u, compute = (
+    lax.stop_gradient(w.astype(leaf_dtype)),
+    lax.stop_gradient(u.astype(leaf_dtype)),
+    w.dtype,
+  )
+  return _materialized_magnitude(w, u).astype(compute)
 
-  # In the leaf dtype (the operands and the result of the cond are materialized: a
-  # half-precision leaf materializes half-precision arrays), cast exactly afterwards.
-  w, u, compute = w.astype(leaf_dtype), u.astype(leaf_dtype), w.dtype
 
-  def finite(w, u):
-    return jnp.abs(w + u)
+def _finite_magnitude(w, u):
+  return jnp.abs(w + u)
 
-  def nan_to_inf(w, u):
-    size = finite(w, u)
-    return jnp.where(jnp.isnan(size), jnp.full((), jnp.inf, size.dtype), size)
 
-  has_nan = jnp.any(jnp.isnan(finite(w, u)))
-  return lax.cond(has_nan, nan_to_inf, finite, w, u).astype(compute)
+def _nan_to_inf_magnitude(w, u):
+  size = jnp.abs(w + u)
+  return jnp.where(jnp.isnan(size), jnp.full((), jnp.inf, size.dtype), size)
+
+
+@jax.custom_batching.custom_vmap
+def _materialized_magnitude(w, u):
+  """``|w + u|`` (NaN -> +inf) as the result of a ``lax.cond`` (on whether a NaN is
+  present), which XLA cannot fuse into the comparisons that consume it.
+  (``lax.optimization_barrier`` does not do this: XLA removes barriers before fusion.)"""
+  has_nan = jnp.any(jnp.isnan(_finite_magnitude(w, u)))
+  return lax.cond(has_nan, _nan_to_inf_magnitude, _finite_magnitude, w, u)
+
+
+@_materialized_magnitude.def_vmap
+def _materialized_magnitude_vmap(axis_size, in_batched, w, u):
+  # Under `jax.vmap` a batched predicate would turn the `lax.cond` into a `select`, which
+  # XLA fuses (and the FMA mismatch comes back). The magnitude is element-wise: compute it
+  # for the whole batch at once, behind one unbatched predicate.
+  w, u = (
+    x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+    for x, batched in zip((w, u), in_batched)
+  )
+  return _materialized_magnitude(w, u), True
 
 
 def _order_bits(magnitude):

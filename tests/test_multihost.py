@@ -26,7 +26,7 @@ import pytest
 from optax_norms.tools.registry import REGISTRY
 
 SCRIPT = pathlib.Path(__file__).with_name("multihost_check.py")
-TIMEOUT_S = 240
+TIMEOUT_S = 480
 MESHES = ("explicit", "auto")
 
 # Explicit mesh axes (jax.set_mesh): every transform passes. (The magnitude budgets gather a
