@@ -189,6 +189,9 @@ def constrain_spectral_norm(
   and the leaf's path (the same in every process: no host randomness) and runs ``n_iter``
   rounds per update on ``V``. With ``n_iter=1`` (Miyato's choice) the estimate tracks slowly
   changing weights; a matrix that jumps needs a few steps (or more rounds) to be caught.
+  Measured on a 7-layer MLP (``notebooks/03_maxnorm_and_clipping.ipynb``, SGD with momentum):
+  with ``n_iter=1`` the stored ``σ_max`` exceeded ``c`` by up to 12% during the first 450
+  steps and by under 1% afterwards; with ``n_iter=10``, by at most 0.15% at any step.
 
   Conventions: the matrix of a Conv kernel ``(h, w, in, out)`` is ``(h·w·in, out)``, the
   matrix PyTorch's ``spectral_norm`` uses for an ``(out, in, h, w)`` weight (transposed:
