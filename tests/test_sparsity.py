@@ -234,3 +234,29 @@ def test_sparsity_gradual_pruning_schedule_counts():
 def test_sparsity_fraction_out_of_range_raises(bad):
   with pytest.raises(ValueError, match="`fraction`"):
     on.constrain_sparsity(bad)
+
+
+@pytest.mark.standard_promotion
+def test_n_of_m_scheduled_state_round_trips_through_orbax_and_resumes(tmp_path):
+  # The shared checkpoint test's trees have axis lengths 5 and 6 (not multiples of 4).
+  pytest.importorskip("orbax.checkpoint")
+  from test_checkpoint import _assert_trees_identical, _save_restore
+
+  make = lambda: on.constrain_n_of_m(optax.linear_schedule(4.0, 2.0, 4), 4, mask="**/kernel")
+  rng = np.random.default_rng(3)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}}
+  params["dense"]["bias"] = jnp.ones((3,), jnp.float32)
+  tx = make()
+  state = tx.init(params)
+  for _ in range(3):
+    _, state = tx.update(params, state, params)
+  target = jax.eval_shape(make().init, params)
+  restored = _save_restore(tmp_path, {"state": state}, {"state": target})["state"]
+  _assert_trees_identical(restored, state)
+  assert isinstance(restored, on.ScheduleState) and int(restored.count) == 3
+  # Resumed at step 3 (n = 2.5, rounded up: 3 of 4 kept), then step 4 (n = 2).
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for n_kept in (3, 2):
+    updates, restored = tx.update(zero, restored, params)
+    kernel = np.asarray(optax.apply_updates(params, updates)["dense"]["kernel"])
+    assert np.all(np.count_nonzero(kernel.reshape(2, 4, 3), axis=1) == n_kept)
