@@ -399,14 +399,15 @@ def _bench_tree(tree_name, params, args, progress) -> dict[str, Any]:
 
     base = compile_tx(_optimizer(opt_name))
     for name in args.only:
-      placement = by_name(name).placement
+      entry = by_name(name)
+      placement = entry.placement
       if placement == "optimizer" and opt_name != "adam":
         continue  # An Adam-type optimizer: timed against adam only.
       lr = LR[opt_name]
       variants = {"base": base}
       ours_tx = _ours(name, lr)
       variants["ours"] = compile_tx(_chain(ours_tx, opt_name, placement))
-      if by_name(name).hand_rule is not None:
+      if entry.hand_rule is not None:
         variants["hand"] = compile_tx(_chain(_hand(name, lr), opt_name, placement))
       peer = _peer(name, lr)
       if peer is not None:

@@ -255,12 +255,10 @@ def _hand_sparsity(hp, lr):
   jnp = _jnp()
 
   def rule(g, w):
-    v = (w + g).ravel()
-    count = int(hp["fraction"] * v.size)
-    pruned = jnp.argsort(jnp.abs(v), stable=True)[:count]
-    return jnp.where(jnp.zeros(v.shape, bool).at[pruned].set(True), -w.ravel(), g.ravel()).reshape(
-      w.shape
-    )
+    flat_g, flat_w = g.ravel(), w.ravel()
+    count = int(hp["fraction"] * flat_w.size)
+    pruned = jnp.argsort(jnp.abs(flat_w + flat_g), stable=True)[:count]
+    return flat_g.at[pruned].set(-flat_w[pruned]).reshape(w.shape)
 
   return rule
 
