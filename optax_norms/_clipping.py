@@ -8,7 +8,8 @@ from jax import lax
 
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._masks import Mask
-from optax_norms._numerics import Axis, unit_norm
+from optax_norms._layout import Axis
+from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["clip_by_max_abs", "clip_by_row_norm", "unit_scale"]

@@ -20,10 +20,11 @@ import numpy as np
 
 from optax_norms._hyperparams import ScalarOrSchedule, check_value, evaluate_schedule, is_schedule
 from optax_norms._masks import Mask
-from optax_norms._numerics import Axis, compute_dtype, resolve_axes, unit_norm
+from optax_norms._layout import Axis
+from optax_norms._numerics import compute_dtype, unit_norm
 from optax_norms._paths import format_path
 from optax_norms._transform import selected_leaves
-from optax_norms._units import UnitAxes, unit_axes
+from optax_norms._units import UnitAxes, resolve_layout, unit_axes
 
 __all__ = ["DecayResolution", "LeafDecayResolution", "decay_resolution_report", "norm_report"]
 
@@ -72,34 +73,38 @@ def norm_report(
   paths, leaves, _, active = selected_leaves(mask, params, check=True)
   for found in {id(a): a for a in (axis, layers) if isinstance(a, UnitAxes)}.values():
     found.check([p for p, selected in zip(paths, active) if selected])
+  shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves) if leaf is not None}
   report = {}
   for path, leaf, selected in zip(paths, leaves, active):
     if not selected:
       continue
     acc = compute_dtype(leaf.dtype)
     w = leaf.astype(acc)
-    axes = resolve_axes(axis, path, leaf)
-    per_layer = any(isinstance(a, UnitAxes) and a.is_stacked(path) for a in (axis, layers))
-    if per_layer and 0 in axes:
-      raise ValueError(
-        f"`axis` reduces the layer axis 0 of the stacked parameter {format_path(path)!r} "
-        f"(shape {leaf.shape}): use axis=optax_norms.unit_axes(stacked=...)."
-      )
-    lead = 1 if per_layer else 0  # the statistics keep the leading layer axis
-    every = tuple(range(lead, w.ndim))
-    unit_norms = unit_norm(w, axes)
-    norms = unit_norms.reshape(unit_norms.shape[:lead] + (-1,))
+    layout = resolve_layout(axis, path, leaf, shapes=shapes)
+    if layers is not None and layers.is_stacked(path) and not layout.stack:
+      if 0 in layout.reduce:
+        raise ValueError(
+          f"`axis` reduces the layer axis 0 of the stacked parameter {format_path(path)!r} "
+          f"(shape {leaf.shape}): use axis=optax_norms.unit_axes(stacked=...)."
+        )
+      layout = layout._replace(stack=(0,))
+    every = tuple(a for a in range(w.ndim) if a not in layout.stack)
+    stack_shape = tuple(w.shape[a] for a in layout.stack)
+    unit_norms = unit_norm(w, layout.reduce)
+    units = layout.units(w.shape)
     empty = w.size == 0
-    zero = jnp.zeros(w.shape[:lead], acc)
+    zero = jnp.zeros(stack_shape, acc)
     report[format_path(path)] = {
       "l1": jnp.sum(jnp.abs(w), axis=every).astype(jnp.float32),
-      "l2": unit_norm(w, every).reshape(w.shape[:lead]).astype(jnp.float32),
+      "l2": unit_norm(w, every).reshape(stack_shape).astype(jnp.float32),
       "max_abs": (zero if empty else jnp.max(jnp.abs(w), axis=every)).astype(jnp.float32),
-      "max_unit_norm": (zero if norms.size == 0 else jnp.max(norms, axis=-1)).astype(jnp.float32),
+      "max_unit_norm": (zero if units == 0 else jnp.max(unit_norms, axis=every)).astype(
+        jnp.float32
+      ),
       "zero_fraction": (zero if empty else jnp.mean(w == 0, axis=every)).astype(jnp.float32),
-      "dead_units": jnp.sum(norms == 0, axis=-1).astype(jnp.float32),
-      "units": jnp.full(w.shape[:lead], norms.shape[-1], jnp.float32),
-      "axes": jnp.asarray(axes, jnp.int32),
+      "dead_units": jnp.sum(unit_norms == 0, axis=every).astype(jnp.float32),
+      "units": jnp.full(stack_shape, units, jnp.float32),
+      "axes": jnp.asarray(layout.reduce, jnp.int32),
     }
   return report
 

@@ -13,7 +13,6 @@ name, its stage, and a builder ``(value, *, mask, axis, learning_rate) -> transf
 from __future__ import annotations
 
 import difflib
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -29,14 +28,14 @@ from optax_norms._keras_constraints import (
   constrain_unit_norm,
 )
 from optax_norms._masks import PathMask, path_mask
-from optax_norms._numerics import check_axis_spec, resolve_axes
+from optax_norms._layout import Layout, check_axis_spec
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay
 from optax_norms._prox import prox_group_l2, prox_l1
-from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
+from optax_norms._sparsity import budget_count, constrain_n_of_m, constrain_sparsity
 from optax_norms._spectral import constrain_spectral_norm
 from optax_norms._transform import _leaf_kind, leafwise_transform
-from optax_norms._units import UnitAxes
+from optax_norms._units import UnitAxes, resolve_layout
 
 __all__ = ["SETTINGS", "describe_rules", "regularize"]
 
@@ -80,17 +79,44 @@ class Setting(NamedTuple):
   Attributes:
     stage: where it runs (one of ``STAGES``).
     build: ``(value, *, mask, axis, learning_rate) -> GradientTransformation``.
-    needs_learning_rate: whether ``regularize(..., learning_rate=)`` is required.
-    per_unit: whether it reduces over units (reads the group's ``axis``).
+    needs_learning_rate: whether ``regularize(..., learning_rate=)`` is required (the
+      builder then receives the rule's step size, ``learning_rate·lr_scale``).
+    layout: whether it reads the rule's layout (``axis``): per-unit settings, the spectral
+      matrix, the N:M block axis, the per-layer sparsity budget.
+    pattern: a constraint that fixes a pattern (zeros, signs, a box); in a rule these run
+      before the constraints that rescale, so that scaling keeps the pattern.
   """
 
   stage: str
   build: Callable[..., optax.GradientTransformation]
   needs_learning_rate: bool = False
-  per_unit: bool = False
+  layout: bool = False
+  pattern: bool = False
 
 
-# Order inside a stage is the order of this table.
+def _spectral(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
+  if isinstance(value, Mapping):
+    options = _as_kwargs("spectral_norm", value, ("max_norm", "mode", "n_iter", "seed"))
+    if "max_norm" not in options:
+      raise ValueError(f"`spectral_norm` as a dict needs 'max_norm', got {value!r}.")
+    return constrain_spectral_norm(axis=axis, mask=mask, **options)
+  return constrain_spectral_norm(value, axis=axis, mask=mask)
+
+
+def _n_of_m(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
+  if isinstance(value, Mapping):
+    options = _as_kwargs("n_of_m", value, ("n", "m", "block_axis"))
+    if not {"n", "m"} <= set(options):
+      raise ValueError(f"`n_of_m` as a dict needs 'n' and 'm', got {value!r}.")
+    return constrain_n_of_m(axis=axis, mask=mask, **options)
+  n, m = _as_pair("n_of_m", value)
+  return constrain_n_of_m(n, m, axis=axis, mask=mask)
+
+
+# Order inside a stage is the order of this table. In the constraint stage, the constraints
+# that fix a pattern come first, then those that rescale (the ones that may scale a unit up,
+# then the spectral projection, then the max-norm ball): each later one keeps what the
+# earlier ones fixed, so all of a rule's constraints hold on the stored values at once.
 SETTINGS: dict[str, Setting] = {
   "clip_max_abs": Setting(
     "clip", lambda v, *, mask, axis, learning_rate: clip_by_max_abs(v, mask=mask)
@@ -98,7 +124,7 @@ SETTINGS: dict[str, Setting] = {
   "clip_unit_norm": Setting(
     "clip",
     lambda v, *, mask, axis, learning_rate: clip_by_row_norm(v, axis=axis, mask=mask),
-    per_unit=True,
+    layout=True,
   ),
   "l2": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l2_decay(v, mask=mask)),
   "l1": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l1_decay(v, mask=mask)),
@@ -119,47 +145,55 @@ SETTINGS: dict[str, Setting] = {
     "prox",
     lambda v, *, mask, axis, learning_rate: prox_group_l2(v, learning_rate, axis=axis, mask=mask),
     needs_learning_rate=True,
-    per_unit=True,
-  ),
-  "max_norm": Setting(
-    "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_row_norm(v, axis=axis, mask=mask),
-    per_unit=True,
-  ),
-  "max_abs": Setting(
-    "constraint", lambda v, *, mask, axis, learning_rate: constrain_max_abs(v, mask=mask)
-  ),
-  "spectral_norm": Setting(
-    "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_spectral_norm(v, axis=axis, mask=mask),
-    per_unit=True,
-  ),
-  "unit_norm": Setting(
-    "constraint",
-    lambda v, *, mask, axis, learning_rate: (
-      constrain_unit_norm(axis=axis, mask=mask) if v is True else _flag_error("unit_norm", v)
-    ),
-    per_unit=True,
-  ),
-  "min_max_norm": Setting(
-    "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_min_max_norm(
-      **_as_kwargs("min_max_norm", v, ("min_norm", "max_norm", "rate")), axis=axis, mask=mask
-    ),
-    per_unit=True,
+    layout=True,
   ),
   "non_negative": Setting(
     "constraint",
     lambda v, *, mask, axis, learning_rate: (
       constrain_non_negative(mask=mask) if v is True else _flag_error("non_negative", v)
     ),
+    pattern=True,
+  ),
+  "max_abs": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_max_abs(v, mask=mask),
+    pattern=True,
   ),
   "n_of_m": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_n_of_m(*_as_pair("n_of_m", v), mask=mask),
+    lambda v, *, mask, axis, learning_rate: _n_of_m(v, axis, mask),
+    layout=True,
+    pattern=True,
   ),
   "sparsity": Setting(
-    "constraint", lambda v, *, mask, axis, learning_rate: constrain_sparsity(v, mask=mask)
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_sparsity(v, axis=axis, mask=mask),
+    layout=True,
+    pattern=True,
+  ),
+  "unit_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: (
+      constrain_unit_norm(axis=axis, mask=mask) if v is True else _flag_error("unit_norm", v)
+    ),
+    layout=True,
+  ),
+  "min_max_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_min_max_norm(
+      **_as_kwargs("min_max_norm", v, ("min_norm", "max_norm", "rate")), axis=axis, mask=mask
+    ),
+    layout=True,
+  ),
+  "spectral_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: _spectral(v, axis, mask),
+    layout=True,
+  ),
+  "max_norm": Setting(
+    "constraint",
+    lambda v, *, mask, axis, learning_rate: constrain_row_norm(v, axis=axis, mask=mask),
+    layout=True,
   ),
 }
 
@@ -169,15 +203,112 @@ def _flag_error(name: str, value: Any):
 
 
 def _as_kwargs(name: str, value: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-  if not isinstance(value, dict) or not set(value) <= set(keys):
+  if not isinstance(value, Mapping) or not set(value) <= set(keys):
     raise ValueError(f"`{name}` takes a dict with keys among {keys}, got {value!r}.")
   return dict(value)
 
 
 def _as_pair(name: str, value: Any) -> tuple[Any, Any]:
   if not isinstance(value, (tuple, list)) or len(value) != 2:
-    raise ValueError(f"`{name}` takes a pair (n, m), e.g. (2, 4), got {value!r}.")
+    raise ValueError(
+      f"`{name}` takes a pair (n, m), e.g. (2, 4), or a dict with 'n', 'm' and "
+      f"'block_axis', got {value!r}."
+    )
   return value[0], value[1]
+
+
+def _number(value: Any) -> float | None:
+  """A constant setting as a float; ``None`` for a schedule (or anything else)."""
+  if is_schedule(value):
+    return None
+  try:
+    return float(np.asarray(value, np.float64))
+  except (TypeError, ValueError):
+    return None
+
+
+def _spectral_mode(value: Any) -> str:
+  return value.get("mode", "clip") if isinstance(value, Mapping) else "clip"
+
+
+def _refused_pairs(settings: Mapping[str, Any], optimizer: Any) -> str | None:
+  """Why the constraints (and prox settings) of one rule cannot all hold, or ``None``.
+
+  The pairs that compose are run in the order of ``SETTINGS``; these are the ones no order
+  makes hold together on every value.
+  """
+  has = set(settings) - {"axis"}
+  patterns = sorted(k for k in has if SETTINGS[k].pattern)
+  if "unit_norm" in has:
+    max_norm = _number(settings.get("max_norm"))
+    if "max_norm" in has and max_norm is not None and max_norm < 1:
+      return f"'unit_norm' sets every unit's norm to 1, above 'max_norm' = {max_norm:g}."
+    if "spectral_norm" in has:
+      return (
+        "'unit_norm' and 'spectral_norm' rescale the same weights to different targets; "
+        "use one of them."
+      )
+    if "max_abs" in has:
+      return (
+        "'unit_norm' scales units up to norm 1, which can break the 'max_abs' bound; "
+        "use 'max_norm' (a ball) with 'max_abs' instead."
+      )
+    if "min_max_norm" in has:
+      bounds = settings["min_max_norm"]
+      low = _number(bounds.get("min_norm", 0.0)) if isinstance(bounds, Mapping) else None
+      high = _number(bounds.get("max_norm", 1.0)) if isinstance(bounds, Mapping) else None
+      if low is None or high is None or not low <= 1 <= high:
+        return (
+          "'unit_norm' fixes every unit's norm to 1, which 'min_max_norm' holds only when "
+          "its (constant) min_norm <= 1 <= max_norm."
+        )
+  if "min_max_norm" in has:
+    bounds = settings["min_max_norm"]
+    low = _number(bounds.get("min_norm", 0.0)) if isinstance(bounds, Mapping) else None
+    if "max_abs" in has:
+      return (
+        "'min_max_norm' scales units up to its min_norm, which can break the 'max_abs' "
+        "bound; leave one of them out."
+      )
+    if "spectral_norm" in has:
+      return (
+        "'min_max_norm' scales units up to its min_norm, which can break the "
+        "'spectral_norm' bound; leave one of them out."
+      )
+    max_norm = _number(settings.get("max_norm"))
+    if "max_norm" in has and (low is None or max_norm is None or low > max_norm):
+      return (
+        "'min_max_norm' asks for unit norms of at least its min_norm, which 'max_norm' "
+        "caps lower (or cannot be checked: a schedule); make min_norm <= max_norm."
+      )
+  if "spectral_norm" in has and patterns and _spectral_mode(settings["spectral_norm"]) == "clip":
+    return (
+      f"'spectral_norm' in its default mode 'clip' (the projection) moves zeros and signs, "
+      f"which breaks {patterns}; use {{'max_norm': c, 'mode': 'scale'}} (a rescaling, which "
+      "keeps them) in this rule."
+    )
+  prox = sorted(k for k in has if SETTINGS[k].stage == "prox")
+  if prox and getattr(getattr(optimizer, "update", None), "takes_prox", False):
+    return (
+      f"the optimizer is prox_adam, which already takes the proximal step of its penalty: "
+      f"{prox} would apply a second prox. Pass the penalty to prox_adam only."
+    )
+  return None
+
+
+def _step_size(learning_rate: ScalarOrSchedule, lr_scale: Any) -> ScalarOrSchedule:
+  """The rule's step size ``learning_rate·lr_scale`` (a number, or a schedule)."""
+  if lr_scale is None:
+    return learning_rate
+  if not is_schedule(learning_rate) and not is_schedule(lr_scale):
+    return learning_rate * lr_scale
+
+  def step_size(count):
+    lr = learning_rate(count) if is_schedule(learning_rate) else learning_rate
+    scale = lr_scale(count) if is_schedule(lr_scale) else lr_scale
+    return lr * scale
+
+  return step_size
 
 
 _KEYS = tuple(sorted((*SETTINGS, "axis")))
@@ -352,9 +483,6 @@ class _GroupMask(PathMask):
 
 # --- regularize ------------------------------------------------------------------------------
 
-_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _check_stacked_globs(table: _Table, paths: list[Path]) -> None:
   for rule in table.rules:
     axis = rule.settings.get("axis")
@@ -427,6 +555,13 @@ def regularize(
       f"`optimizer` must be an optax.GradientTransformation, got {type(optimizer).__name__}."
     )
   table = _Table(_parse_rules(rules))
+  for i, rule in enumerate(table.rules):
+    refused = _refused_pairs(rule.settings, optimizer)
+    if refused is not None:
+      raise ValueError(
+        f"Rule {i} ({_selector_text(rule.selector)}): these settings cannot hold together: "
+        f"{refused}"
+      )
   by_stage: dict[str, list[optax.GradientTransformation]] = {s: [] for s in STAGES}
   by_stage["optimizer"].append(optimizer)
   for name, setting in SETTINGS.items():
@@ -439,12 +574,17 @@ def regularize(
           f"{where} needs the optimizer's learning rate: pass regularize(optimizer, rules, "
           "learning_rate=...) with the same number or schedule as the optimizer."
         )
+      step_size = (
+        _step_size(learning_rate, rule.settings.get("lr_scale"))
+        if setting.needs_learning_rate
+        else None
+      )
       try:
         transform = setting.build(
           rule.settings[name],
           mask=_GroupMask(table, i),
           axis=table.axis(i),
-          learning_rate=learning_rate,
+          learning_rate=step_size,
         )
       except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
@@ -463,12 +603,38 @@ def regularize(
       )
     return chain.update(updates, state, params, **extra_args)
 
-  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  _TABLES[init_fn] = (table, learning_rate)
-  return tx
+  # describe_rules reads the table back from the transform (no registry of tables).
+  init_fn.rule_table = table  # type: ignore[attr-defined]
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # --- describe_rules --------------------------------------------------------------------------
+
+
+def _layout_cells(
+  settings: Mapping[str, Any], layout: Layout, shape: tuple[int, ...]
+) -> tuple[str, str, str, str]:
+  """The stack, reduced axes, units and what the layout-reading settings make of a leaf: the
+  spectral matrix, the N:M blocks, the sparsity budget (all per layer)."""
+  layers, units = layout.layers(shape), layout.units(shape)
+  units_text = f"{layers} layers × {units}" if layout.stack else str(units)
+  reads = []
+  if "spectral_norm" in settings:
+    rows, cols = layout.matrix(shape)
+    reads.append(f"matrix {rows}×{cols}")
+  if "n_of_m" in settings:
+    value = settings["n_of_m"]
+    n, m = (value["n"], value["m"]) if isinstance(value, Mapping) else tuple(value)
+    block = value.get("block_axis") if isinstance(value, Mapping) else None
+    block = 0 if len(shape) == 1 else (layout.block_axis if block is None else block % len(shape))
+    reads.append(f"{_value_text(n)}:{m} along axis {block}")
+  if "sparsity" in settings:
+    size = int(np.prod([d for a, d in enumerate(shape) if a not in layout.stack], dtype=np.int64))
+    fraction = _number(settings["sparsity"])
+    count = "⌊fraction·n⌋" if fraction is None else str(budget_count(fraction, size))
+    reads.append(f"zero {count} of {size}")
+  return str(layout.stack) if layout.stack else "", str(layout.reduce), units_text, "; ".join(reads)
+
 
 
 def _value_text(value: Any) -> str:
@@ -486,9 +652,12 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
   """A table of what a rule table does to each leaf of `params`: one line per leaf.
 
   Columns: the path, the shape, the rule (index and selector) that took the leaf, its
-  settings, and for leaves with a per-unit setting the reduced axes and the number of units.
-  It runs the same checks as ``init`` (uncovered leaves, rules that match nothing,
-  ambiguous units), so it is also the quickest way to debug a table.
+  settings (in the order they run), and for leaves with a setting that reads the layout
+  exactly what the transforms read: the stack axes (one set of units, one matrix, one budget
+  per layer), the reduced axes, the units per layer, and what the layout-reading settings
+  make of the leaf (``reads``): the spectral matrix ``rows×cols``, the N:M blocks and their
+  axis, the sparsity budget. It runs the same checks as ``init`` (uncovered leaves, rules
+  that match nothing, ambiguous layouts), so it is also the quickest way to debug a table.
 
   Args:
     rules_or_tx: the rules, or the transform ``regularize`` returned.
@@ -501,55 +670,48 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
     >>> import jax.numpy as jnp, optax_norms as on
     >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
     >>> print(on.describe_rules([("**/kernel", {"max_norm": 3.0}), ("**", None)], params))
-    path          shape   rule           settings    axes  units
+    path          shape   rule           settings    stack  axes  units  reads
     dense/bias    (2,)    1 '**'         -
-    dense/kernel  (3, 2)  0 '**/kernel'  max_norm=3  (0,)  2
+    dense/kernel  (3, 2)  0 '**/kernel'  max_norm=3         (0,)  2
   """
-  if (
-    isinstance(rules_or_tx, tuple)
-    and hasattr(rules_or_tx, "init")
-    and hasattr(rules_or_tx, "update")
-  ):
-    found = _TABLES.get(rules_or_tx.init)
-    if found is None:
+  if hasattr(rules_or_tx, "init") and hasattr(rules_or_tx, "update"):
+    table = getattr(rules_or_tx.init, "rule_table", None)
+    if table is None:
       raise ValueError(
-        "describe_rules takes the rules, or the transform that optax_norms.regularize "
-        "returned (not one wrapped in another chain)."
+        f"describe_rules takes the rules, or the transform that optax_norms.regularize "
+        f"returned, not a {type(rules_or_tx).__name__} that wraps it (optax.chain, "
+        "optax.MultiSteps, optax.inject_hyperparams, ...): pass the rules themselves."
       )
-    table = found[0]
   else:
     table = _Table(_parse_rules(rules_or_tx))
   paths, leaves, _, owner = table.assign(params)
   _check_stacked_globs(table, paths)
-  rows = [("path", "shape", "rule", "settings", "axes", "units")]
+  shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves) if leaf is not None}
+  rows = [("path", "shape", "rule", "settings", "stack", "axes", "units", "reads")]
   for path, leaf, index in zip(paths, leaves, owner):
     if leaf is None:
       continue
     shape = tuple(np.shape(leaf))
     if index is None:
-      rows.append((format_path(path), str(shape), "-", "(not floating-point: untouched)", "", ""))
+      rows.append(
+        (format_path(path), str(shape), "-", "(not floating-point: untouched)", "", "", "", "")
+      )
       continue
     rule = table.rules[index]
     settings = " ".join(
       f"{k}={_value_text(rule.settings[k])}" for k in SETTINGS if k in rule.settings
     )
-    axes_text = units_text = ""
-    if any(SETTINGS[k].per_unit for k in rule.settings if k != "axis"):
-      axes = resolve_axes(rule.settings.get("axis"), path, leaf)
-      axes_text = str(axes)
-      units = int(np.prod([d for a, d in enumerate(shape) if a not in axes], dtype=np.int64))
-      units_text = str(units)
-      axis = rule.settings.get("axis")
-      if isinstance(axis, UnitAxes) and axis.is_stacked(path) and shape[0]:
-        units_text += f" ({shape[0]} layers × {units // shape[0]})"
+    layout_cells = ("", "", "", "")
+    if any(SETTINGS[k].layout for k in rule.settings if k != "axis"):
+      layout = resolve_layout(rule.settings.get("axis"), path, leaf, shapes=shapes)
+      layout_cells = _layout_cells(rule.settings, layout, shape)
     rows.append(
       (
         format_path(path),
         str(shape),
         f"{index} {_selector_text(rule.selector)}",
         settings or "-",
-        axes_text,
-        units_text,
+        *layout_cells,
       )
     )
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]

@@ -1,9 +1,8 @@
-"""Numerics shared by every transform: compute dtypes, unit axes, safe norms."""
+"""Numerics shared by every transform: compute dtypes and safe norms (pure math)."""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -11,20 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optax_norms._paths import Path, format_path
-from optax_norms._units import default_axes
-
-__all__ = [
-  "Axis",
-  "abs_zero_subgradient",
-  "check_axis_spec",
-  "compute_dtype",
-  "resolve_axes",
-  "safe_unit_norm",
-  "unit_norm",
-]
-
-Axis = None | int | Sequence[int] | Callable[[Path, Any], Any]
+__all__ = ["abs_zero_subgradient", "compute_dtype", "safe_unit_norm", "unit_norm"]
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -49,61 +35,6 @@ def _is_int(value: Any) -> bool:
     and jnp.issubdtype(dtype, jnp.integer)
     and not isinstance(value, jax.core.Tracer)
   )
-
-
-def check_axis_spec(axis: Any) -> None:
-  """Raises ValueError unless `axis` is None, an int, a sequence of ints or a callable.
-
-  A traced axis (``optax.inject_hyperparams`` without ``static_args``) is reported when the
-  axes are resolved, with the fix.
-  """
-  if axis is None or callable(axis) or _is_int(axis) or isinstance(axis, jax.core.Tracer):
-    return
-  if isinstance(axis, (tuple, list)) and all(_is_int(a) for a in axis):
-    return
-  raise ValueError(
-    "`axis` must be None, an int, a tuple of ints or a callable (path, leaf) -> axes, "
-    f"got {axis!r}{' (an array: pass a tuple of ints)' if hasattr(axis, 'shape') else ''}."
-  )
-
-
-def resolve_axes(axis: Axis, path: Path, leaf: Any) -> tuple[int, ...]:
-  """The reduced axes of one leaf, as sorted non-negative ints.
-
-  `axis` names the axes that are reduced (Keras/TF convention): ``None`` is all but the
-  last for rank >= 2 and the whole leaf for rank <= 1, except where the path gives the leaf
-  a role (embedding tables, attention kernels) or leaves its unit ambiguous (a rank-3
-  kernel, a stacked one): then the role's axes, or ``ValueError`` naming the readings
-  (:func:`optax_norms._units.default_axes`); an int or tuple of ints (negative allowed); or
-  a callable ``(path, leaf) -> axes`` (it may return ``None`` for the default).
-  """
-  ndim = jnp.ndim(leaf)
-  if callable(axis) and not isinstance(axis, jax.Array):
-    axis = axis(path, leaf)
-    check_axis_spec(axis)
-  if axis is None:
-    return default_axes(path, tuple(jnp.shape(leaf)))
-  if isinstance(axis, jax.core.Tracer):
-    raise ValueError(
-      "`axis` is traced. Under optax.inject_hyperparams pass "
-      "static_args=('axis',) so the axis stays a Python int."
-    )
-  axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
-  resolved = []
-  for a in axes:
-    if not _is_int(a):
-      raise ValueError(f"`axis` must be ints, got {a!r} for {format_path(path)!r}.")
-    a = int(a)
-    if not -ndim <= a < ndim:
-      raise ValueError(
-        f"`axis` {a} is out of range for the parameter {format_path(path)!r} of shape "
-        f"{jnp.shape(leaf)} (rank {ndim}). Pass a callable axis=(path, leaf) -> axes "
-        "for trees whose leaves differ in layout."
-      )
-    resolved.append(a % ndim)
-  if len(set(resolved)) != len(resolved):
-    raise ValueError(f"`axis` {axes} repeats an axis for {format_path(path)!r}.")
-  return tuple(sorted(resolved))
 
 
 @jax.custom_jvp

@@ -11,7 +11,8 @@ import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._masks import Mask
-from optax_norms._numerics import Axis, unit_norm
+from optax_norms._layout import Axis
+from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["add_l1_decay", "add_l2_decay", "add_max_norm_decay", "elastic"]

@@ -13,7 +13,8 @@ import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._masks import Mask
-from optax_norms._numerics import Axis, unit_norm
+from optax_norms._layout import Axis
+from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["prox_elastic", "prox_group_l2", "prox_l1", "soft_threshold"]

@@ -11,7 +11,9 @@ import optax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule, is_schedule
 from optax_norms._masks import Mask, compile_mask
-from optax_norms._numerics import Axis, check_axis_spec, compute_dtype, resolve_axes, unit_norm
+from optax_norms._layout import Axis, check_axis_spec
+from optax_norms._numerics import compute_dtype, unit_norm
+from optax_norms._units import resolve_axes
 from optax_norms._paths import flatten, format_path
 from optax_norms._prox import soft_threshold
 from optax_norms._transform import _aligned_params, _leaf_kind, selected_leaves
@@ -241,6 +243,8 @@ def prox_adam(
     unflat = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
     return unflat(new_u), ProxAdamState(count=count, mu=unflat(new_mu), nu=unflat(new_nu))
 
+  # `regularize` refuses a prox setting on top of this optimizer, which already takes one.
+  update_fn.takes_prox = True  # type: ignore[attr-defined]
   return optax.GradientTransformation(init_fn, update_fn)
 
 

@@ -21,13 +21,14 @@ import optax
 from jax import lax
 
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
-from optax_norms._masks import Mask, compile_mask
+from optax_norms._layout import Axis
+from optax_norms._masks import Mask
 from optax_norms._numerics import _is_int
 from optax_norms._paths import format_path
 from optax_norms._sharding import explicit_spec, reshard, shard_count
-from optax_norms._transform import leafwise_transform, selected_leaves
+from optax_norms._transform import leafwise_transform
 
-__all__ = ["constrain_n_of_m", "constrain_sparsity"]
+__all__ = ["budget_count", "constrain_n_of_m", "constrain_sparsity", "traced_budget_count"]
 
 
 def _magnitude(w, u, leaf_dtype):
@@ -87,32 +88,79 @@ def _order_bits(magnitude):
   return lax.bitcast_convert_type(magnitude, int_type)
 
 
-def _kth_smallest(values, k, passes):
-  """The ``k``-th smallest (0-indexed) of `values` (non-negative ints below ``2**passes``):
-  the least ``t`` with ``#{values ≤ t} ≥ k + 1``, by bisection over ``[0, max]``, one
-  counting pass over the leaf per halving. Counts are sums over the whole leaf: on sharded
-  leaves each pass all-reduces one scalar."""
+def _count(mask, axes):
+  """``#mask`` over `axes` (one count per layer), dims kept."""
+  return jnp.sum(mask.astype(jnp.int32), axis=axes, keepdims=True)
+
+
+def _kth_smallest(values, k, passes, axes):
+  """The ``k``-th smallest (0-indexed) of `values` over `axes` (non-negative ints below
+  ``2**passes``; one answer per layer, dims kept): the least ``t`` with
+  ``#{values ≤ t} ≥ k + 1``, by bisection over ``[0, max]``, one counting pass over the leaf
+  per halving. Counts are sums over the layer: on sharded leaves each pass all-reduces one
+  scalar per layer."""
   dtype = values.dtype
 
   def halve(_, bounds):
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
-    enough = jnp.sum((values <= mid).astype(jnp.int32)) >= k + 1
+    enough = _count(values <= mid, axes) >= k + 1
     return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-  lo, hi = jnp.zeros((), dtype), jnp.max(values)
-  return lax.fori_loop(0, passes, halve, (lo, hi))[1]
+  hi = jnp.max(values, axis=axes, keepdims=True)
+  return lax.fori_loop(0, passes, halve, (jnp.zeros_like(hi), hi))[1]
 
 
-def _row_major_index(shape):
-  """The row-major (flat) index of every entry of an array of `shape`, as int32, built from
-  iotas (no reshape of the leaf, so any sharding of it is kept)."""
+def _row_major_index(shape, axes):
+  """The row-major index over `axes` (within a layer) of every entry of an array of `shape`,
+  as int32, built from iotas (no reshape of the leaf, so any sharding of it is kept)."""
   index = jnp.zeros(shape, jnp.int32)
   stride = 1
-  for axis in reversed(range(len(shape))):
+  for axis in reversed(axes):
     index = index + lax.broadcasted_iota(jnp.int32, shape, axis) * jnp.int32(stride)
     stride *= shape[axis]
   return index
+
+
+_BUDGET_TOLERANCE = 1e-6
+
+
+def budget_count(fraction: float, size: int) -> int:
+  """``⌊fraction·size⌋`` of the fraction as written: a product within a relative 1e-6 of an
+  integer counts as that integer (0.57 of 100 is 57, though ``0.57·100 = 56.99…`` in
+  floating point)."""
+  product = fraction * size
+  return min(max(math.floor(product + _BUDGET_TOLERANCE * product), 0), size)
+
+
+def traced_budget_count(fraction: jax.Array, size: int) -> jax.Array:
+  """``budget_count`` of a run-time float32 `fraction` (a schedule), as int32, exact also for
+  `size` beyond 2²⁴ (where float32 cannot hold the product).
+
+  ``fraction·size`` is split into terms that float32 holds exactly: `fraction` into two
+  parts of at most 12 significant bits (by masking its low mantissa bits, so no fused
+  multiply-add can change the split) and `size` into base-2¹² digits, so every term is a
+  product of two 12-bit numbers times a power of two. The integer parts of the terms are
+  summed as int32, their fractional parts (and the tolerance) as float32.
+  """
+  f = jnp.clip(jnp.asarray(fraction, jnp.float32), 0, 1)
+  bits = lax.bitcast_convert_type(f, jnp.uint32)
+  high = lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000), jnp.float32)
+  low = f - high
+  whole = jnp.zeros((), jnp.int32)
+  rest = jnp.zeros((), jnp.float32)
+  digit_scale, remaining = 1, size
+  while remaining:
+    digit = remaining % 4096
+    remaining //= 4096
+    for part in (high, low):
+      term = part * jnp.float32(digit) * jnp.float32(digit_scale)
+      floor = jnp.floor(term)
+      whole = whole + floor.astype(jnp.int32)
+      rest = rest + (term - floor)
+    digit_scale *= 4096
+  rest = rest + jnp.float32(_BUDGET_TOLERANCE) * (f * jnp.float32(size))
+  return jnp.clip(whole + jnp.floor(rest).astype(jnp.int32), 0, size)
 
 
 def _whole_number(name: str, value: Any) -> float | None:
@@ -127,29 +175,67 @@ def _whole_number(name: str, value: Any) -> float | None:
   return number
 
 
-def _block_axis(axis: int, leaf: Any) -> int:
-  """`axis` of a leaf of rank >= 2; the only axis of a rank-1 leaf."""
-  if leaf.ndim == 1:
-    return 0
-  if not -leaf.ndim <= axis < leaf.ndim:
-    raise ValueError(f"axis {axis} is out of range for rank {leaf.ndim}")
-  return axis % leaf.ndim
+def _check_block_axis(block_axis: Any) -> None:
+  if block_axis is None:
+    return
+  if not isinstance(block_axis, (int, np.integer)) or isinstance(block_axis, (bool, np.bool_)):
+    raise TypeError(f"`block_axis` must be None or an int, got {block_axis!r}.")
+
+
+def _n_of_m(u, w, n, m, ax, leaf_dtype):
+  """The N:M projection of ``w + u`` with blocks of `m` along axis `ax`."""
+  length = w.shape[ax]
+  size = _magnitude(w, u, leaf_dtype)
+  spec = explicit_spec(size)
+  cut = spec is not None and (length // shard_count(size, spec[ax])) % m != 0
+  if cut:
+    # Explicit mesh axes whose shards cut blocks: gather the axis (as auto axes do) and
+    # shard the mask back below (JAX cannot infer the sharding of such a reshape).
+    size = reshard(size, spec[:ax] + (None,) + spec[ax + 1 :])
+  blocks = size.reshape(w.shape[:ax] + (length // m, m) + w.shape[ax + 1 :])
+  b = ax + 1  # The within-block axis.
+  mine = jnp.expand_dims(blocks, b + 1)  # [..., i, 1, ...]
+  other = jnp.expand_dims(blocks, b)  # [..., 1, j, ...]
+  # earlier[i, j] = j < i, laid out on the (i, j) axes (b, b + 1) of the comparison.
+  pair = (1,) * b + (m, m) + (1,) * (w.ndim - ax - 1)
+  earlier = lax.broadcasted_iota(jnp.int32, pair, b + 1) < lax.broadcasted_iota(
+    jnp.int32, pair, b
+  )
+  # rank_i = #{j : |v_j| > |v_i| or (|v_j| == |v_i| and j < i)}; keep rank < n.
+  beats = (other > mine) | ((other == mine) & earlier)
+  rank = jnp.sum(beats.astype(jnp.int32), axis=b + 1).astype(w.dtype)
+  keep = (rank < n).reshape(w.shape)
+  if cut:
+    keep = reshard(keep, spec)
+  return jnp.where(keep, u, -w)
 
 
 def constrain_n_of_m(
-  n: int | ScalarOrSchedule, m: int, *, axis: int = -2, mask: Mask = None
+  n: int | ScalarOrSchedule,
+  m: int,
+  *,
+  block_axis: int | None = None,
+  axis: Axis = None,
+  mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Keeps the ``n`` largest ``|w + u|`` of every block of ``m`` consecutive entries (N:M).
 
-  Along `axis`, the leaf is cut into blocks of ``m`` consecutive entries; in each block the
-  ``n`` entries with the largest ``|w + u|`` are kept and the other ``m − n`` become exactly
-  zero: ``w + u' = (w + u)·keep``. ``constrain_n_of_m(2, 4)`` is the 2:4 pattern that sparse
-  tensor cores accelerate. Equal magnitudes keep the lower index, so every block has exactly
-  ``n`` kept entries (``m − n`` zeros, more if ``w + u`` has zeros of its own). The default
-  ``axis=-2`` is the input axis of Flax ``Dense`` ``(in, out)`` and ``Conv`` ``(h, w, in,
-  out)`` kernels (the reduction axis of the matmul, as the hardware wants); a rank-1 leaf is
-  cut along its only axis. A selected leaf whose `axis` length is not a multiple of ``m``
-  raises at ``init``, naming its path and shape.
+  Along the block axis, the leaf is cut into blocks of ``m`` consecutive entries; in each
+  block the ``n`` entries with the largest ``|w + u|`` are kept and the other ``m − n`` become
+  exactly zero: ``w + u' = (w + u)·keep``. ``constrain_n_of_m(2, 4)`` is the 2:4 pattern that
+  sparse tensor cores accelerate. Equal magnitudes keep the lower index, so every block has
+  exactly ``n`` kept entries (``m − n`` zeros, more if ``w + u`` has zeros of its own).
+
+  The block axis is ``block_axis`` when given (an int indexing the leaf's full shape;
+  negative counts from the end), else the input-feature axis of the leaf's layout (``axis``,
+  as for the per-unit rules), the axis the matmul contracts, as the hardware wants: ``in``
+  of a Flax Dense ``(in, out)`` and Conv ``(h, w, in, out)`` kernel, of an attention
+  ``(in, heads, dim)`` kernel (``head_dim`` of the ``out`` kernel ``(heads, head_dim,
+  out)``), of a torch ``(out, in)`` weight, and of each layer of a stacked kernel read with
+  ``axis=unit_axes(stacked=...)``: never the layer axis, never the heads. A leaf whose
+  layout is ambiguous raises at ``init`` (as the per-unit rules). A rank-1 leaf is cut along
+  its only axis. A selected leaf whose block axis length is not a multiple of ``m`` raises
+  at ``init``, naming its path and shape.
 
   ``n`` may be a schedule (a gradual ramp from ``m`` down to ``n``): a run-time value keeps
   the ``⌈n⌉`` largest of each block (all of them when ``n ≥ m``).
@@ -157,8 +243,10 @@ def constrain_n_of_m(
   Args:
     n: entries kept per block, a whole number ``0 ≤ n ≤ m``, or a schedule.
     m: the block length, an int ``≥ 1``.
-    axis: the axis the blocks run along, an int (negative counts from the end) for leaves of
-      rank ≥ 2.
+    block_axis: the axis the blocks run along, an int, or ``None`` for the input-feature
+      axis of each leaf's layout.
+    axis: the layout of each leaf (read when ``block_axis`` is ``None``): ``None`` reads
+      roles, or ``unit_axes(stacked=...)`` for stacks; see ``clip_by_row_norm``.
     mask: the leaves to sparsify; ``None`` is every floating-point leaf.
 
   Returns:
@@ -182,89 +270,75 @@ def constrain_n_of_m(
   if not _is_int(m) or int(m) < 1:
     raise ValueError(f"`m` must be an int >= 1 (the block length), got {m!r}.")
   m = int(m)
-  if not isinstance(axis, (int, np.integer)) or isinstance(axis, (bool, np.bool_)):
-    raise ValueError(f"`axis` must be an int, got {axis!r}.")
-  axis = int(axis)
+  _check_block_axis(block_axis)
   if not is_schedule(n):
     number = _whole_number("n", n)
     if number is not None and not 0 <= number <= m:
       raise ValueError(f"`n` must satisfy 0 <= n <= m = {m}, got {n!r}.")
 
-  def rule(u, w, *, n, leaf_dtype):
-    ax = _block_axis(axis, w)
-    length = w.shape[ax]
-    if length % m:
+  def leaf_block_axis(path, shape, layout):
+    if len(shape) == 0:
       raise ValueError(
-        f"constrain_n_of_m: axis {ax} of a leaf of shape {w.shape} has length {length}, "
-        f"not a multiple of m = {m}."
+        f"constrain_n_of_m: the parameter {format_path(path)!r} is a scalar (shape ()); "
+        "leave it out of `mask`."
       )
-    size = _magnitude(w, u, leaf_dtype)
-    spec = explicit_spec(size)
-    cut = spec is not None and (length // shard_count(size, spec[ax])) % m != 0
-    if cut:
-      # Explicit mesh axes whose shards cut blocks: gather the axis (as auto axes do) and
-      # shard the mask back below (JAX cannot infer the sharding of such a reshape).
-      size = reshard(size, spec[:ax] + (None,) + spec[ax + 1 :])
-    blocks = size.reshape(w.shape[:ax] + (length // m, m) + w.shape[ax + 1 :])
-    b = ax + 1  # The within-block axis.
-    mine = jnp.expand_dims(blocks, b + 1)  # [..., i, 1, ...]
-    other = jnp.expand_dims(blocks, b)  # [..., 1, j, ...]
-    # earlier[i, j] = j < i, laid out on the (i, j) axes (b, b + 1) of the comparison.
-    pair = (1,) * b + (m, m) + (1,) * (w.ndim - ax - 1)
-    earlier = lax.broadcasted_iota(jnp.int32, pair, b + 1) < lax.broadcasted_iota(
-      jnp.int32, pair, b
-    )
-    # rank_i = #{j : |v_j| > |v_i| or (|v_j| == |v_i| and j < i)}; keep rank < n.
-    beats = (other > mine) | ((other == mine) & earlier)
-    rank = jnp.sum(beats.astype(jnp.int32), axis=b + 1).astype(w.dtype)
-    keep = (rank < n).reshape(w.shape)
-    if cut:
-      keep = reshard(keep, spec)
-    return jnp.where(keep, u, -w)
+    if len(shape) == 1:
+      return 0
+    if layout is not None:
+      return layout.block_axis
+    if not -len(shape) <= block_axis < len(shape):  # type: ignore[operator]
+      raise ValueError(
+        f"constrain_n_of_m: `block_axis` {block_axis} is out of range for the parameter "
+        f"{format_path(path)!r} of shape {shape} (rank {len(shape)})."
+      )
+    return block_axis % len(shape)  # type: ignore[operator]
 
-  inner = leafwise_transform("constrain_n_of_m", rule, {"n": n}, mask=mask, needs_params=True)
-  selector = compile_mask(mask)
+  def check_leaf(path, leaf, layout):
+    shape = tuple(leaf.shape)
+    ax = leaf_block_axis(path, shape, layout)
+    if shape[ax] % m:
+      raise ValueError(
+        f"constrain_n_of_m: the parameter {format_path(path)!r} of shape {shape} has "
+        f"length {shape[ax]} along its block axis {ax}, not a multiple of m = {m}. Leave "
+        "it out of `mask` or pick another `block_axis`."
+      )
 
-  def init_fn(params):
-    paths, leaves, _, active = selected_leaves(selector, params, check=True)
-    for path, leaf, selected in zip(paths, leaves, active):
-      if not selected:
-        continue
-      shape = tuple(leaf.shape)
-      if leaf.ndim == 0:
-        raise ValueError(
-          f"constrain_n_of_m: the parameter {format_path(path)!r} is a scalar (shape ()); "
-          "leave it out of `mask`."
-        )
-      try:
-        ax = _block_axis(axis, leaf)
-      except ValueError as error:
-        raise ValueError(
-          f"constrain_n_of_m: the parameter {format_path(path)!r} of shape {shape}: {error}."
-        ) from None
-      if shape[ax] % m:
-        raise ValueError(
-          f"constrain_n_of_m: the parameter {format_path(path)!r} of shape {shape} has "
-          f"length {shape[ax]} along axis {ax}, not a multiple of m = {m}. Leave it out "
-          "of `mask` or pick another `axis`."
-        )
-    return inner.init(params)
+  if block_axis is None:
 
-  return optax.GradientTransformation(init_fn, inner.update)
+    def rule(u, w, *, n, layout, leaf_dtype):
+      return _n_of_m(u, w, n, m, leaf_block_axis((), w.shape, layout), leaf_dtype)
+
+  else:
+
+    def rule(u, w, *, n, leaf_dtype):  # type: ignore[misc]
+      return _n_of_m(u, w, n, m, leaf_block_axis((), w.shape, None), leaf_dtype)
+
+  return leafwise_transform(
+    "constrain_n_of_m",
+    rule,
+    {"n": n},
+    mask=mask,
+    needs_params=True,
+    axis=axis,
+    check_leaf=check_leaf,
+  )
 
 
 def constrain_sparsity(
-  fraction: ScalarOrSchedule, *, mask: Mask = None
+  fraction: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
 ) -> optax.GradientTransformation:
-  """Zeroes the ``fraction`` of each leaf's entries with the smallest ``|w + u|``.
+  """Zeroes the ``fraction`` of each leaf's (each layer's) entries with the smallest ``|w + u|``.
 
   Magnitude pruning as a projection: in every selected leaf of ``size`` entries, exactly
   ``k = ⌊fraction·size⌋`` entries (the smallest ``|w + u|``; equal magnitudes keep the lower
-  row-major index) become zero, the others stay ``w + u``. With ``fraction`` on a schedule
-  that ramps from 0 to the target (Zhu & Gupta's cubic ramp, or ``optax.linear_schedule``)
-  this is gradual magnitude pruning with the pruned weights free to grow back while the ramp
-  runs. A constant ``fraction`` computes ``k`` exactly (float64); a run-time value (schedule,
-  ``inject_hyperparams``) computes it in float32 and clips it to ``[0, size]``.
+  row-major index) become zero, the others stay ``w + u``. A stacked leaf (its layout's stack
+  axes, from ``axis=unit_axes(stacked=...)``) has a budget per layer: ``⌊fraction·size⌋`` of
+  each layer's ``size`` entries. ``k`` is the count of the fraction as written: a product
+  within a relative 1e-6 of an integer counts as that integer (0.57 of 100 entries is 57,
+  though ``0.57·100 = 56.99…`` in floating point), the same for a constant and for a
+  schedule, and exact for layers beyond 2²⁴ entries. With ``fraction`` on a schedule that
+  ramps from 0 to the target (Zhu & Gupta's cubic ramp, or ``optax.linear_schedule``) this
+  is gradual magnitude pruning with the pruned weights free to grow back while the ramp runs.
 
   Cost: no sort. The ``k``-th smallest magnitude is found by bisection over its float bits,
   31 fused counting passes over the leaf (float32); when several entries equal it and some
@@ -272,10 +346,13 @@ def constrain_sparsity(
   ones. On CPU that is roughly 10–30× the time of an ``optax.adam`` step of the same leaf,
   where a sort or ``lax.top_k`` costs 100–200× (``python tests/sparsity_cost.py``); for large
   models, prune every few steps (``optax.masked`` or a step-gated schedule) rather than every
-  step. On a sharded leaf each pass all-reduces one scalar.
+  step. On a sharded leaf each pass all-reduces one scalar per layer.
 
   Args:
     fraction: the fraction of entries to zero, ``0 ≤ fraction ≤ 1``: a number or a schedule.
+    axis: the layout of each leaf; only its stack axes are read (one budget per layer).
+      ``None`` reads roles and raises for an ambiguous leaf (a rank-3 kernel may be a stack);
+      ``unit_axes(stacked=...)`` names the stacks.
     mask: the leaves to prune; ``None`` is every floating-point leaf.
 
   Returns:
@@ -304,14 +381,15 @@ def constrain_sparsity(
     if constant is not None and np.shape(fraction) == () and constant > 1:  # type: ignore[arg-type]
       raise ValueError(f"`fraction` must be at most 1, got {fraction!r}.")
 
-  def rule(u, w, *, fraction, leaf_dtype):
-    size = w.size
-    if size == 0:
+  def rule(u, w, *, fraction, layout, leaf_dtype):
+    if w.size == 0:
       return u
+    axes = tuple(a for a in range(w.ndim) if a not in layout.stack)
+    size = math.prod(w.shape[a] for a in axes)  # Entries per layer.
     if constant is not None:
-      k = jnp.asarray(min(math.floor(constant * size), size), jnp.int32)
+      k = jnp.asarray(budget_count(constant, size), jnp.int32)
     else:
-      k = jnp.clip(jnp.floor(fraction * size), 0, size).astype(jnp.int32)
+      k = traced_budget_count(fraction, size)
     keep_count = size - k
     # The threshold is the k-th smallest magnitude (0-indexed): found without a sort, by a
     # binary search over the bit patterns of the magnitudes (non-negative floats order like
@@ -319,22 +397,24 @@ def constrain_sparsity(
     # equals it, the `room` lowest row-major indices that complete the budget: when some tie
     # must go, the room-th smallest index of a tie is found by a second bisection (over
     # indices). No sort, no cumulative sum, no reshape: the leaf keeps its sharding and
-    # each pass all-reduces a scalar.
+    # each pass all-reduces a scalar (per layer).
     bits = _order_bits(_magnitude(w, u, leaf_dtype))
-    threshold = _kth_smallest(bits, jnp.clip(k, 0, size - 1), 8 * bits.dtype.itemsize - 1)
+    threshold = _kth_smallest(bits, jnp.clip(k, 0, size - 1), 8 * bits.dtype.itemsize - 1, axes)
     above = bits > threshold
     tie = bits == threshold
-    room = keep_count - jnp.sum(above.astype(jnp.int32))  # 1 <= room <= #tie when k < size.
+    room = keep_count - _count(above, axes)  # 1 <= room <= #tie when k < size.
 
     def first_ties():
-      index = _row_major_index(w.shape)
-      last = _kth_smallest(jnp.where(tie, index, size), jnp.maximum(room, 1) - 1, size.bit_length())
+      index = _row_major_index(w.shape, axes)
+      last = _kth_smallest(
+        jnp.where(tie, index, size), jnp.maximum(room, 1) - 1, size.bit_length(), axes
+      )
       return tie & (index <= last)
 
-    ties_kept = lax.cond(jnp.sum(tie.astype(jnp.int32)) > room, first_ties, lambda: tie)
+    ties_kept = lax.cond(jnp.any(_count(tie, axes) > room), first_ties, lambda: tie)
     keep = (above | ties_kept) & (keep_count > 0)
     return jnp.where(keep, u, -w)
 
   return leafwise_transform(
-    "constrain_sparsity", rule, {"fraction": fraction}, mask=mask, needs_params=True
+    "constrain_sparsity", rule, {"fraction": fraction}, mask=mask, needs_params=True, axis=axis
   )

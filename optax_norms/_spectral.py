@@ -1,10 +1,12 @@
 """Spectral-norm constraint (power iteration carried in the optimizer state) and report.
 
-A selected leaf is viewed as one matrix, or as a stack of matrices: its **reduced** axes
-(``axis``, the same default as the per-unit rules) are the rows, its **batch** axes
-(``batch_axis``, e.g. the layer axis of a stacked ``(layers, in, out)`` kernel) index
-independent matrices, and the remaining **kept** axes are the columns. A Conv kernel
-``(h, w, in, out)`` is the ``(h·w·in, out)`` matrix. A rank-1 leaf (a bias) is an ``n × 1``
+A selected leaf is viewed through its layout (the one the per-unit rules read, ``axis``): its
+**reduced** axes are the rows, its **stack** axes (the layer axis of a stacked
+``(layers, in, out)`` kernel, from ``unit_axes(stacked=...)``) index independent matrices,
+one per layer, and the remaining **kept** axes are the columns. A Conv kernel
+``(h, w, in, out)`` is the ``(h·w·in, out)`` matrix, an attention query kernel
+``(in, heads, head_dim)`` the ``(in, heads·head_dim)`` one, a torch ``(out, in)`` weight the
+transposed ``(in, out)`` one. A rank-1 leaf (a bias) is an ``n × 1``
 matrix: its spectral norm is its ℓ2 norm, which one iteration gives exactly.
 
 The largest singular value is estimated by the power iteration of Miyato et al. (2018): the
@@ -21,41 +23,21 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
 from optax_norms._constraints import _exact_update, _stored, _toward_zero
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._masks import Mask
-from optax_norms._numerics import (
-  Axis,
-  _is_int,
-  check_axis_spec,
-  compute_dtype,
-  resolve_axes,
-  unit_norm,
-)
+from optax_norms._layout import Axis, Layout, check_axis_spec
+from optax_norms._numerics import _is_int, compute_dtype, unit_norm
 from optax_norms._paths import Path, format_path
 from optax_norms._sharding import reshard_to
 from optax_norms._transform import leafwise_transform, selected_leaves
+from optax_norms._units import resolve_layout
 
 __all__ = ["constrain_spectral_norm", "spectral_norm_report"]
-
-BatchAxis = None | int | tuple[int, ...]
-
-
-def _check_batch_axis(batch_axis: Any) -> None:
-  if batch_axis is None or _is_int(batch_axis):
-    return
-  if isinstance(batch_axis, jax.core.Tracer):
-    raise ValueError(
-      "`batch_axis` is traced. Under optax.inject_hyperparams pass "
-      "static_args=('batch_axis',) so it stays a Python int."
-    )
-  if isinstance(batch_axis, (tuple, list)) and all(_is_int(a) for a in batch_axis):
-    return
-  raise ValueError(f"`batch_axis` must be None, an int or a tuple of ints, got {batch_axis!r}.")
-
 
 def _check_n_iter(n_iter: Any) -> None:
   if isinstance(n_iter, jax.core.Tracer):
@@ -73,38 +55,6 @@ def _check_seed(seed: Any) -> None:
     raise ValueError(f"`seed` must be an int, got {seed!r}.")
 
 
-def _batch_axes(batch_axis: BatchAxis, path: Path, ndim: int) -> tuple[int, ...]:
-  if batch_axis is None:
-    return ()
-  axes = tuple(batch_axis) if isinstance(batch_axis, (tuple, list)) else (batch_axis,)
-  for a in axes:
-    if not -ndim <= int(a) < ndim:
-      raise ValueError(
-        f"`batch_axis` {int(a)} is out of range for the parameter {format_path(path)!r} "
-        f"(rank {ndim})."
-      )
-  resolved = sorted({int(a) % ndim for a in axes})
-  if len(resolved) != len(axes):
-    raise ValueError(f"`batch_axis` {axes} repeats an axis for {format_path(path)!r}.")
-  return tuple(resolved)
-
-
-def _row_axes(axis: Axis, batch_axis: BatchAxis, path: Path, leaf: Any) -> tuple[int, ...]:
-  """The reduced (row) axes: `axis`, or by default every non-batch axis but the last."""
-  ndim = jnp.ndim(leaf)
-  batch = _batch_axes(batch_axis, path, ndim)
-  if axis is None:
-    rest = [a for a in range(ndim) if a not in batch]
-    return tuple(rest[:-1]) if len(rest) >= 2 else tuple(rest)
-  rows = resolve_axes(axis, path, leaf)
-  if set(rows) & set(batch):
-    raise ValueError(
-      f"`axis` {rows} and `batch_axis` {batch} share an axis for the parameter "
-      f"{format_path(path)!r}: an axis is either reduced or indexes matrices."
-    )
-  return rows
-
-
 def _path_key(seed: Any, path: Path) -> jax.Array:
   """A key from `seed` and the leaf's path: the same in every process (no host hash)."""
   tag = zlib.crc32(format_path(path).encode()) & 0x7FFFFFFF
@@ -120,14 +70,12 @@ def _normalized(y: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Arr
   return y * inverse, ok
 
 
-def _initial_vector(
-  seed: Any, path: Path, leaf: Any, rows: tuple[int, ...], batch: tuple[int, ...]
-) -> jax.Array:
-  """A unit vector per matrix, shaped like the leaf without its row axes."""
+def _initial_vector(seed: Any, path: Path, leaf: Any, layout: Layout) -> jax.Array:
+  """A unit vector per matrix (per layer), shaped like the leaf without its row axes."""
   ndim = len(leaf.shape)
-  left = [a for a in range(ndim) if a not in rows]
+  left = [a for a in range(ndim) if a not in layout.reduce]
   shape = tuple(leaf.shape[a] for a in left)
-  kept = tuple(i for i, a in enumerate(left) if a not in batch)
+  kept = tuple(i for i, a in enumerate(left) if a not in layout.stack)
   x = jax.random.normal(_path_key(seed, path), shape, compute_dtype(leaf.dtype))
   x, ok = _normalized(x, kept)
   # A draw that is exactly zero (probability 0) would stall the iteration: use ones.
@@ -167,15 +115,14 @@ def constrain_spectral_norm(
   max_norm: ScalarOrSchedule,
   *,
   axis: Axis = None,
-  batch_axis: BatchAxis = None,
   n_iter: int = 1,
   seed: int = 0,
   mask: Mask = None,
 ) -> optax.GradientTransformation:
   """Keeps each selected matrix's largest singular value at most ``c`` (spectral norm).
 
-  For ``V = w + u`` viewed as a matrix (rows: the reduced axes ``axis``; columns: the other
-  axes; one matrix per index of ``batch_axis``), the new weights are
+  For ``V = w + u`` viewed as a matrix (rows: the reduced axes of the leaf's layout, ``axis``;
+  columns: the other axes; one matrix per layer of a stack), the new weights are
   ``w + u' = V·min(1, c/σ̂(V))``, where ``σ̂`` is the power-iteration estimate of
   ``σ_max(V)``. Matrices with ``σ̂ ≤ c`` are left exactly as ``w + u``; zero matrices stay
   zero (``σ̂ = 0``, no NaN). The projected weights are rounded towards zero to the leaf
@@ -184,8 +131,8 @@ def constrain_spectral_norm(
 
   The power iteration (Miyato et al., 2018) keeps one right singular vector estimate per
   matrix in the optimizer state, shaped like the leaf without its row axes (a Dense kernel
-  ``(in, out)``: ``(out,)``; a stacked ``(layers, in, out)`` kernel with ``batch_axis=0``:
-  ``(layers, out)``). It starts from a unit vector drawn with ``jax.random`` from ``seed``
+  ``(in, out)``: ``(out,)``; a stacked ``(layers, in, out)`` kernel read with
+  ``axis=unit_axes(stacked=...)``: ``(layers, out)``). It starts from a unit vector drawn with ``jax.random`` from ``seed``
   and the leaf's path (the same in every process: no host randomness) and runs ``n_iter``
   rounds per update on ``V``. With ``n_iter=1`` (Miyato's choice) the estimate tracks slowly
   changing weights; a matrix that jumps needs a few steps (or more rounds) to be caught.
@@ -202,10 +149,11 @@ def constrain_spectral_norm(
 
   Args:
     max_norm: the bound ``c ≥ 0`` on the largest singular value: a number or a schedule.
-    axis: the row axes (default: every non-batch axis but the last; the whole leaf for
-      rank ≤ 1), an int, a tuple, or a callable ``(path, leaf) -> axes``.
-    batch_axis: axes that index independent matrices (an int or a tuple of ints), e.g. 0
-      for a stacked ``(layers, in, out)`` kernel; ``None`` for one matrix per leaf.
+    axis: the layout of each leaf, as for the per-unit rules: its reduced axes are the rows
+      and its stack axes index one matrix per layer. ``None`` reads roles (all but the last
+      axis of a Dense or Conv kernel, axis 0 of an attention ``(in, heads, dim)`` kernel,
+      axis 1 of a torch ``(out, in)`` weight; an ambiguous leaf raises at ``init``), an int,
+      a tuple, ``unit_axes(stacked=...)`` for stacks, or a callable ``(path, leaf) -> axes``.
     n_iter: power-iteration rounds per update (an int ≥ 1).
     seed: the seed of the initial vectors (an int).
     mask: the leaves to constrain; ``None`` is every floating-point leaf.
@@ -230,20 +178,14 @@ def constrain_spectral_norm(
     Keras ``keras.layers.SpectralNormalization``.
   """
   check_axis_spec(axis)
-  _check_batch_axis(batch_axis)
   _check_n_iter(n_iter)
   _check_seed(seed)
 
-  def rows_of(path, leaf):
-    return _row_axes(axis, batch_axis, path, leaf)
+  def init_leaf(path, leaf, layout):
+    return _initial_vector(seed, path, leaf, layout)
 
-  def init_leaf(path, leaf, rows):
-    batch = _batch_axes(batch_axis, path, len(leaf.shape))
-    return _initial_vector(seed, path, leaf, rows, batch)
-
-  def rule(u, w, *, max_norm, axes, state, leaf_dtype):
-    batch = _batch_axes(batch_axis, (), w.ndim)
-    kept = tuple(a for a in range(w.ndim) if a not in axes and a not in batch)
+  def rule(u, w, *, max_norm, state, layout, leaf_dtype):
+    axes, kept = layout.reduce, layout.kept(w.ndim)
     v = _stored(w, u, leaf_dtype).astype(w.dtype)
     x = lax.expand_dims(state.astype(w.dtype), axes)
     sigma, x = _power_iteration(v, x, axes, kept, n_iter)
@@ -264,8 +206,7 @@ def constrain_spectral_norm(
     {"max_norm": max_norm},
     mask=mask,
     needs_params=True,
-    per_unit=True,
-    axis=rows_of,
+    axis=axis,
     bounds=("max_norm",),
     init_leaf=init_leaf,
   )
@@ -275,28 +216,27 @@ def spectral_norm_report(
   params: Any,
   *,
   axis: Axis = None,
-  batch_axis: BatchAxis = None,
   n_iter: int = 20,
   mask: Mask = None,
 ) -> dict[str, jax.Array]:
   """Estimates the largest singular value of each selected matrix (per layer of a stack).
 
-  Matrices as in ``constrain_spectral_norm``: rows are the reduced axes ``axis``, columns
-  the other non-batch axes, one matrix per index of ``batch_axis``. ``n_iter`` rounds of the
+  Matrices as in ``constrain_spectral_norm``: rows are the reduced axes of the leaf's layout
+  (``axis``), columns the other axes, one matrix per layer of a stack. ``n_iter`` rounds of the
   power iteration from a fixed pseudo-random start (``jax.random``, key from the path) give
   ``σ̂ ≤ σ_max``, which converges to ``σ_max`` geometrically in ``(σ₂/σ₁)²``; accumulates in
   ≥ float32. Jittable.
 
   Args:
     params: the parameters (any pytree).
-    axis: the row axes, as in ``constrain_spectral_norm``.
-    batch_axis: axes indexing independent matrices (an int or a tuple of ints).
+    axis: the layout, as in ``constrain_spectral_norm`` (``unit_axes(stacked=...)``: one
+      ``σ̂`` per layer).
     n_iter: power-iteration rounds (an int ≥ 1).
     mask: the leaves to report; ``None`` is every floating-point leaf.
 
   Returns:
     ``{path: σ̂}`` keyed by ``/``-joined path; ``σ̂`` is a float32 array shaped like the
-    batch axes (a scalar without ``batch_axis``).
+    stack axes (a scalar for an unstacked leaf).
 
   Examples:
     >>> import jax.numpy as jnp, optax_norms
@@ -309,18 +249,17 @@ def spectral_norm_report(
     2018 (the power iteration); ``numpy.linalg.norm(W, 2)`` (the exact value).
   """
   check_axis_spec(axis)
-  _check_batch_axis(batch_axis)
   _check_n_iter(n_iter)
   paths, leaves, _, active = selected_leaves(mask, params, check=True)
+  shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves) if leaf is not None}
   report = {}
   for path, leaf, selected in zip(paths, leaves, active):
     if not selected:
       continue
-    rows = _row_axes(axis, batch_axis, path, leaf)
-    batch = _batch_axes(batch_axis, path, jnp.ndim(leaf))
-    kept = tuple(a for a in range(jnp.ndim(leaf)) if a not in rows and a not in batch)
+    layout = resolve_layout(axis, path, leaf, shapes=shapes)
+    rows, kept = layout.reduce, layout.kept(jnp.ndim(leaf))
     v = jnp.asarray(leaf).astype(compute_dtype(leaf.dtype))
-    x = lax.expand_dims(_initial_vector(0, path, leaf, rows, batch), rows)
+    x = lax.expand_dims(_initial_vector(0, path, leaf, layout), rows)
     report[format_path(path)] = _report_sigma(v, x, rows, kept, n_iter)
   return report
 

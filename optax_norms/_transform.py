@@ -11,11 +11,15 @@ A transform is a *rule* for one leaf, written in the compute dtype (>= float32):
   def rule(u, w, *, max_norm, axes, state):   # with per-leaf state: returns (u', state')
     ...
 
+  def rule(u, w, *, n, layout):               # reads the whole layout (stack, block axis)
+    ...
+
 ``leafwise_transform`` checks the rule's keyword-only parameters against the
 hyperparameters at construction, compiles the mask once, and does the rest: selection by
 path, ``None``/integer leaves passed through, casts to the compute dtype and back,
-schedules, run-time validity of hyperparameters, and per-leaf state (``init_leaf``), which
-masked-out leaves do not hold (``optax.MaskedNode``, as ``optax.masked``).
+schedules, run-time validity of hyperparameters, per-leaf state (``init_leaf``), which
+masked-out leaves do not hold (``optax.MaskedNode``, as ``optax.masked``), and each leaf's
+layout: one ``resolve_layout`` per leaf (``axes`` is its ``reduce``), checked at ``init``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from jax import lax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
 from optax_norms._masks import Mask, Selector, compile_mask
-from optax_norms._numerics import Axis, check_axis_spec, compute_dtype, resolve_axes
+from optax_norms._layout import Axis, Layout, check_axis_spec
+from optax_norms._numerics import compute_dtype
 from optax_norms._paths import Path, flatten, format_path, shown_paths
+from optax_norms._units import resolve_layout
 
 __all__ = ["LeafwiseState", "leafwise_transform", "selected_leaves"]
 
@@ -131,19 +137,25 @@ def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   return p_leaves
 
 
-def _rule_arguments(name: str, rule: Callable, expected: set[str]) -> bool:
+_OPTIONAL_ARGUMENTS = frozenset({"leaf_dtype", "layout"})
+
+
+def _rule_arguments(name: str, rule: Callable, expected: set[str]) -> set[str]:
   """The rule's keyword-only parameters must be exactly the hyperparameters (+ `axes`,
-  `state`); a rule may also ask for ``leaf_dtype`` (the stored dtype). Returns whether it
-  does."""
+  `state`); a rule may also ask for ``leaf_dtype`` (the stored dtype) and ``layout`` (the
+  leaf's ``Layout``). Returns the optional ones it asks for."""
   params = inspect.signature(rule).parameters.values()
   keyword_only = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-  wants_dtype = "leaf_dtype" in keyword_only
-  if keyword_only - {"leaf_dtype"} != expected:
+  if keyword_only - _OPTIONAL_ARGUMENTS != expected:
     raise TypeError(
       f"The rule of `{name}` takes keyword-only arguments {sorted(keyword_only)}, but "
       f"the transform provides {sorted(expected)}."
     )
-  return wants_dtype
+  return keyword_only & _OPTIONAL_ARGUMENTS
+
+
+def _shapes(paths: list[Path], leaves: list[Any]) -> dict[Path, tuple[int, ...]]:
+  return {p: tuple(leaf.shape) for p, leaf in zip(paths, leaves) if hasattr(leaf, "shape")}
 
 
 def leafwise_transform(
@@ -156,52 +168,71 @@ def leafwise_transform(
   per_unit: bool = False,
   axis: Axis = None,
   bounds: tuple[str, ...] = (),
-  init_leaf: Callable[[Path, jax.Array, tuple[int, ...]], Any] | None = None,
+  init_leaf: Callable[[Path, jax.Array, Layout | None], Any] | None = None,
+  check_leaf: Callable[[Path, jax.Array, Layout | None], None] | None = None,
 ) -> optax.GradientTransformation:
   """Builds a transform applying `rule` to every selected floating-point leaf.
 
   Args:
     name: the public factory's name, for error messages.
-    rule: ``rule(u, w, *, <hyperparameters>[, axes][, state])`` in the compute dtype;
-      returns the new update, or ``(new update, new leaf state)`` when `init_leaf` is given.
+    rule: ``rule(u, w, *, <hyperparameters>[, axes][, state][, layout][, leaf_dtype])`` in
+      the compute dtype; returns the new update, or ``(new update, new leaf state)`` when
+      `init_leaf` is given.
     hyperparams: the scalar hyperparameters (numbers or schedules), validated here.
     mask: which leaves to transform (see ``path_mask``).
     needs_params: whether the rule reads the parameters (`w` is ``None`` otherwise).
-    per_unit: whether the rule reduces over units; it then receives ``axes``.
-    axis: the reduced axes of per-unit rules (see ``clip_by_row_norm``).
+    per_unit: whether the rule reduces over units; it then receives ``axes`` (the reduced
+      axes of the leaf's layout).
+    axis: the leaves' layouts, as ``axis=`` of the public factories (``resolve_layout``);
+      read when the rule is per-unit or takes ``layout``.
     bounds: hyperparameters that bound stored values; cast rounding towards zero.
-    init_leaf: ``(path, leaf, axes) -> leaf state`` for rules with per-leaf state.
+    init_leaf: ``(path, leaf, layout) -> leaf state`` for rules with per-leaf state.
+    check_leaf: ``(path, leaf, layout) -> None``, run at ``init`` on every selected leaf;
+      raises for a leaf the transform cannot take.
   """
   expected = (
     set(hyperparams) | ({"axes"} if per_unit else set()) | ({"state"} if init_leaf else set())
   )
-  wants_dtype = _rule_arguments(name, rule, expected)
+  optional = _rule_arguments(name, rule, expected)
+  reads_layout = per_unit or "layout" in optional
   hparams = Hyperparams(hyperparams, bounds)
   selector = compile_mask(mask)
-  if per_unit:
+  if reads_layout:
     check_axis_spec(axis)
 
-  def leaf_axes(path: Path, leaf: Any) -> tuple[int, ...]:
-    return resolve_axes(axis, path, leaf) if per_unit else ()
+  def layouts(paths: list[Path], leaves: list[Any], active: list[bool]) -> list[Layout | None]:
+    if not reads_layout:
+      return [None] * len(leaves)
+    shapes = _shapes(paths, leaves)
+    return [
+      resolve_layout(axis, path, leaf, shapes=shapes) if selected else None
+      for path, leaf, selected in zip(paths, leaves, active)
+    ]
 
   def init_fn(params: Any) -> optax.OptState:
     schedule_state = hparams.init_state()
     if not (needs_params or params is not None or init_leaf):
       return schedule_state
     paths, leaves, treedef, active = selected_leaves(selector, params, check=True)
-    leaf_states = []
-    for path, leaf, selected in zip(paths, leaves, active):
-      axes = leaf_axes(path, leaf) if selected else ()
-      if init_leaf is not None:
-        leaf_states.append(init_leaf(path, leaf, axes) if selected else optax.MaskedNode())
+    leaf_layouts = layouts(paths, leaves, active)
+    if check_leaf is not None:
+      for path, leaf, selected, layout in zip(paths, leaves, active, leaf_layouts):
+        if selected:
+          check_leaf(path, leaf, layout)
     if init_leaf is None:
       return schedule_state
+    leaf_states = [
+      init_leaf(path, leaf, layout) if selected else optax.MaskedNode()
+      for path, leaf, selected, layout in zip(paths, leaves, active, leaf_layouts)
+    ]
     return LeafwiseState(
       count=jnp.zeros([], jnp.int32),
       leaves=jax.tree_util.tree_unflatten(treedef, leaf_states),
     )
 
   def update_fn(updates: Any, state: optax.OptState, params: Any = None):
+    if updates is None:  # As optax's transforms: no updates, nothing to do.
+      return None, state
     if needs_params and params is None:
       raise ValueError(
         f"`{name}` reads the current parameters, but `params` was not passed: call "
@@ -212,7 +243,8 @@ def leafwise_transform(
     u_paths, u_leaves, treedef = flatten(updates)
     p_leaves = _aligned_params(u_paths, params) if params is not None else [None] * len(u_leaves)
     reference = updates if params is None else params
-    _, _, _, active = selected_leaves(selector, reference, check=False)
+    _, ref_leaves, _, active = selected_leaves(selector, reference, check=False)
+    leaf_layouts = layouts(u_paths, ref_leaves, active)
     if init_leaf is not None:
       s_leaves = treedef.flatten_up_to(state.leaves)
     cast_cache: dict[Any, dict[str, jax.Array]] = {}
@@ -232,11 +264,14 @@ def leafwise_transform(
       if dtype not in cast_cache:
         cast_cache[dtype] = hparams.in_dtype(values, dtype)
       extra: dict[str, Any] = {}
+      layout = leaf_layouts[i]
       if per_unit:
-        extra["axes"] = leaf_axes(path, u)
+        extra["axes"] = layout.reduce  # type: ignore[union-attr]
+      if "layout" in optional:
+        extra["layout"] = layout
       if init_leaf is not None:
         extra["state"] = leaf_state
-      if wants_dtype:
+      if "leaf_dtype" in optional:
         extra["leaf_dtype"] = u.dtype
       out = rule(
         _cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra

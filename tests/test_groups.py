@@ -4,6 +4,8 @@ nnx.Optimizer, orbax, schedules."""
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,8 +89,8 @@ def test_regularize_equals_hand_written_chain_linen_mlp_3_groups_20_adam_steps()
     on.add_l1_decay(l1, mask="Dense_0/kernel"),
     optax.adam(lr),
     optax.masked(optax.scale(0.5), on.path_mask("Dense_2/**")),
-    # decoupled decay with a scheduled lr: u - lr(k)*0.2*w
-    optax.masked(_scheduled_decay(lr, 0.2), on.path_mask("Dense_2/**")),
+    # decoupled decay with the group's scheduled step size: u - lr(k)*lr_scale*0.2*w
+    optax.masked(_scheduled_decay(lambda k: lr(k) * 0.5, 0.2), on.path_mask("Dense_2/**")),
     on.prox_l1(0.5, lr, mask="Dense_0/kernel"),
     on.prox_group_l2(0.5, lr, mask="Dense_1/kernel"),
     on.constrain_row_norm(0.8, mask="Dense_1/kernel"),
@@ -192,11 +194,11 @@ def _transformer_hand_chain():
     optax.adam(LR),
     optax.masked(optax.scale(0.5), on.path_mask(emb)),
     _decoupled(0.1, LR, mlp),
-    on.prox_l1(1e-3, LR, mask=emb),
+    on.prox_l1(1e-3, LR * 0.5, mask=emb),  # the group's step size: lr·lr_scale
     on.prox_group_l2(1e-2, LR, axis=AXIS, mask=mlp),
+    on.constrain_max_abs(0.05, mask=emb),  # pattern constraints first, then rescaling ones
     on.constrain_row_norm(0.5, axis=AXIS, mask=attn),
     on.constrain_row_norm(0.2, axis=AXIS, mask=emb),
-    on.constrain_max_abs(0.05, mask=emb),
   )
 
 
@@ -219,7 +221,8 @@ def test_regularize_equals_hand_written_chain_nnx_transformer_stacked_3_groups_2
     on.regularize(optax.adam(LR), _transformer_rules(), learning_rate=LR), params, loss
   )
   reference, _ = _train(_transformer_hand_chain(), params, loss)
-  _assert_close(ours, reference)
+  # 20 adam steps amplify float32 rounding differences between two compiled chains.
+  _assert_close(ours, reference, atol=1e-6)
   # Per-layer, per-(head, dim) units of the stacked attention kernels are inside the ball.
   q = np.asarray(ours["blocks"]["attn"]["query"]["kernel"], np.float64)
   assert q.shape == (3, 16, 2, 8)
@@ -311,9 +314,10 @@ def test_describe_rules_of_the_nnx_transformer():
   assert len(lines) == len(on.tree_paths(params))
   query = lines["blocks/attn/query/kernel"]
   assert "(3, 16, 2, 8)" in query and "0 'blocks/attn/*/kernel'" in query
-  assert "l2=0.001 max_norm=0.5" in query and "(1,)" in query and "48 (3 layers × 16)" in query
+  # stack, reduced axes, units per layer
+  assert "l2=0.001 max_norm=0.5" in query and re.search(r"\(0,\)\s+\(1,\)\s+3 layers × 16", query)
   out = lines["blocks/attn/out/kernel"]
-  assert "(1, 2)" in out and "48 (3 layers × 16)" in out
+  assert re.search(r"\(0,\)\s+\(1, 2\)\s+3 layers × 16", out)
   assert lines["embed/embedding"].split()[-2:] == ["(1,)", "32"]  # one unit per token
   assert "3 '**'" in lines["blocks/ln1/scale"] and lines["blocks/ln1/scale"].rstrip().endswith("-")
 
@@ -372,12 +376,14 @@ def test_error_ambiguous_unit_of_a_stacked_kernel_with_default_axis():
   # The first per-unit setting in the chain is clip_unit_norm on the stacked MLP kernels.
   with pytest.raises(
     ValueError,
-    match=r"The unit of the parameter 'blocks/mlp_in/kernel' of "
+    match=r"The layout of the parameter 'blocks/mlp_in/kernel' of "
     r"shape \(3, 16, 64\) is ambiguous",
   ) as info:
     tx.init(params)
-  assert "a stacked Dense kernel (layers, in, out): axis=(1,)" in str(info.value)
-  assert "unit_axes(stacked='blocks/**')" in str(info.value)
+  assert (
+    "a stacked Dense kernel (layers, in, out) (stack (0,), reduce (1,)): "
+    "axis=optax_norms.unit_axes(stacked='blocks/**')" in str(info.value)
+  )
   with pytest.raises(ValueError, match="ambiguous"):
     on.describe_rules(_transformer_rules(axis=None), params)
 

@@ -26,7 +26,7 @@ def test_n_of_m_keeps_exactly_n_per_block_along_axis(n, m, shape, axis):
   rng = np.random.default_rng(0)
   w = rng.normal(size=shape).astype(np.float32)
   u = rng.normal(size=shape).astype(np.float32)
-  out = _apply(on.constrain_n_of_m(n, m, axis=axis), w, u)
+  out = _apply(on.constrain_n_of_m(n, m, block_axis=axis), w, u)
   ax = 0 if len(shape) == 1 else axis % len(shape)
   v = np.moveaxis(w + u, ax, -1).reshape(-1, m)
   blocks = np.moveaxis(out, ax, -1).reshape(-1, m)
@@ -50,7 +50,7 @@ def test_budgets_are_exact_when_the_update_is_computed_in_the_same_program(shape
   # FMA in only some copies: an entry 1 ulp from itself beat itself (wrong counts).
   rng = np.random.default_rng(0)
   for tx, zeros in (
-    (on.constrain_n_of_m(2, 4, axis=0), None),
+    (on.constrain_n_of_m(2, 4, block_axis=0), None),
     (on.constrain_sparsity(0.3), int(np.floor(0.3 * np.prod(shape)))),
   ):
     if zeros is None and shape[0] % 4:
@@ -77,7 +77,7 @@ def test_budgets_are_exact_under_vmap_of_a_jitted_step(shape):
   rng = np.random.default_rng(1)
   for tx, bad_count in (
     (
-      on.constrain_n_of_m(2, 4, axis=0),
+      on.constrain_n_of_m(2, 4, block_axis=0),
       lambda out: np.sum(np.count_nonzero(out.reshape(-1, 4, shape[1]), axis=1) != 2),
     ),
     (on.constrain_sparsity(0.5), lambda out: abs(int(np.sum(out == 0)) - out.size // 2)),
@@ -101,7 +101,7 @@ def test_budgets_can_be_differentiated_through():
   # The guard that materializes the magnitudes carries no derivative (they only rank): a
   # differentiated step sees the kept entries' identity and the pruned ones' zero.
   w = jnp.asarray(np.random.default_rng(2).normal(size=(8, 3)).astype(np.float32))
-  for tx in (on.constrain_n_of_m(2, 4, axis=0), on.constrain_sparsity(0.5)):
+  for tx in (on.constrain_n_of_m(2, 4, block_axis=0), on.constrain_sparsity(0.5)):
     keep = np.asarray(optax.apply_updates(w, tx.update(jnp.zeros_like(w), tx.init(w), w)[0])) != 0
     grad = jax.grad(
       lambda p, tx=tx: optax.apply_updates(p, tx.update(jnp.zeros_like(p), tx.init(p), p)[0]).sum()

@@ -140,7 +140,7 @@ def test_rank_one_leaf_is_an_n_by_1_matrix():
   assert state.leaves["b"].shape == ()
 
 
-# --- Stacks: batch_axis ----------------------------------------------------------------
+# --- Stacks: one matrix per layer ----------------------------------------------------------------
 
 
 def test_stacked_layers_are_constrained_per_layer():
@@ -148,7 +148,7 @@ def test_stacked_layers_are_constrained_per_layer():
   scales = np.asarray([3.0, 0.05, 1.0])[:, None, None]  # Layer 1 lies inside the ball.
   w = jnp.asarray(scales * rng.normal(size=(3, 6, 5)), jnp.float32)
   u = jnp.asarray(0.01 * rng.normal(size=(3, 6, 5)), jnp.float32)
-  tx = on.constrain_spectral_norm(1.0, batch_axis=0, n_iter=50)
+  tx = on.constrain_spectral_norm(1.0, axis=on.unit_axes(stacked="stack"), n_iter=50)
   out, state = _one_step(tx, {"stack": w}, {"stack": u})
   assert state.leaves["stack"].shape == (3, 5)  # One vector per layer, over the kept axis.
   w64, u64, got = (np.asarray(a, np.float64) for a in (w, u, out["stack"]))
@@ -174,16 +174,17 @@ def test_spectral_norm_report_matches_numpy_svd():
     "stack": {"kernel": jnp.asarray(rng.normal(size=(3, 7, 5)), jnp.float32)},
   }
   report = jax.jit(
-    lambda p: on.spectral_norm_report(p, n_iter=100, mask="**/kernel", batch_axis=None)
+    lambda p: on.spectral_norm_report(p, n_iter=100, mask="**/kernel", axis=(0, 1))
   )(params)
   assert set(report) == {"dense/kernel", "conv/kernel", "stack/kernel"}
   for path, leaf in [
     ("dense/kernel", params["dense"]["kernel"]),
-    ("conv/kernel", params["conv"]["kernel"]),
   ]:
     assert report[path].dtype == jnp.float32 and report[path].shape == ()
     assert float(report[path]) == pytest.approx(_sigma(leaf), rel=1e-5)
-  stacked = on.spectral_norm_report(params["stack"], batch_axis=0, n_iter=100)["kernel"]
+  stacked = on.spectral_norm_report(
+    params["stack"], axis=on.unit_axes(stacked="kernel"), n_iter=100
+  )["kernel"]
   assert stacked.shape == (3,)
   np.testing.assert_allclose(
     np.asarray(stacked),
@@ -325,7 +326,6 @@ def test_state_survives_an_orbax_round_trip_and_the_resumed_run_is_identical(tmp
     ({"n_iter": 0}, "`n_iter`"),
     ({"n_iter": 1.5}, "`n_iter`"),
     ({"seed": 0.5}, "`seed`"),
-    ({"batch_axis": "0"}, "`batch_axis`"),
     ({"axis": "x"}, "`axis`"),
   ],
 )
@@ -336,7 +336,9 @@ def test_bad_arguments_raise_naming_them(kwargs, match):
 
 def test_bad_axes_raise_at_init_naming_the_path():
   params = {"stack": {"kernel": jnp.ones((2, 3, 4))}}
-  with pytest.raises(ValueError, match="share an axis.*'stack/kernel'"):
-    on.constrain_spectral_norm(1.0, axis=(0, 1), batch_axis=0).init(params)
-  with pytest.raises(ValueError, match="`batch_axis` 3 is out of range.*'stack/kernel'"):
-    on.constrain_spectral_norm(1.0, batch_axis=3).init(params)
+  with pytest.raises(ValueError, match="reduces a stack axis.*'stack/kernel'"):
+    on.constrain_spectral_norm(1.0, axis=lambda p, w: on.Layout((0,), (0, 1))).init(params)
+  with pytest.raises(ValueError, match="`axis` 3 is out of range.*'stack/kernel'"):
+    on.constrain_spectral_norm(1.0, axis=3).init(params)
+  with pytest.raises(ValueError, match="ambiguous.*'stack/kernel'"):
+    on.constrain_spectral_norm(1.0).init(params)
