@@ -7,8 +7,8 @@ import optax
 from jax import lax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._masks import Mask
 from optax_norms._layout import Axis
+from optax_norms._masks import Mask
 from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 

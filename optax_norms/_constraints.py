@@ -25,8 +25,8 @@ from jax import lax
 
 from optax_norms._clipping import unit_scale
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._masks import Mask
 from optax_norms._layout import Axis
+from optax_norms._masks import Mask
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["constrain_max_abs", "constrain_row_norm"]

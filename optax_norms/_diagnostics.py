@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from optax_norms._hyperparams import ScalarOrSchedule, check_value, evaluate_schedule, is_schedule
-from optax_norms._masks import Mask
 from optax_norms._layout import Axis
+from optax_norms._masks import Mask
 from optax_norms._numerics import compute_dtype, unit_norm
 from optax_norms._paths import format_path
 from optax_norms._transform import selected_leaves

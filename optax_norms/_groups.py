@@ -27,8 +27,8 @@ from optax_norms._keras_constraints import (
   constrain_non_negative,
   constrain_unit_norm,
 )
-from optax_norms._masks import PathMask, path_mask
 from optax_norms._layout import Layout, check_axis_spec
+from optax_norms._masks import PathMask, path_mask
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay
 from optax_norms._prox import prox_group_l2, prox_l1
@@ -483,6 +483,7 @@ class _GroupMask(PathMask):
 
 # --- regularize ------------------------------------------------------------------------------
 
+
 def _check_stacked_globs(table: _Table, paths: list[Path]) -> None:
   for rule in table.rules:
     axis = rule.settings.get("axis")
@@ -634,7 +635,6 @@ def _layout_cells(
     count = "⌊fraction·n⌋" if fraction is None else str(budget_count(fraction, size))
     reads.append(f"zero {count} of {size}")
   return str(layout.stack) if layout.stack else "", str(layout.reduce), units_text, "; ".join(reads)
-
 
 
 def _value_text(value: Any) -> str:

@@ -21,8 +21,8 @@ from jax import lax
 
 from optax_norms._constraints import _exact_update, _stored, _toward_zero, radius_factor
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
-from optax_norms._masks import Mask
 from optax_norms._layout import Axis
+from optax_norms._masks import Mask
 from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from optax_norms._numerics import _is_int
 from optax_norms._paths import Path, format_path

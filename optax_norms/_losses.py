@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from optax_norms._hyperparams import Scalar, check_value, is_schedule
-from optax_norms._masks import Mask
 from optax_norms._layout import Axis
+from optax_norms._masks import Mask
 from optax_norms._numerics import abs_zero_subgradient, compute_dtype, unit_norm
-from optax_norms._units import resolve_axes
 from optax_norms._transform import selected_leaves
+from optax_norms._units import resolve_axes
 
 __all__ = [
   "elastic_penalty",

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from optax_norms._hyperparams import ScalarOrSchedule
-from optax_norms._masks import Mask
 from optax_norms._layout import Axis
+from optax_norms._masks import Mask
 from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 

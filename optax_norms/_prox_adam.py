@@ -10,13 +10,13 @@ import numpy as np
 import optax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule, is_schedule
-from optax_norms._masks import Mask, compile_mask
 from optax_norms._layout import Axis, check_axis_spec
+from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import compute_dtype, unit_norm
-from optax_norms._units import resolve_axes
 from optax_norms._paths import flatten, format_path
 from optax_norms._prox import soft_threshold
 from optax_norms._transform import _aligned_params, _leaf_kind, selected_leaves
+from optax_norms._units import resolve_axes
 
 __all__ = ["ProxAdamState", "prox_adam"]
 

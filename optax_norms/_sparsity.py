@@ -99,7 +99,6 @@ def _kth_smallest(values, k, passes, axes):
   ``#{values ≤ t} ≥ k + 1``, by bisection over ``[0, max]``, one counting pass over the leaf
   per halving. Counts are sums over the layer: on sharded leaves each pass all-reduces one
   scalar per layer."""
-  dtype = values.dtype
 
   def halve(_, bounds):
     lo, hi = bounds
@@ -198,9 +197,7 @@ def _n_of_m(u, w, n, m, ax, leaf_dtype):
   other = jnp.expand_dims(blocks, b)  # [..., 1, j, ...]
   # earlier[i, j] = j < i, laid out on the (i, j) axes (b, b + 1) of the comparison.
   pair = (1,) * b + (m, m) + (1,) * (w.ndim - ax - 1)
-  earlier = lax.broadcasted_iota(jnp.int32, pair, b + 1) < lax.broadcasted_iota(
-    jnp.int32, pair, b
-  )
+  earlier = lax.broadcasted_iota(jnp.int32, pair, b + 1) < lax.broadcasted_iota(jnp.int32, pair, b)
   # rank_i = #{j : |v_j| > |v_i| or (|v_j| == |v_i| and j < i)}; keep rank < n.
   beats = (other > mine) | ((other == mine) & earlier)
   rank = jnp.sum(beats.astype(jnp.int32), axis=b + 1).astype(w.dtype)

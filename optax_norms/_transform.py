@@ -34,8 +34,8 @@ import optax
 from jax import lax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
-from optax_norms._masks import Mask, Selector, compile_mask
 from optax_norms._layout import Axis, Layout, check_axis_spec
+from optax_norms._masks import Mask, Selector, compile_mask
 from optax_norms._numerics import compute_dtype
 from optax_norms._paths import Path, flatten, format_path, shown_paths
 from optax_norms._units import resolve_layout

@@ -171,8 +171,11 @@ def default_layout(
       path,
       shape,
       [
-        ("a PyTorch/Equinox Conv weight (out, in, ...)", "optax_norms.unit_axes('torch')",
-         Layout((), tuple(range(1, ndim)))),
+        (
+          "a PyTorch/Equinox Conv weight (out, in, ...)",
+          "optax_norms.unit_axes('torch')",
+          Layout((), tuple(range(1, ndim))),
+        ),
         _plain("a Flax-layout (..., in, out) weight", _rank_rule(ndim)),
         _stacked("(layers, out, in, ...) weight", path, shape, tuple(range(1, ndim - 1)), True),
       ],
@@ -193,7 +196,7 @@ def default_layout(
       path,
       shape,
       [
-        _stacked(f"LoRA factor (layers, ...)", path, shape, tuple(range(ndim - 2))),
+        _stacked("LoRA factor (layers, ...)", path, shape, tuple(range(ndim - 2))),
         _plain("a factor with all but the last axis reduced", _rank_rule(ndim)),
       ],
     )
@@ -287,9 +290,14 @@ def _role_layout(
         path,
         shape,
         [
-          ("a PyTorch/Equinox weight (out, in, ...)", "optax_norms.unit_axes('torch')",
-           Layout(tuple(range(offset)), tuple(range(offset + 1, offset + ndim)))),
-          _plain("a Flax-layout (..., in, out) weight", tuple(a + offset for a in _rank_rule(ndim))),
+          (
+            "a PyTorch/Equinox weight (out, in, ...)",
+            "optax_norms.unit_axes('torch')",
+            Layout(tuple(range(offset)), tuple(range(offset + 1, offset + ndim))),
+          ),
+          _plain(
+            "a Flax-layout (..., in, out) weight", tuple(a + offset for a in _rank_rule(ndim))
+          ),
         ],
         why=" under unit_axes('flax'): `weight` is the torch/Equinox name",
       )
@@ -306,16 +314,16 @@ def _role_layout(
     is_conv = parent is not None and _CONV.search(parent) is not None
     general = parent is not None and _LINEN_DENSE.match(parent)
     if general or (ndim == 3 and not is_conv and parent != _ATTENTION_OUT):
-      stacked_reading = [] if stacked else [
-        _stacked("Dense kernel (layers, in, out)", path, shape, tuple(range(ndim - 2)))
-      ]
+      stacked_reading = (
+        []
+        if stacked
+        else [_stacked("Dense kernel (layers, in, out)", path, shape, tuple(range(ndim - 2)))]
+      )
       raise _ambiguous(
         path,
         shape,
         [
-          _plain(
-            "a DenseGeneral kernel with several output axes (in, ...)", (offset,)
-          ),
+          _plain("a DenseGeneral kernel with several output axes (in, ...)", (offset,)),
           _plain(
             "a kernel with several input axes, or a Conv1D (..., in, out)",
             tuple(a + offset for a in _rank_rule(ndim)),

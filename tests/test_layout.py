@@ -56,7 +56,9 @@ def test_1_spectral_in_a_rule_is_per_layer_of_a_stack():
   w = jnp.asarray(scales * base, jnp.float32)
   params = {"blocks": {"mlp": {"kernel": w}}}
   axis = on.unit_axes(stacked="blocks/**")
-  rules = [("**", {"spectral_norm": {"max_norm": 1.0, "mode": "scale", "n_iter": 50}, "axis": axis})]
+  rules = [
+    ("**", {"spectral_norm": {"max_norm": 1.0, "mode": "scale", "n_iter": 50}, "axis": axis})
+  ]
   tx = on.regularize(optax.sgd(1.0), rules)
   updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
   got = np.asarray(optax.apply_updates(params, updates)["blocks"]["mlp"]["kernel"], np.float64)
@@ -163,9 +165,7 @@ def _norms(w):
 def _draw(seed):
   """An (8, 6) kernel whose units span tiny, ordinary and large norms, mixed signs."""
   rng = np.random.default_rng(seed)
-  return (rng.normal(size=(8, 6)) * np.asarray([1e-3, 0.1, 0.5, 1.0, 3.0, 30.0])).astype(
-    np.float32
-  )
+  return (rng.normal(size=(8, 6)) * np.asarray([1e-3, 0.1, 0.5, 1.0, 3.0, 30.0])).astype(np.float32)
 
 
 @pytest.mark.parametrize("pair", list(itertools.combinations(CONSTRAINTS, 2)), ids=str)
@@ -269,9 +269,7 @@ def test_8_lr_scale_with_prox_l1_converges_to_the_lasso_minimiser():
   # f(w) = ½(w − 1)² + λ|w|, λ = 0.5: the minimiser is soft(1, 0.5) = 0.5.
   params = {"w": jnp.zeros(1)}
   lr, scale, lam = 0.5, 0.1, 0.5
-  tx = on.regularize(
-    optax.sgd(lr), [("**", {"lr_scale": scale, "prox_l1": lam})], learning_rate=lr
-  )
+  tx = on.regularize(optax.sgd(lr), [("**", {"lr_scale": scale, "prox_l1": lam})], learning_rate=lr)
   state = tx.init(params)
 
   @jax.jit
@@ -408,6 +406,34 @@ def _printed(text):
   return out
 
 
+def _with_leaf(tree, path, value):
+  """A copy of the nested dict `tree` with the leaf at the ``/``-joined `path` replaced."""
+  head, *rest = path.split("/")
+  return {
+    k: (_with_leaf(v, "/".join(rest), value) if rest else value) if k == head else v
+    for k, v in tree.items()
+  }
+
+
+def _get(tree, path):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def _moved_entries(step, state, params, base, path, index):
+  """The entries of the leaf at `path`, other than `index`, whose stored value changes when
+  the update at `index` is bumped (the bump makes it the largest of its unit, block, layer)."""
+  leaf = _get(params, path)
+  bump = np.zeros(leaf.shape, np.float32)
+  bump[index] = 50.0
+  grads = _with_leaf(jax.tree.map(jnp.zeros_like, params), path, jnp.asarray(-bump))
+  new = optax.apply_updates(params, step(grads, state, params)[0])
+  changed = np.asarray(_get(new, path)) != np.asarray(_get(base, path))
+  changed[index] = False
+  return [tuple(i) for i in np.argwhere(changed)]
+
+
 def test_describe_rules_layouts_are_what_the_transforms_read():
   params = _transformer()
   printed = _printed(on.describe_rules(RULES, params))
@@ -415,38 +441,21 @@ def test_describe_rules_layouts_are_what_the_transforms_read():
   state = tx.init(params)
   step = jax.jit(tx.update)
   zero = jax.tree.map(jnp.zeros_like, params)
-  base = jax.tree.map(np.asarray, optax.apply_updates(params, step(zero, state, params)[0]))
-  paths = on.tree_paths(params)
-  for path, leaf in zip(paths, jax.tree.leaves(params)):
+  base = optax.apply_updates(params, step(zero, state, params)[0])
+  for path in on.tree_paths(params):
+    leaf = _get(params, path)
     stack, reduce, reads = printed[path]
     index = tuple(int(RNG.integers(d)) for d in leaf.shape)
-    bump = np.zeros(leaf.shape, np.float32)
-    bump[index] = 50.0  # the largest entry of its block, layer and unit
-    u = jax.tree.map(jnp.zeros_like, params)
-    u = jax.tree_util.tree_map_with_path(
-      lambda p, x, bump=bump, path=path: jnp.asarray(bump) if on.tree_paths({"": x}) and
-      "/".join(str(getattr(k, "key", k)) for k in p) == path else x,
-      u,
-    )
-    new = optax.apply_updates(params, step(jax.tree.map(lambda x: -x, u), state, params)[0])
-    moved = np.argwhere(
-      (np.asarray(jax.tree.leaves(new)[paths.index(path)]) != jax.tree.leaves(base)[paths.index(path)])
-      & (bump == 0)
-    )
-    same_layer = lambda i: all(i[a] == index[a] for a in stack)  # noqa: E731
-    same_unit = lambda i: same_layer(i) and all(  # noqa: E731
-      i[a] == index[a] for a in range(leaf.ndim) if a not in stack and a not in reduce
-    )
-    assert len(moved), path  # the perturbation acted
-    if "matrix" in reads or "zero" in reads:  # one matrix, one budget per layer
-      assert all(same_layer(i) for i in moved), path
-    elif "along axis" in reads:  # one block of 4 along the printed axis
-      block = int(reads.split("along axis ")[1])
-      assert all(
-        same_layer(i) and i[block] // 4 == index[block] // 4
-        and all(i[a] == index[a] for a in range(leaf.ndim) if a != block)
-        for i in moved
-      ), path
-    else:  # a unit: the printed reduced axes within the printed layer
-      assert all(same_unit(i) for i in moved), path
+    moved = _moved_entries(step, state, params, base, path, index)
+    assert moved, path  # the perturbation acted beyond its own entry
+    others = [a for a in range(leaf.ndim) if a not in stack]
+    for i in moved:
+      assert all(i[a] == index[a] for a in stack), (path, "left its layer")
+      if "along axis" in reads:  # one block of 4 along the printed axis
+        block = int(reads.split("along axis ")[1])
+        assert i[block] // 4 == index[block] // 4, path
+        assert all(i[a] == index[a] for a in others if a != block), path
+      elif not ("matrix" in reads or "zero" in reads):  # a unit: the printed reduced axes
+        assert all(i[a] == index[a] for a in others if a not in reduce), path
+    if not reads:
       assert len(moved) == math.prod(leaf.shape[a] for a in reduce) - 1, path
