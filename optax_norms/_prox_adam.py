@@ -182,6 +182,8 @@ def prox_adam(
     return ProxAdamState(count=jnp.zeros([], jnp.int32), mu=tree, nu=tree)
 
   def update_fn(updates, state, params=None):
+    if updates is None:  # As optax's transforms: no updates, nothing to do.
+      return None, state
     if params is None:
       raise ValueError(
         "`prox_adam` reads the current parameters, but `params` was not passed: call "

@@ -125,11 +125,13 @@ _BUDGET_TOLERANCE = 1e-6
 
 
 def budget_count(fraction: float, size: int) -> int:
-  """``⌊fraction·size⌋`` of the fraction as written: a product within a relative 1e-6 of an
-  integer counts as that integer (0.57 of 100 is 57, though ``0.57·100 = 56.99…`` in
-  floating point)."""
+  """``⌊fraction·size⌋`` of the fraction as written: a product just below an integer, within
+  a relative 1e-6 of it (and within 1/4), counts as that integer (0.57 of 100 is 57, though
+  ``0.57·100 = 56.99…`` in floating point)."""
   product = fraction * size
-  return min(max(math.floor(product + _BUDGET_TOLERANCE * product), 0), size)
+  nearest = round(product)
+  snapped = nearest > product and nearest - product <= min(_BUDGET_TOLERANCE * product, 0.25)
+  return min(max(nearest if snapped else math.floor(product), 0), size)
 
 
 def traced_budget_count(fraction: jax.Array, size: int) -> jax.Array:
@@ -158,8 +160,13 @@ def traced_budget_count(fraction: jax.Array, size: int) -> jax.Array:
       whole = whole + floor.astype(jnp.int32)
       rest = rest + (term - floor)
     digit_scale *= 4096
-  rest = rest + jnp.float32(_BUDGET_TOLERANCE) * (f * jnp.float32(size))
-  return jnp.clip(whole + jnp.floor(rest).astype(jnp.int32), 0, size)
+  # product = whole + rest, 0 <= rest < 8: floor it, or snap it up to the nearest integer
+  # when that is within the relative tolerance.
+  up = jnp.round(rest)
+  tolerance = jnp.minimum(jnp.float32(_BUDGET_TOLERANCE) * (f * jnp.float32(size)), 0.25)
+  snapped = (up > rest) & (up - rest <= tolerance)
+  count = whole + jnp.where(snapped, up, jnp.floor(rest)).astype(jnp.int32)
+  return jnp.clip(count, 0, size)
 
 
 def _whole_number(name: str, value: Any) -> float | None:

@@ -100,11 +100,13 @@ def test_3_budget_of_0_57_of_100_is_57_constant_and_schedule():
 
 
 def _exact_count(fraction32, size):
-  """⌊p⌋ of p = fraction·size in exact rational arithmetic, where p within a relative 1e-6
-  below an integer counts as that integer."""
+  """⌊p⌋ of p = fraction·size in exact rational arithmetic, where p just below an integer,
+  within a relative 1e-6 (and 1/4) of it, counts as that integer."""
   p = fractions.Fraction(float(fraction32)) * size
   nearest = round(p)
-  if nearest > p and (nearest - p) <= fractions.Fraction(1, 10**6) * p:
+  if nearest > p and (nearest - p) <= min(
+    fractions.Fraction(1, 10**6) * p, fractions.Fraction(1, 4)
+  ):
     return nearest
   return math.floor(p)
 
@@ -200,7 +202,7 @@ REFUSED = {
 
 
 def test_4_spectral_clip_with_a_pattern_and_prox_with_prox_adam_are_refused():
-  with pytest.raises(ValueError, match="mode 'scale'"):
+  with pytest.raises(ValueError, match="'mode': 'scale'"):
     on.regularize(optax.sgd(1.0), [("**", {"spectral_norm": 1.0, "sparsity": 0.5})])
   with pytest.raises(ValueError, match="prox_adam"):
     on.regularize(on.prox_adam(0.1, l1=0.1), [("**", {"prox_l1": 0.1})], learning_rate=0.1)
@@ -344,21 +346,21 @@ def test_10_describe_rules_of_a_wrapped_transform_says_so():
       on.describe_rules(wrapped, params)
 
 
-@pytest.mark.parametrize(
-  "tx",
-  [
-    on.add_l2_decay(1e-3),
-    on.clip_by_row_norm(1.0),
-    on.constrain_row_norm(1.0),
-    on.constrain_spectral_norm(1.0),
-    on.constrain_sparsity(0.5),
-    on.constrain_n_of_m(1, 2),
-    on.prox_l1(0.1, 0.1),
-    on.prox_adam(0.1, l1=0.1),
-  ],
-  ids=lambda tx: str(id(tx)),
-)
-def test_13_update_of_none_returns_none_as_optax(tx):
+NONE_CASES = {
+  "add_l2_decay": lambda: on.add_l2_decay(1e-3),
+  "clip_by_row_norm": lambda: on.clip_by_row_norm(1.0),
+  "constrain_row_norm": lambda: on.constrain_row_norm(1.0),
+  "constrain_spectral_norm": lambda: on.constrain_spectral_norm(1.0),
+  "constrain_sparsity": lambda: on.constrain_sparsity(0.5),
+  "constrain_n_of_m": lambda: on.constrain_n_of_m(1, 2),
+  "prox_l1": lambda: on.prox_l1(0.1, 0.1),
+  "prox_adam": lambda: on.prox_adam(0.1, l1=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(NONE_CASES))
+def test_13_update_of_none_returns_none_as_optax(name):
+  tx = NONE_CASES[name]()
   params = {"kernel": jnp.ones((4, 2))}
   state = tx.init(params)
   updates, new_state = tx.update(None, state, params)
@@ -445,7 +447,8 @@ def test_describe_rules_layouts_are_what_the_transforms_read():
   for path in on.tree_paths(params):
     leaf = _get(params, path)
     stack, reduce, reads = printed[path]
-    index = tuple(int(RNG.integers(d)) for d in leaf.shape)
+    # The smallest entry: pruned by N:M and by the budget, so its bump moves another entry.
+    index = np.unravel_index(np.argmin(np.abs(np.asarray(leaf))), leaf.shape)
     moved = _moved_entries(step, state, params, base, path, index)
     assert moved, path  # the perturbation acted beyond its own entry
     others = [a for a in range(leaf.ndim) if a not in stack]
