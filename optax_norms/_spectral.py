@@ -159,7 +159,7 @@ def _clip_target(v, sigma, x, a, rows, kept, max_norm, delta):
   rounding of the vectors' lengths is not multiplied by ``σ̂/c``.
   """
   a, x = lax.stop_gradient(a), lax.stop_gradient(x)
-  target = max_norm - delta * sigma
+  target = jnp.maximum(max_norm - delta * sigma, 0)  # c = 0: the zero matrix, no overshoot
   outside = sigma > target
   lengths = jnp.sum(a * a, axis=rows, keepdims=True) * jnp.sum(x * x, axis=kept, keepdims=True)
   one = lax.full_like(sigma, 1)

@@ -44,12 +44,12 @@ def _ref_max_norm(u, w):
 
 def _ref_spectral(u, w):
   # The whole matrix is the unit: with a NaN or inf in it, σ is undefined and it is left
-  # as w + u; else the exact SVD projection.
+  # as w + u; else the largest singular value clipped to C (the default mode, converged).
   v = w + u
   if not np.isfinite(v).all():
     return u
-  s = np.linalg.norm(v, 2)
-  return v * C / s - w if s > C else u
+  left, sigma, right = np.linalg.svd(v, full_matrices=False)
+  return v - (sigma[0] - C) * np.outer(left[:, 0], right[0]) - w if sigma[0] > C else u
 
 
 def _ref_unit(u, w):

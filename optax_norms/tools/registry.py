@@ -40,13 +40,20 @@ def _project(v, c, axes):
   return np.where(n > c, v * c / np.where(n > 0, n, 1), v)
 
 
-def _spectral_project(v, c, axes):
-  """Each matrix (rows: `axes`, columns: the other axes) times ``min(1, c/σ_max)``, by SVD."""
+def _spectral_clip(v, c, axes):
+  """Each matrix with its largest singular value clipped to ``c`` (the others kept), by SVD:
+  one step of the rank-1 clip with converged vectors."""
   rows = list(axes)
   cols = [a for a in range(v.ndim) if a not in rows]
   m = np.transpose(v, rows + cols).reshape(int(np.prod([v.shape[a] for a in rows])), -1)
-  sigma = np.linalg.svd(m, compute_uv=False).max() if m.size else 0.0
-  return v * (c / sigma) if sigma > c else v
+  if not m.size:
+    return v
+  left, sigma, right = np.linalg.svd(m, full_matrices=False)
+  if sigma[0] <= c:
+    return v
+  m = m - (sigma[0] - c) * np.outer(left[:, 0], right[0])
+  shape = [v.shape[a] for a in rows + cols]
+  return np.transpose(m.reshape(shape), np.argsort(rows + cols))
 
 
 def _min_max_scale(n, hp):
@@ -429,7 +436,7 @@ REGISTRY: tuple[Entry, ...] = (
     "constrain_spectral_norm",
     functools.partial(on.constrain_spectral_norm, n_iter=50),
     {"max_norm": 1.0},
-    lambda u, w, hp, a: _spectral_project(w + u, hp["max_norm"], a) - w,
+    lambda u, w, hp, a: _spectral_clip(w + u, hp["max_norm"], a) - w,
     "after",
     per_unit=True,
     stateful=True,
