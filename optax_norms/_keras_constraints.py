@@ -19,7 +19,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_norms._constraints import _exact_update, _stored, _toward_zero, radius_factor
+from optax_norms._constraints import (
+  _exact_update,
+  _rounded,
+  _stored,
+  _toward_zero,
+  radius_factor,
+)
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
 from optax_norms._masks import Mask
 from optax_norms._numerics import Axis, unit_norm
@@ -78,7 +84,7 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
     radius = lax.full_like(norm, radius_factor(units))
     scale = radius / lax.select(nonzero, norm, one)
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(nonzero, _exact_update(w, target, leaf_dtype), u)
+    return jnp.where(nonzero, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_unit_norm",
@@ -151,7 +157,7 @@ def constrain_min_max_norm(
     one = lax.full_like(norm, 1)
     scale = lax.select(change, desired, one) / lax.select(change, norm, one)
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(change, _exact_update(w, target, leaf_dtype), u)
+    return jnp.where(change, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_min_max_norm",
@@ -193,7 +199,7 @@ def constrain_non_negative(*, mask: Mask = None) -> optax.GradientTransformation
 
   def rule(u, w, *, leaf_dtype):
     negative = _stored(w, u, leaf_dtype) < 0
-    return jnp.where(negative, -w, u)
+    return jnp.where(negative, -w, _rounded(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_non_negative",
