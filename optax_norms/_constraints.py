@@ -13,6 +13,14 @@ addition ``apply_updates`` performs is repeated here, and ``u'`` moved by one ul
 would round outwards). Per-unit projections aim at the radius ``c·(1 − δ)``,
 ``δ = (2·√n + 8)·2⁻²⁴`` for a unit of ``n`` entries (``δ ≈ 1.7e-6`` for 100 entries), about
 ten times the typical rounding error of the float32 norm (``≈ 0.15·√n·2⁻²⁴``).
+
+The update form has one limit: ``w + u'`` is rounded on the float grid near ``|w|``, not near
+the target ``q``. Each stored element is within one ulp of ``|q − w|`` of ``q``, so a
+projected unit's norm is within ``δ + 2ε·(‖w_unit‖/t + 2)`` of its target norm ``t``,
+relative (``ε`` the unit roundoff of the leaf dtype: ``2⁻²⁴`` float32, ``2⁻⁸`` bfloat16,
+``2⁻¹¹`` float16). Shrinking a unit ~100× costs ~100 ulps of the target: float32 weights
+uniform in ±50, units of 16 entries (norm ≈ 115) projected to norm 1 land up to ≈ 1e-5 from
+it (a direct float32 projection: ≈ 1e-7). The bound itself (``≤ c``) still holds exactly.
 """
 
 from __future__ import annotations
@@ -37,12 +45,36 @@ def radius_factor(units: int) -> float:
   return 1 - (2 * math.sqrt(units) + 8) * 2.0**-24
 
 
+def _rounded(x, leaf_dtype):
+  """`x` rounded to the nearest value of `leaf_dtype` (ties to even), kept in ``x.dtype``.
+
+  ``x.astype(leaf_dtype).astype(x.dtype)`` is not reliable inside ``jax.jit``: within a fusion
+  XLA may drop that pair of converts and keep the float32 value (its excess-precision rewrite,
+  ``xla_allow_excess_precision``). ``lax.reduce_precision`` is never dropped. It flushes the
+  leaf's subnormals to zero, so those (float16 below ``2⁻¹⁴``) are rounded on their own grid.
+  Traces no op when `x` already has the leaf dtype (float32 leaves).
+  """
+  if x.dtype == leaf_dtype:
+    return x
+  info = jnp.finfo(leaf_dtype)
+  out = lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  if info.nexp < jnp.finfo(x.dtype).nexp:  # Leaf subnormals are normal numbers in x.dtype.
+    tiny, step = float(info.smallest_normal), float(info.smallest_subnormal)
+    sub = lax.round(x * (1 / step), lax.RoundingMethod.TO_NEAREST_EVEN) * step
+    out = jnp.where(jnp.abs(x) < tiny, sub, out)
+    # Exact round trip: where XLA keeps the result for several consumers, it keeps it in the
+    # leaf dtype, not as a float32 copy of the leaf.
+    out = out.astype(leaf_dtype).astype(x.dtype)
+  return out
+
+
 def _toward_zero(x, leaf_dtype):
   """`x` (compute dtype) rounded to `leaf_dtype` towards zero, returned in the leaf dtype."""
   if x.dtype == leaf_dtype:  # Nothing to round (float32 leaves): no ops traced.
     return x
-  nearest = x.astype(leaf_dtype)
-  outward = jnp.abs(nearest.astype(x.dtype)) > jnp.abs(x)
+  nearest = _rounded(x, leaf_dtype)
+  outward = jnp.abs(nearest) > jnp.abs(x)
+  nearest = nearest.astype(leaf_dtype)  # Exact: `nearest` is on the leaf's grid.
   return jnp.where(outward, _one_ulp(nearest, jnp.zeros_like(nearest)), nearest)
 
 
@@ -53,8 +85,13 @@ def _one_ulp(x, direction):
 
 
 def _stored(w, u, leaf_dtype):
-  """What ``optax.apply_updates`` stores for ``w + u``: the addition in the leaf dtype."""
-  return w.astype(leaf_dtype) + u.astype(leaf_dtype)
+  """What ``optax.apply_updates`` stores for ``w + u``, in the leaf dtype: the addition of
+  ``w`` and ``u`` as the leaf dtype holds them, rounded to the leaf dtype (exactly).
+
+  Rules return ``_rounded(u, leaf_dtype)`` (not `u`) where they keep the update, so that the
+  stored addition sees the same ``u`` as this one even where XLA keeps `u` in float32.
+  """
+  return _rounded(w + _rounded(u, leaf_dtype), leaf_dtype).astype(leaf_dtype)
 
 
 def _exact_update(w, target, leaf_dtype):
@@ -64,13 +101,15 @@ def _exact_update(w, target, leaf_dtype):
   ``u' = q − w`` rounded once; where the stored sum would land outside ``q`` (only when
   ``|w|`` is not small next to ``|q|``), ``u'`` moves one ulp towards the inside, which
   lands it on ``q`` or inside (the rounding error of ``q − w`` is at most half that ulp).
+  Every rounding is a ``_rounded``, so the sum compared is the one stored, also in a fused
+  ``jax.jit`` step.
   """
-  first = (target - w).astype(leaf_dtype)
-  stored = w.astype(leaf_dtype) + first
-  outward = jnp.abs(stored.astype(target.dtype)) > jnp.abs(target)
+  first = _rounded(target - w, leaf_dtype)
+  stored = _rounded(w + first, leaf_dtype)
+  outward = jnp.abs(stored) > jnp.abs(target)
   inward = jnp.where(target > 0, -jnp.inf, jnp.inf).astype(leaf_dtype)
-  fixed = jnp.where(outward, _one_ulp(first, inward), first)
-  return fixed.astype(w.dtype)
+  moved = _one_ulp(first.astype(leaf_dtype), inward).astype(w.dtype)
+  return jnp.where(outward, moved, first)
 
 
 def constrain_max_abs(
@@ -102,9 +141,10 @@ def constrain_max_abs(
 
   def rule(u, w, *, max_abs, leaf_dtype):
     bound = _toward_zero(max_abs, leaf_dtype).astype(w.dtype)
-    inside = jnp.abs(_stored(w, u, leaf_dtype).astype(w.dtype)) <= bound
-    target = _toward_zero(jnp.clip(w + u, -bound, bound), leaf_dtype).astype(w.dtype)
-    return jnp.where(inside, u, _exact_update(w, target, leaf_dtype))
+    v = _stored(w, u, leaf_dtype).astype(w.dtype)
+    inside = jnp.abs(v) <= bound
+    target = _toward_zero(jnp.clip(v, -bound, bound), leaf_dtype).astype(w.dtype)
+    return jnp.where(inside, _rounded(u, leaf_dtype), _exact_update(w, target, leaf_dtype))
 
   return leafwise_transform(
     "constrain_max_abs",
@@ -124,7 +164,9 @@ def constrain_row_norm(
   The new weights are the per-unit projection of ``v = w + u`` onto the ball:
   ``w + u' = v_unit·min(1, c/‖v_unit‖)``. Units inside the ball are left exactly as ``w + u``
   (no Keras-style ``n/(n + 1e-7)`` shrink); zero units stay zero; units outside land just
-  inside the ball (``‖w_unit‖ ≤ c`` holds exactly on the stored values). Keras
+  inside the ball (``‖w_unit‖ ≤ c`` holds exactly on the stored values; a unit shrunk from
+  ``‖w_unit‖`` lands within ``δ + 2ε·(‖w_unit‖/c + 2)`` of ``c``, relative, see the notes of
+  this module). Keras
   ``MaxNorm(c, axis=0)`` on a Dense kernel and ``MaxNorm(c, axis=[0, 1, 2])`` on a Conv
   kernel are this transform with the default axis; PyTorch ``torch.renorm(W, 2, 0, c)`` on an
   ``(out, in)`` weight is ``axis=1``.
@@ -161,7 +203,7 @@ def constrain_row_norm(
     scale = unit_scale(v, radius, axes)
     # Inside the ball return u itself, so apply_updates stores exactly w + u.
     target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(scale < 1, _exact_update(w, target, leaf_dtype), u)
+    return jnp.where(scale < 1, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_row_norm",
