@@ -32,7 +32,8 @@ from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
 from optax_norms._prox_adam import ProxAdamState, prox_adam
 from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
 from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
-from optax_norms._units import UnitAxes, unit_axes
+from optax_norms._layout import Layout
+from optax_norms._units import AmbiguousLayoutError, UnitAxes, unit_axes
 
 try:
   __version__ = version("optax-norms")
@@ -40,7 +41,9 @@ except PackageNotFoundError:  # Imported from a source tree that is not installe
   __version__ = "0.0.0"
 
 __all__ = [
+  "AmbiguousLayoutError",
   "DecayResolution",
+  "Layout",
   "LeafDecayResolution",
   "PathMask",
   "ProxAdamState",

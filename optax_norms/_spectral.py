@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_norms._constraints import _exact_update, _stored, _toward_zero
+from optax_norms._constraints import _exact_update, _rounded, _stored, _toward_zero
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._layout import Axis, Layout, check_axis_spec
 from optax_norms._masks import Mask
@@ -303,7 +303,7 @@ def constrain_spectral_norm(
     else:
       projected, outside = _clip_target(v, sigma, x, a, axes, kept, max_norm, delta)
     target = _toward_zero(projected, leaf_dtype).astype(w.dtype)
-    new = jnp.where(outside, _exact_update(w, target, leaf_dtype), u)
+    new = jnp.where(outside, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
     # The new vector keeps the state's sharding (explicit mesh axes: the rounds shard it
     # like the kept axes of `w`, and a step must return the state type it was given).
     return new, reshard_to(lax.stop_gradient(lax.squeeze(x, axes)).astype(state.dtype), state)

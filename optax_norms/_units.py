@@ -65,6 +65,14 @@ class AmbiguousLayoutError(ValueError):
   Attributes:
     readings: ``[(description, fix, layout)]``: what the leaf could be, the ``axis=`` (as
       source text) that reads it so, and the layout that gives.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms as on
+    >>> try:
+    ...   on.constrain_row_norm(1.0).init({"blocks": {"kernel": jnp.ones((3, 4, 8))}})
+    ... except on.AmbiguousLayoutError as error:
+    ...   print([fix for _, fix, _ in error.readings])
+    ['(0, 1)', "optax_norms.unit_axes(stacked='blocks/**')", '(0,)']
   """
 
   def __init__(self, message: str, readings: list[tuple[str, str, Layout]]):
