@@ -207,6 +207,9 @@ def constrain_spectral_norm(
     over steps (``eye(2)`` pushed ``+0.01`` along ``σ₁`` for 500 steps ends at
     ``σ = (1, 0.0069)``; ``"clip"`` keeps ``(1, 0.94–0.99)``).
 
+  Memory: for a bfloat16/float16 leaf, ``"clip"`` keeps one float32 temporary the size of
+  the leaf (XLA materializes the corrected matrix); ``"scale"`` keeps none.
+
   The margin ``δ = (2·(√m + √n) + 8)·u`` for an ``m × n`` matrix, ``u`` the unit roundoff of
   the compute dtype (``2⁻²⁴`` for float32, bf16 and f16 leaves; ``δ ≈ 1.8e-6`` for 32×32,
   ``8.1e-6`` for 1024×1024), leaves room for the rounding of ``σ̂`` and of the vectors'

@@ -457,7 +457,7 @@ CASES = [
     'clip_by_row_norm(1.0, axis="rows")',
     lambda: on.clip_by_row_norm(1.0, axis="rows"),
     ValueError,
-    r"must be None, an int, a tuple of ints or a callable",
+    r"must be None, an int, a tuple of ints, an optax_norms.Layout or a callable",
     "`axis`",
   ),
   Case(
@@ -465,7 +465,7 @@ CASES = [
     "constrain_row_norm(1.0, axis=1.0)",
     lambda: on.constrain_row_norm(1.0, axis=1.0),
     ValueError,
-    r"must be None, an int, a tuple of ints or a callable .* got 1\.0",
+    r"must be None, an int, a tuple of ints, an optax_norms.Layout or a callable .* got 1\.0",
     "`axis`",
   ),
   Case(

@@ -195,11 +195,12 @@ def test_spectral_norm_report_matches_numpy_svd():
     "stack": {"kernel": jnp.asarray(rng.normal(size=(3, 7, 5)), jnp.float32)},
   }
   report = jax.jit(
-    lambda p: on.spectral_norm_report(p, n_iter=100, mask="**/kernel", axis=(0, 1))
+    lambda p: on.spectral_norm_report(p, n_iter=100, mask=["dense/kernel", "conv/kernel"])
   )(params)
-  assert set(report) == {"dense/kernel", "conv/kernel", "stack/kernel"}
+  assert set(report) == {"dense/kernel", "conv/kernel"}
   for path, leaf in [
     ("dense/kernel", params["dense"]["kernel"]),
+    ("conv/kernel", params["conv"]["kernel"]),
   ]:
     assert report[path].dtype == jnp.float32 and report[path].shape == ()
     assert float(report[path]) == pytest.approx(_sigma(leaf), rel=1e-5)
@@ -357,7 +358,7 @@ def test_bad_arguments_raise_naming_them(kwargs, match):
 
 def test_bad_axes_raise_at_init_naming_the_path():
   params = {"stack": {"kernel": jnp.ones((2, 3, 4))}}
-  with pytest.raises(ValueError, match="reduces a stack axis.*'stack/kernel'"):
+  with pytest.raises(ValueError, match="'stack/kernel'.*reduces a stack axis"):
     on.constrain_spectral_norm(1.0, axis=lambda p, w: on.Layout((0,), (0, 1))).init(params)
   with pytest.raises(ValueError, match="`axis` 3 is out of range.*'stack/kernel'"):
     on.constrain_spectral_norm(1.0, axis=3).init(params)
