@@ -18,6 +18,7 @@ from optax_norms._keras_constraints import (
   constrain_non_negative,
   constrain_unit_norm,
 )
+from optax_norms._layout import Layout
 from optax_norms._losses import (
   elastic_penalty,
   group_l2_penalty,
@@ -32,7 +33,6 @@ from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
 from optax_norms._prox_adam import ProxAdamState, prox_adam
 from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
 from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
-from optax_norms._layout import Layout
 from optax_norms._units import AmbiguousLayoutError, UnitAxes, unit_axes
 
 try:
