@@ -577,7 +577,7 @@ def regularize(
         )
       step_size = (
         _step_size(learning_rate, rule.settings.get("lr_scale"))
-        if setting.needs_learning_rate
+        if setting.needs_learning_rate and learning_rate is not None
         else None
       )
       try:
