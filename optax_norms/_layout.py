@@ -111,7 +111,7 @@ def _normalized(what: str, axes: Any, path: Path, shape: tuple[int, ...]) -> tup
   return tuple(sorted(resolved))
 
 
-def role_block_axis(path: Path, shape: tuple[int, ...], layout: Layout, torch: bool) -> int | None:
+def role_block_axis(shape: tuple[int, ...], layout: Layout, torch: bool) -> int | None:
   """The default N:M block axis: the input-feature axis by role (the one a GEMM contracts).
 
   The last reduced axis of a Flax ``(…, in, out)`` kernel (the input axis of Dense, Conv and
@@ -119,7 +119,6 @@ def role_block_axis(path: Path, shape: tuple[int, ...], layout: Layout, torch: b
   first reduced axis of a torch ``(out, in, …)`` weight; with nothing reduced, the last axis
   that is not stacked.
   """
-  del path
   if layout.reduce:
     return layout.reduce[0] if torch else layout.reduce[-1]
   rest = [a for a in range(len(shape)) if a not in layout.stack]
@@ -146,5 +145,5 @@ def checked_layout(layout: Layout, path: Path, shape: tuple[int, ...], torch: bo
       )
   checked = Layout(stack, reduce, None)
   if block is None:
-    block = role_block_axis(path, shape, checked, torch)
+    block = role_block_axis(shape, checked, torch)
   return checked._replace(block_axis=block)

@@ -127,8 +127,8 @@ def is_torch_name(path: Path) -> bool:
   return _names(path)[0] == "weight"
 
 
-def _with_block(layout: Layout, path: Path, shape: tuple[int, ...], torch: bool) -> Layout:
-  return layout._replace(block_axis=role_block_axis(path, shape, layout, torch))
+def _with_block(layout: Layout, shape: tuple[int, ...], torch: bool) -> Layout:
+  return layout._replace(block_axis=role_block_axis(shape, layout, torch))
 
 
 def default_layout(
@@ -163,7 +163,7 @@ def default_layout(
   name, parent = _names(path)
   if name == "embedding" and ndim >= 2:
     if ndim == 2:
-      return _with_block(Layout((), (1,)), path, shape, torch=False)
+      return _with_block(Layout((), (1,)), shape, torch=False)
     raise _ambiguous(
       path,
       shape,
@@ -174,7 +174,7 @@ def default_layout(
     )
   if name == "weight" and ndim >= 2:
     if ndim == 2:
-      return _with_block(Layout((), (1,)), path, shape, torch=True)
+      return _with_block(Layout((), (1,)), shape, torch=True)
     raise _ambiguous(
       path,
       shape,
@@ -190,7 +190,7 @@ def default_layout(
     )
   if name in _WHOLE and ndim >= 2:
     if parent in _ATTENTION_IN and ndim == 2:
-      return _with_block(Layout((), _all(ndim)), path, shape, torch=False)
+      return _with_block(Layout((), _all(ndim)), shape, torch=False)
     raise _ambiguous(
       path,
       shape,
@@ -209,11 +209,11 @@ def default_layout(
       ],
     )
   if name != "kernel" or ndim <= 2:
-    return _with_block(Layout((), _rank_rule(ndim)), path, shape, torch=False)
+    return _with_block(Layout((), _rank_rule(ndim)), shape, torch=False)
   if parent in _ATTENTION_IN or parent == _ATTENTION_OUT:
     role = (0,) if parent in _ATTENTION_IN else (0, 1)
     if ndim == 3:
-      return _with_block(Layout((), role), path, shape, torch=False)
+      return _with_block(Layout((), role), shape, torch=False)
     layout = "in, heads, head_dim" if parent in _ATTENTION_IN else "heads, head_dim, out"
     raise _ambiguous(
       path,
@@ -235,9 +235,9 @@ def default_layout(
         ],
         why=" (its bias has a layer axis, so the module looks stacked)",
       )
-    return _with_block(Layout((), _rank_rule(ndim)), path, shape, torch=False)
+    return _with_block(Layout((), _rank_rule(ndim)), shape, torch=False)
   if ndim == 3 and is_conv:
-    return _with_block(Layout((), _rank_rule(ndim)), path, shape, torch=False)
+    return _with_block(Layout((), _rank_rule(ndim)), shape, torch=False)
   if ndim == 3:
     raise _ambiguous(
       path,
@@ -286,7 +286,7 @@ def _role_layout(
 
   def done(axes: tuple[int, ...]) -> Layout:
     out = Layout(tuple(range(offset)), tuple(a + offset for a in axes))
-    return _with_block(out, path, shape, torch)
+    return _with_block(out, shape, torch)
 
   if name in _WHOLE:
     return done(_all(ndim))
