@@ -1,8 +1,8 @@
-"""The test suite's view of the one transform registry (``optax_norms.tools.registry``)."""
+"""The test suite's view of its transform registry (``tests/_registry.py``)."""
 
 from __future__ import annotations
 
-from optax_norms.tools.registry import REGISTRY, Entry, by_name, default_axes
+from _registry import REGISTRY, Entry, by_name, default_axes
 
 Case = Entry
 CASES = list(REGISTRY)

@@ -46,12 +46,12 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _registry import REGISTRY  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_norms as on  # noqa: E402
-from optax_norms.tools.registry import REGISTRY  # noqa: E402
 
 ROWS, COLS = 32, 16
 STEPS, SAVE_AT = 5, 3

@@ -32,10 +32,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from _registry import REGISTRY  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from optax_norms.tools.registry import REGISTRY  # noqa: E402
 
 ROWS, COLS = 32, 16
 RTOL = 1e-5

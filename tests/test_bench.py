@@ -8,16 +8,44 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from _registry import REGISTRY
 
+import optax_norms as on
 from optax_norms.tools import bench as _bench
-from optax_norms.tools.registry import REGISTRY, by_name
+from optax_norms.tools.bench_table import BENCH_TABLE, by_name
 
-TRANSFORMS = [entry.name for entry in REGISTRY if "bench" not in entry.skip]
+TRANSFORMS = [entry.name for entry in BENCH_TABLE]
 # An optimizer entry (prox_adam) is timed against adam only.
 _OPTIMIZERS = {
-  entry.name: ["adam"] if entry.placement == "optimizer" else ["adam", "sgd"] for entry in REGISTRY
+  entry.name: ["adam"] if entry.placement == "optimizer" else ["adam", "sgd"]
+  for entry in BENCH_TABLE
 }
+
+
+def test_bench_table_covers_every_registered_transform_and_only_those():
+  """The bench's own table (optax_norms/tools/bench_table.py) and the test registry
+  (tests/_registry.py) name the same public factories, and agree on what the bench reads."""
+  registered = [entry.name for entry in REGISTRY]
+  benched = [entry.name for entry in BENCH_TABLE]
+  assert len(set(benched)) == len(benched)
+  assert sorted(benched) == sorted(registered), (
+    f"missing from the bench table: {sorted(set(registered) - set(benched))}; "
+    f"not in the test registry: {sorted(set(benched) - set(registered))}"
+  )
+  assert list(_bench.TRANSFORMS) == benched
+  for entry in REGISTRY:
+    bench_entry = by_name(entry.name)
+    assert bench_entry.factory is getattr(on, entry.name), entry.name
+    assert bench_entry.placement == entry.placement, entry.name
+    assert bench_entry.per_unit == entry.per_unit, entry.name
+    assert bench_entry.stateful == entry.stateful, entry.name
+    # Keywords the tests also give (prox_adam's bench leaves out l2 and group); the bench's
+    # learning_rate is the optimizer's.
+    assert set(bench_entry.values(0.1)) <= set(entry.hyperparams), entry.name
+    tx = bench_entry.factory(**bench_entry.values(0.1), **bench_entry.options, mask="**/kernel")
+    assert isinstance(tx, optax.GradientTransformation), entry.name
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +105,7 @@ def test_json_has_rows_for_every_transform_and_optimizer(tiny_run):
     assert all(v > 0 for v in r["us_per_step"].values())
     assert r["kernels"]["ours"] >= r["kernels"]["base"] > 0
   peers = {r["transform"] for r in rows if r["ratio_vs_peer"] is not None}
-  assert peers == {
-    entry.name for entry in REGISTRY if entry.peer is not None and "bench" not in entry.skip
-  }
+  assert peers == {entry.name for entry in BENCH_TABLE if entry.peer is not None}
   assert results["trees"]["big"]["copy"]["gb_per_s"] > 0
 
 
@@ -109,7 +135,7 @@ def test_state_bytes_are_zero_without_schedules_and_one_int32_count_with_one(tin
       continue
     assert sizes["constant"] == 0, name
     assert sizes["scheduled"] == (
-      np.dtype(np.int32).itemsize if by_name(name).hyperparams else 0
+      np.dtype(np.int32).itemsize if by_name(name).values(0.1) else 0
     ), name
   for r in results["trees"]["big"]["rows"]:
     entry = by_name(r["transform"])

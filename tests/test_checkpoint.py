@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 from _cases import chain_of_all
+from _registry import REGISTRY, by_name
 
 import optax_norms as on
-from optax_norms.tools.registry import REGISTRY, by_name
 
 ocp = pytest.importorskip("orbax.checkpoint")
 

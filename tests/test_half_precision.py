@@ -7,10 +7,11 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+from _registry import REGISTRY
 
 import optax_norms as on
 from optax_norms import decay_resolution_report
-from optax_norms.tools.registry import REGISTRY
+from optax_norms.tools import bench_table
 
 HALF = [jnp.bfloat16, jnp.float16]
 
@@ -114,9 +115,12 @@ def _hand_soft(x, t):
   return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0)
 
 
-# The same math written in plain jnp (the registry's hand-written versions).
+# The same math written in plain jnp (the bench table's hand-written versions), with the
+# registry's test hyperparameters.
 HAND = {
-  entry.name: entry.hand_rule(entry.hyperparams, entry.hyperparams.get("learning_rate", LR))
+  entry.name: bench_table.by_name(entry.name).hand_rule(
+    entry.hyperparams, entry.hyperparams.get("learning_rate", LR)
+  )
   for entry in REGISTRY
   if "half_precision" not in entry.skip
 }

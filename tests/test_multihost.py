@@ -22,8 +22,7 @@ import sys
 import time
 
 import pytest
-
-from optax_norms.tools.registry import REGISTRY
+from _registry import REGISTRY
 
 SCRIPT = pathlib.Path(__file__).with_name("multihost_check.py")
 TIMEOUT_S = 480

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _registry import REGISTRY, by_name
 
 import optax_norms as on
-from optax_norms.tools.registry import REGISTRY, by_name
 
 # The float64 numpy references compute with the same NaN/inf on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import optax
+from _registry import REGISTRY
 
 import optax_norms
-from optax_norms.tools.registry import REGISTRY
 
 
 def test_all_is_sorted_unique_and_importable():
@@ -21,8 +21,9 @@ COMBINATORS = {"regularize"}
 
 
 def test_every_transform_is_registered_and_public():
-  """The registry (which the battery, the reliability tests and the bench read) holds every
-  public factory that returns a GradientTransformation, and only public ones."""
+  """The test registry (tests/_registry.py, which the battery and the reliability tests read)
+  holds every public factory that returns a GradientTransformation, and only public ones (the
+  bench's table covers the same: tests/test_bench.py)."""
   registered = {entry.name for entry in REGISTRY}
   assert registered <= set(optax_norms.__all__)
   for entry in REGISTRY:

@@ -12,8 +12,7 @@ import subprocess
 import sys
 
 import pytest
-
-from optax_norms.tools.registry import REGISTRY
+from _registry import REGISTRY
 
 SCRIPT = pathlib.Path(__file__).with_name("sharding_check.py")
 LAYOUTS = ("rows", "cols", "both", "replicated")

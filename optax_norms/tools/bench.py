@@ -21,14 +21,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from optax_norms.tools import _cli
-from optax_norms.tools.registry import REGISTRY, by_name
+from optax_norms.tools.bench_table import BENCH_TABLE, by_name
 
 __all__ = ["main"]
 
-_BENCHED = tuple(entry for entry in REGISTRY if "bench" not in entry.skip)
-TRANSFORMS = tuple(entry.name for entry in _BENCHED)
-ELEMENTWISE = tuple(entry.name for entry in _BENCHED if not entry.per_unit)
-PER_UNIT = tuple(entry.name for entry in _BENCHED if entry.per_unit)
+TRANSFORMS = tuple(entry.name for entry in BENCH_TABLE)
+ELEMENTWISE = tuple(entry.name for entry in BENCH_TABLE if not entry.per_unit)
+PER_UNIT = tuple(entry.name for entry in BENCH_TABLE if entry.per_unit)
 TREES = ("big", "transformer", "many", "mlp", "groups")
 OPTIMIZERS = ("sgd", "adam")
 # The many-leaf tree measures per-leaf overheads (tracing, compile time, kernels per leaf);
@@ -39,7 +38,7 @@ _PROG = "python -m optax_norms bench"
 
 # Hyperparameters: small enough that training stays sane, large enough that clips and
 # projections are active for part of the units.
-# The hyperparameters of each transform are its registry entry's ``bench_hyperparams``.
+# The hyperparameters of each transform are in its ``bench_table`` entry.
 ALPHA, MAX_NORM = 1e-4, 1.0
 LR = {"sgd": 1e-2, "adam": 1e-3}
 
@@ -166,7 +165,7 @@ def _bool_mask(tree: Any) -> Any:
 
 def _ours(name: str, lr: float):
   entry = by_name(name)
-  return entry.factory(**entry.bench_values(lr), **entry.bench_options, mask=MASK)
+  return entry.factory(**entry.values(lr), **entry.options, mask=MASK)
 
 
 def _scheduled(name: str):
@@ -175,8 +174,8 @@ def _scheduled(name: str):
 
   entry = by_name(name)
   return entry.factory(
-    **{k: optax.constant_schedule(v) for k, v in entry.bench_values(0.1).items()},
-    **entry.bench_options,
+    **{k: optax.constant_schedule(v) for k, v in entry.values(0.1).items()},
+    **entry.options,
     mask=MASK,
   )
 
@@ -184,7 +183,7 @@ def _scheduled(name: str):
 def _hand_rule(name: str, lr: float) -> Callable[[Any, Any], Any]:
   """The same math written directly in jnp, the way a careful user would (f32 leaves)."""
   entry = by_name(name)
-  return entry.hand_rule(entry.bench_values(lr), lr)
+  return entry.hand_rule(entry.values(lr), lr)
 
 
 def _hand(name: str, lr: float):
@@ -204,7 +203,7 @@ def _hand(name: str, lr: float):
 def _peer(name: str, lr: float):
   """(optax transform, same math?) or None."""
   entry = by_name(name)
-  return None if entry.peer is None else entry.peer(entry.bench_values(lr), _bool_mask)
+  return None if entry.peer is None else entry.peer(entry.values(lr), _bool_mask)
 
 
 def _optimizer(name: str):

@@ -1,11 +1,13 @@
-"""The one registry of every transform, read by the test suite and by the bench.
+"""The test suite's registry of every transform (tests import it as ``_registry``).
 
 Each :class:`Entry` holds what every shared check needs: the public factory, test values
 of its hyperparameters, an independent float64 NumPy oracle written from the textbook
 formula (never from the library's code), where it goes in a chain, whether it is per unit
-and reads the parameters, and — for the bench — a hand-written ``jnp`` version and the
-optax peer where one exists. Adding a transform = its definition, one ``__init__`` line,
-one entry here; the battery, the reliability tests and the bench then cover it.
+and reads the parameters, and the shared checks it skips. Adding a transform = its
+definition, one ``__init__`` line, one entry here and one in the bench's table
+(``optax_norms/tools/bench_table.py``: its hand-written ``jnp`` version and optax peer);
+the battery, the reliability tests and the bench then cover it, and
+``tests/test_public_api.py`` and ``tests/test_bench.py`` fail until both entries exist.
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def _n_of_4(n, *, mask=None):
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One transform and what the shared checks need to test and time it.
+  """One transform and what the shared checks need to test it.
 
   Attributes:
     name: the public factory's name.
@@ -136,11 +138,6 @@ class Entry:
       for Adam-type optimizers is also every update under a constant gradient.
     per_unit: whether the rule reduces over units (takes ``axis``).
     needs_params: whether ``update`` reads the parameters.
-    hand_rule: ``(hp, lr) -> (g, w) -> new g``: the math in plain ``jnp`` for the bench, on
-      float32 leaves with the default axes.
-    peer: ``(hp, mask) -> (optax transform, same math?)`` or ``None``.
-    bench_options: non-hyperparameter keyword arguments the bench passes to the factory
-      (e.g. ``n_iter=1``, the default, where the tests' factory does more).
     stateful: whether the state holds per-leaf arrays beyond a schedule count
       (``LeafwiseState``), so its structure is not ``EmptyState``/``ScheduleState``.
     skip: the shared checks that cannot run this transform as they are written, each
@@ -148,7 +145,7 @@ class Entry:
       ``"checkpoint"``, ``"chain_of_all"`` (their trees have axis lengths that are not
       multiples of a block size; the half-precision memory checks assume no sort and no
       optimizer state), ``"nonfinite"`` (the element/unit NaN policy; ranking transforms
-      have a leaf/block policy) and ``"bench"`` (not timed).
+      have a leaf/block policy).
   """
 
   name: str
@@ -158,19 +155,8 @@ class Entry:
   placement: str
   per_unit: bool = False
   needs_params: bool = True
-  hand_rule: Callable[[dict[str, float], float], Callable[[Any, Any], Any]] | None = None
-  peer: Callable[[dict[str, float], Any], tuple[Any, bool]] | None = None
-  bench_hyperparams: dict[str, float] | None = None
-  bench_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   stateful: bool = False
   skip: frozenset[str] = frozenset()
-
-  def bench_values(self, lr: float) -> dict[str, float]:
-    """Hyperparameters for the bench (training-sized); ``learning_rate`` is the optimizer's."""
-    values = dict(self.bench_hyperparams or self.hyperparams)
-    if "learning_rate" in self.hyperparams:
-      values["learning_rate"] = lr
-    return values
 
   def make(self, mask=None, axis=None, **overrides):
     """The transform with the test hyperparameters (or `overrides`)."""
@@ -185,113 +171,6 @@ class Entry:
     return self.factory(**hp, mask=mask, **extra)
 
 
-def _jnp():
-  import jax.numpy as jnp
-
-  return jnp
-
-
-def _hand_norm(x):
-  jnp = _jnp()
-  return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(x.ndim - 1)), keepdims=True))
-
-
-def _hand_soft(x, t):
-  jnp = _jnp()
-  return jnp.sign(x) * jnp.maximum(jnp.abs(x) - t, 0)
-
-
-def _hand_max_norm_decay(hp, lr):
-  del lr
-  jnp = _jnp()
-
-  def rule(g, w):
-    n = _hand_norm(w)
-    return g + (2 * hp["alpha"]) * jnp.maximum(n - hp["max_norm"], 0) / jnp.where(n > 0, n, 1) * w
-
-  return rule
-
-
-def _hand_group(hp, lr):
-  jnp = _jnp()
-
-  def rule(g, w):
-    v = w + g
-    n = _hand_norm(v)
-    return v * jnp.maximum(1 - (lr * hp["alpha"]) / jnp.maximum(n, 1e-30), 0) - w
-
-  return rule
-
-
-def _hand_spectral(hp, lr):
-  """One power-iteration round per step (as the bench's ``n_iter=1``) from a ones vector,
-  stateless: the bench's jnp version for the cost; its numbers differ from ours (which
-  carries its vectors across steps), so the bench's same-math check skips stateful entries."""
-  del lr
-  jnp = _jnp()
-
-  def rule(g, w):
-    v = w + g
-    m = v.reshape(-1, v.shape[-1])
-    x = m.T @ (m @ jnp.ones(v.shape[-1:], v.dtype))
-    x = x / jnp.maximum(jnp.linalg.norm(x), 1e-30)
-    sigma = jnp.linalg.norm(m @ x)
-    return v * (hp["max_norm"] / jnp.maximum(sigma, hp["max_norm"])) - w
-
-  return rule
-
-
-def _hand_n_of_4(hp, lr):
-  """2:4 by a stable double argsort inside each block of 4 along axis -2."""
-  del lr
-  jnp = _jnp()
-
-  def rule(g, w):
-    v = w + g
-    blocks = jnp.moveaxis(v, -2, -1).reshape(*v.shape[:-2], v.shape[-1], -1, 4)
-    rank = jnp.argsort(jnp.argsort(-jnp.abs(blocks), axis=-1, stable=True), axis=-1)
-    keep = jnp.moveaxis((rank < hp["n"]).reshape(*v.shape[:-2], v.shape[-1], -1), -1, -2)
-    return jnp.where(keep, g, -w)
-
-  return rule
-
-
-def _hand_sparsity(hp, lr):
-  """Magnitude pruning by one stable sort of the leaf."""
-  del lr
-  jnp = _jnp()
-
-  def rule(g, w):
-    flat_g, flat_w = g.ravel(), w.ravel()
-    count = int(hp["fraction"] * flat_w.size)
-    pruned = jnp.argsort(jnp.abs(flat_w + flat_g), stable=True)[:count]
-    return flat_g.at[pruned].set(-flat_w[pruned]).reshape(w.shape)
-
-  return rule
-
-
-def _hand_min_max(hp, lr):
-  del lr
-  jnp = _jnp()
-
-  def rule(g, w):
-    v = w + g
-    n = _hand_norm(v)
-    desired = hp["rate"] * jnp.clip(n, hp["min_norm"], hp["max_norm"]) + (1 - hp["rate"]) * n
-    return v * (desired / jnp.where(n > 0, n, 1)) - w
-
-  return rule
-
-
-def _optax_peer(build):
-  def peer(hp, mask):
-    import optax
-
-    return build(optax, hp, mask)
-
-  return peer
-
-
 REGISTRY: tuple[Entry, ...] = (
   Entry(
     "add_l2_decay",
@@ -299,9 +178,6 @@ REGISTRY: tuple[Entry, ...] = (
     {"alpha": 0.3},
     lambda u, w, hp, a: u + 2 * hp["alpha"] * w,
     "before",
-    hand_rule=lambda hp, lr: lambda g, w: g + (2 * hp["alpha"]) * w,
-    peer=_optax_peer(lambda ox, hp, m: (ox.add_decayed_weights(2 * hp["alpha"], mask=m), True)),
-    bench_hyperparams={"alpha": 1e-4},
   ),
   Entry(
     "add_l1_decay",
@@ -309,8 +185,6 @@ REGISTRY: tuple[Entry, ...] = (
     {"alpha": 0.3},
     lambda u, w, hp, a: u + hp["alpha"] * np.sign(w),
     "before",
-    hand_rule=lambda hp, lr: lambda g, w: g + hp["alpha"] * _jnp().sign(w),
-    bench_hyperparams={"alpha": 1e-4},
   ),
   Entry(
     "elastic",
@@ -318,8 +192,6 @@ REGISTRY: tuple[Entry, ...] = (
     {"l1": 0.2, "l2": 0.3},
     lambda u, w, hp, a: u + hp["l1"] * np.sign(w) + 2 * hp["l2"] * w,
     "before",
-    hand_rule=lambda hp, lr: lambda g, w: g + hp["l1"] * _jnp().sign(w) + (2 * hp["l2"]) * w,
-    bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
   ),
   Entry(
     "add_max_norm_decay",
@@ -335,8 +207,6 @@ REGISTRY: tuple[Entry, ...] = (
     ),
     "before",
     per_unit=True,
-    hand_rule=_hand_max_norm_decay,
-    bench_hyperparams={"max_norm": 1.0, "alpha": 1e-4},
   ),
   Entry(
     "prox_l1",
@@ -344,8 +214,6 @@ REGISTRY: tuple[Entry, ...] = (
     {"alpha": 0.5, "learning_rate": 0.4},
     lambda u, w, hp, a: _soft(w + u, hp["learning_rate"] * hp["alpha"]) - w,
     "after",
-    hand_rule=lambda hp, lr: lambda g, w: _hand_soft(w + g, lr * hp["alpha"]) - w,
-    bench_hyperparams={"alpha": 1e-4},
   ),
   Entry(
     "prox_elastic",
@@ -355,10 +223,6 @@ REGISTRY: tuple[Entry, ...] = (
       _soft(w + u, hp["learning_rate"] * hp["l1"]) / (1 + 2 * hp["learning_rate"] * hp["l2"]) - w
     ),
     "after",
-    hand_rule=lambda hp, lr: (
-      lambda g, w: _hand_soft(w + g, lr * hp["l1"]) / (1 + 2 * lr * hp["l2"]) - w
-    ),
-    bench_hyperparams={"l1": 1e-5, "l2": 1e-4},
   ),
   Entry(
     "prox_group_l2",
@@ -377,8 +241,6 @@ REGISTRY: tuple[Entry, ...] = (
     ),
     "after",
     per_unit=True,
-    hand_rule=_hand_group,
-    bench_hyperparams={"alpha": 1e-4},
   ),
   Entry(
     "clip_by_max_abs",
@@ -387,9 +249,6 @@ REGISTRY: tuple[Entry, ...] = (
     lambda u, w, hp, a: np.clip(u, -hp["max_abs"], hp["max_abs"]),
     "before",
     needs_params=False,
-    hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(g, -hp["max_abs"], hp["max_abs"]),
-    peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.clip(hp["max_abs"]), m), True)),
-    bench_hyperparams={"max_abs": 0.05},
   ),
   Entry(
     "clip_by_row_norm",
@@ -399,12 +258,6 @@ REGISTRY: tuple[Entry, ...] = (
     "before",
     per_unit=True,
     needs_params=False,
-    hand_rule=lambda hp, lr: (
-      lambda g, w: g * (hp["max_norm"] / _jnp().maximum(_hand_norm(g), hp["max_norm"]))
-    ),
-    # Relative (to ‖w‖) per-unit clip: the nearest peer, not the same math.
-    peer=_optax_peer(lambda ox, hp, m: (ox.masked(ox.adaptive_grad_clip(0.05), m), False)),
-    bench_hyperparams={"max_norm": 1.0},
   ),
   Entry(
     "constrain_max_abs",
@@ -412,8 +265,6 @@ REGISTRY: tuple[Entry, ...] = (
     {"max_abs": 0.5},
     lambda u, w, hp, a: np.clip(w + u, -hp["max_abs"], hp["max_abs"]) - w,
     "after",
-    hand_rule=lambda hp, lr: lambda g, w: _jnp().clip(w + g, -hp["max_abs"], hp["max_abs"]) - w,
-    bench_hyperparams={"max_abs": 0.05},
   ),
   Entry(
     "constrain_row_norm",
@@ -422,17 +273,11 @@ REGISTRY: tuple[Entry, ...] = (
     lambda u, w, hp, a: _project(w + u, hp["max_norm"], a) - w,
     "after",
     per_unit=True,
-    hand_rule=lambda hp, lr: (
-      lambda g, w: (
-        (w + g) * (hp["max_norm"] / _jnp().maximum(_hand_norm(w + g), hp["max_norm"])) - w
-      )
-    ),
-    bench_hyperparams={"max_norm": 1.0},
   ),
   Entry(
     # 50 rounds from the initial vector: the estimate then equals σ_max to float32
     # precision on the battery's matrices, so the exact SVD projection is the oracle.
-    # The bench times the default, one round per step.
+    # The bench (optax_norms/tools/bench_table.py) times the default, one round per step.
     "constrain_spectral_norm",
     functools.partial(on.constrain_spectral_norm, n_iter=50),
     {"max_norm": 1.0},
@@ -440,9 +285,6 @@ REGISTRY: tuple[Entry, ...] = (
     "after",
     per_unit=True,
     stateful=True,
-    hand_rule=_hand_spectral,
-    bench_hyperparams={"max_norm": 1.0},
-    bench_options={"n_iter": 1},
   ),
   Entry(
     "constrain_unit_norm",
@@ -455,9 +297,6 @@ REGISTRY: tuple[Entry, ...] = (
     ),
     "after",
     per_unit=True,
-    hand_rule=lambda hp, lr: (
-      lambda g, w: (w + g) / _jnp().where(_hand_norm(w + g) > 0, _hand_norm(w + g), 1) - w
-    ),
   ),
   Entry(
     "constrain_min_max_norm",
@@ -466,8 +305,6 @@ REGISTRY: tuple[Entry, ...] = (
     lambda u, w, hp, a: (w + u) * _min_max_scale(_unit_norm(w + u, a), hp) - w,
     "after",
     per_unit=True,
-    hand_rule=_hand_min_max,
-    bench_hyperparams={"min_norm": 0.5, "max_norm": 1.0, "rate": 1.0},
   ),
   Entry(
     "constrain_non_negative",
@@ -475,7 +312,6 @@ REGISTRY: tuple[Entry, ...] = (
     {},
     lambda u, w, hp, a: np.maximum(w + u, 0) - w,
     "after",
-    hand_rule=lambda hp, lr: lambda g, w: _jnp().maximum(w + g, 0) - w,
   ),
   Entry(
     "prox_adam",
@@ -484,15 +320,6 @@ REGISTRY: tuple[Entry, ...] = (
     _prox_adam_oracle,
     "optimizer",
     per_unit=True,
-    # The bench times it against adam (its base) and the heuristic `adam → prox_l1` (the
-    # nearest peer, not the same math), with the L1 penalty alone (closed form).
-    peer=_optax_peer(
-      lambda ox, hp, m: (
-        ox.chain(ox.adam(hp["learning_rate"]), on.prox_l1(hp["l1"], hp["learning_rate"], mask=m)),
-        False,
-      )
-    ),
-    bench_hyperparams={"learning_rate": 1e-3, "l1": 1e-4},
     # State beyond a schedule count; its own tests (tests/test_prox_adam.py) cover NaN,
     # state and checkpoints.
     skip=frozenset({"nonfinite", "half_precision", "checkpoint"}),
@@ -503,7 +330,6 @@ REGISTRY: tuple[Entry, ...] = (
     {"n": 2.0},
     _n_of_m_oracle,
     "after",
-    hand_rule=_hand_n_of_4,
     # Those checks use leaves with axis lengths 5 or 6 (not multiples of 4).
     skip=frozenset({"half_precision", "checkpoint", "chain_of_all", "nonfinite"}),
   ),
@@ -514,7 +340,6 @@ REGISTRY: tuple[Entry, ...] = (
     _sparsity_oracle,
     "after",
     # half_precision: its memory checks assume element-wise work (a sort needs a copy).
-    hand_rule=_hand_sparsity,
     skip=frozenset({"nonfinite", "half_precision"}),
   ),
 )
