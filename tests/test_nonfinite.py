@@ -49,7 +49,9 @@ def _ref_spectral(u, w):
   if not np.isfinite(v).all():
     return u
   left, sigma, right = np.linalg.svd(v, full_matrices=False)
-  return v - (sigma[0] - C) * np.outer(left[:, 0], right[0]) - w if sigma[0] > C else u
+  # Aimed at C − δ·σ, the documented margin δ = (2(√m + √n) + 8)·2⁻²⁴.
+  target = C - (2 * (np.sqrt(v.shape[0]) + np.sqrt(v.shape[1])) + 8) * 2.0**-24 * sigma[0]
+  return v - (sigma[0] - target) * np.outer(left[:, 0], right[0]) - w if sigma[0] > target else u
 
 
 def _ref_unit(u, w):
