@@ -239,42 +239,27 @@ def _refused_pairs(settings: Mapping[str, Any], optimizer: Any) -> str | None:
   """
   has = set(settings) - {"axis"}
   patterns = sorted(k for k in has if SETTINGS[k].pattern)
+  # Constraints that may scale a unit up break bounds that an earlier constraint set.
+  for up in ("unit_norm", "min_max_norm"):
+    for bound in ("max_abs", "spectral_norm"):
+      if up in has and bound in has:
+        return (
+          f"{up!r} scales units up (to norm 1, or to its min_norm), which can break the "
+          f"{bound!r} bound; leave one of them out."
+        )
+  bounds = settings.get("min_max_norm")
+  low = _number(bounds.get("min_norm", 0.0)) if isinstance(bounds, Mapping) else None
+  high = _number(bounds.get("max_norm", 1.0)) if isinstance(bounds, Mapping) else None
   if "unit_norm" in has:
     max_norm = _number(settings.get("max_norm"))
     if "max_norm" in has and max_norm is not None and max_norm < 1:
       return f"'unit_norm' sets every unit's norm to 1, above 'max_norm' = {max_norm:g}."
-    if "spectral_norm" in has:
+    if "min_max_norm" in has and (low is None or high is None or not low <= 1 <= high):
       return (
-        "'unit_norm' and 'spectral_norm' rescale the same weights to different targets; "
-        "use one of them."
+        "'unit_norm' fixes every unit's norm to 1, which 'min_max_norm' holds only when "
+        "its (constant) min_norm <= 1 <= max_norm."
       )
-    if "max_abs" in has:
-      return (
-        "'unit_norm' scales units up to norm 1, which can break the 'max_abs' bound; "
-        "use 'max_norm' (a ball) with 'max_abs' instead."
-      )
-    if "min_max_norm" in has:
-      bounds = settings["min_max_norm"]
-      low = _number(bounds.get("min_norm", 0.0)) if isinstance(bounds, Mapping) else None
-      high = _number(bounds.get("max_norm", 1.0)) if isinstance(bounds, Mapping) else None
-      if low is None or high is None or not low <= 1 <= high:
-        return (
-          "'unit_norm' fixes every unit's norm to 1, which 'min_max_norm' holds only when "
-          "its (constant) min_norm <= 1 <= max_norm."
-        )
   if "min_max_norm" in has:
-    bounds = settings["min_max_norm"]
-    low = _number(bounds.get("min_norm", 0.0)) if isinstance(bounds, Mapping) else None
-    if "max_abs" in has:
-      return (
-        "'min_max_norm' scales units up to its min_norm, which can break the 'max_abs' "
-        "bound; leave one of them out."
-      )
-    if "spectral_norm" in has:
-      return (
-        "'min_max_norm' scales units up to its min_norm, which can break the "
-        "'spectral_norm' bound; leave one of them out."
-      )
     max_norm = _number(settings.get("max_norm"))
     if "max_norm" in has and (low is None or max_norm is None or low > max_norm):
       return (
