@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
+from optax_norms._coupled import CoupledGroups, coupled_groups, group_report
 from optax_norms._diagnostics import (
   DecayResolution,
   LeafDecayResolution,
@@ -42,6 +43,7 @@ except PackageNotFoundError:  # Imported from a source tree that is not installe
 
 __all__ = [
   "AmbiguousLayoutError",
+  "CoupledGroups",
   "DecayResolution",
   "Layout",
   "LeafDecayResolution",
@@ -62,11 +64,13 @@ __all__ = [
   "constrain_sparsity",
   "constrain_spectral_norm",
   "constrain_unit_norm",
+  "coupled_groups",
   "decay_resolution_report",
   "describe_rules",
   "elastic",
   "elastic_penalty",
   "group_l2_penalty",
+  "group_report",
   "l1_penalty",
   "l2_penalty",
   "max_norm_penalty",

@@ -8,14 +8,27 @@ point of the gradient step: proximal gradient descent (ISTA) when the optimizer 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
-from optax_norms._hyperparams import ScalarOrSchedule
+from optax_norms._coupled import (
+  CoupledGroups,
+  as_group_list,
+  group_sq_norms,
+  member_view,
+  resolve_all,
+)
+from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
 from optax_norms._layout import Axis
-from optax_norms._masks import Mask
-from optax_norms._numerics import unit_norm
-from optax_norms._transform import leafwise_transform
+from optax_norms._masks import Mask, compile_mask
+from optax_norms._numerics import compute_dtype, unit_norm
+from optax_norms._paths import flatten
+from optax_norms._transform import _aligned_params, leafwise_transform, selected_leaves
 
 __all__ = ["prox_elastic", "prox_group_l2", "prox_l1", "soft_threshold"]
 
@@ -128,6 +141,7 @@ def prox_group_l2(
   alpha: ScalarOrSchedule,
   learning_rate: ScalarOrSchedule,
   *,
+  groups: CoupledGroups | Sequence[CoupledGroups] | None = None,
   axis: Axis = None,
   mask: Mask = None,
 ) -> optax.GradientTransformation:
@@ -138,12 +152,25 @@ def prox_group_l2(
   a unit whose norm is at most ``t`` becomes exactly zero (a dead neuron or filter), the
   others shrink towards zero. The update becomes ``u' = that − w``.
 
+  **Coupled groups.** With ``groups`` (from ``coupled_groups``: heads or neurons spread over
+  several leaves), the penalty is Yuan & Lin's size-scaled group lasso
+  ``α·Σ_g √p_g·‖w_g‖₂`` over the groups ``g`` of every anchor instance (and layer, when
+  stacked), ``p_g`` the number of entries of group ``g``: one ``α`` then means the same for
+  heads and neurons of different sizes. Every slice of group ``g`` of ``v = w + u`` is scaled
+  by ``max(0, 1 − lr·α·√p_g/‖v_g‖)``, ``‖v_g‖`` the norm of the union of its slices over all
+  the members, so a head dies in all its leaves at once. Leaves outside every group keep
+  their update unchanged. ``axis`` is not read then; ``mask``, when given, must select every
+  member leaf (else ``ValueError`` at ``init``) and selects nothing else. The squared norms
+  are summed in float32 (half-precision leaves are upcast and the result cast back).
+
   Args:
     alpha: the group weight ``α ≥ 0``: a number or a schedule.
     learning_rate: the optimizer's learning rate (number or the same schedule).
+    groups: ``None`` (per-unit groups of each leaf, by ``axis``), or a ``CoupledGroups`` or a
+      list of them: groups across leaves, with the ``√p_g``-scaled penalty.
     axis: the reduced axes of a unit (default: all but the last for rank ≥ 2, so a unit is
       the incoming weights of one output; the whole leaf for rank ≤ 1), an int, a tuple or
-      a callable ``(path, leaf) -> axes``.
+      a callable ``(path, leaf) -> axes``. Not allowed with ``groups``.
     mask: the leaves to threshold; ``None`` is every floating-point leaf.
 
   Returns:
@@ -157,6 +184,17 @@ def prox_group_l2(
     >>> updates, _ = tx.update({"kernel": jnp.zeros((2, 2))}, tx.init(params), params)
     >>> optax.apply_updates(params, updates)["kernel"].tolist()
     [[1.5, 0.0], [2.0, 0.0]]
+
+    A neuron across two leaves (its column of ``w_in``, its row of ``w_out``; ``p_g = 2``):
+
+    >>> mlp = optax_norms.coupled_groups("mlp", {"w_in": 1, "w_out": 0})
+    >>> params = {"mlp": {"w_in": jnp.array([[3.0, 0.5]]), "w_out": jnp.array([[4.0], [0.5]])}}
+    >>> tx = optax_norms.prox_group_l2(1.0, 1.0, groups=mlp)  # threshold √2 per group
+    >>> zeros = {"mlp": {"w_in": jnp.zeros((1, 2)), "w_out": jnp.zeros((2, 1))}}
+    >>> updates, _ = tx.update(zeros, tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)["mlp"]
+    >>> [round(x, 4) for x in new["w_in"][0].tolist()], new["w_out"][1].tolist()
+    ([2.1515, 0.0], [0.0])
 
   References:
     jaxopt ``prox_group_lasso(x, l2reg=α, scaling=lr)`` applied per unit; M. Yuan and Y. Lin,
@@ -172,6 +210,13 @@ def prox_group_l2(
     shrink = jnp.maximum(norm - threshold, 0) / jnp.where(norm > 0, norm, 1)
     return v * shrink - w
 
+  if groups is not None:
+    if axis is not None:
+      raise ValueError(
+        "prox_group_l2: `axis` is not read with `groups` (the groups name their axes); "
+        "pass one or the other."
+      )
+    return _coupled_prox_group_l2(alpha, learning_rate, groups, mask)
   return leafwise_transform(
     "prox_group_l2",
     rule,
@@ -181,3 +226,80 @@ def prox_group_l2(
     per_unit=True,
     axis=axis,
   )
+
+
+def _member_selection(name: str, selector: Any, params: Any, instances: Any) -> list[bool]:
+  """Which leaves the transform touches: the members of `instances`, all of which `mask`
+  (when given) must select."""
+  paths, leaves, _, active = selected_leaves(selector, params, check=selector.mask is not None)
+  chosen = [False] * len(leaves)
+  for inst in instances:
+    for member in inst.members:
+      if selector.mask is not None and not active[member.position]:
+        raise ValueError(
+          f"`{name}`: the member {'/'.join(map(str, member.path))!r} of the group instance "
+          f"{inst.anchor!r} is not selected by `mask`; a mask must select every member leaf."
+        )
+      chosen[member.position] = True
+  return chosen
+
+
+def _coupled_prox_group_l2(
+  alpha: ScalarOrSchedule, learning_rate: ScalarOrSchedule, groups: Any, mask: Mask
+) -> optax.GradientTransformation:
+  """``prox_group_l2(groups=...)``: the √p_g-scaled group prox across member leaves."""
+  group_list = as_group_list(groups, "prox_group_l2")
+  hparams = Hyperparams({"alpha": alpha, "learning_rate": learning_rate})
+  selector = compile_mask(mask)
+
+  def instances_of(params):
+    paths, leaves, _ = flatten(params)
+    return resolve_all(group_list, paths, leaves), paths, leaves
+
+  def init_fn(params):
+    instances, _, _ = instances_of(params)
+    _member_selection("prox_group_l2", selector, params, instances)
+    return hparams.init_state()
+
+  def update_fn(updates, state, params=None):
+    if updates is None:
+      return None, state
+    if params is None:
+      raise ValueError(
+        "`prox_group_l2` reads the current parameters, but `params` was not passed: call "
+        "`tx.update(updates, state, params)`."
+      )
+    values = hparams.at(state)
+    valid = hparams.valid(values)
+    u_paths, u_leaves, treedef = flatten(updates)
+    p_leaves = _aligned_params(u_paths, params)
+    instances, _, _ = instances_of(params)
+    new_leaves = list(u_leaves)
+    for inst in instances:
+      stacked = inst.layers is not None
+      us = [u_leaves[m.position] for m in inst.members]
+      ws = [p_leaves[m.position] for m in inst.members]
+      if any(u is None for u in us):
+        raise ValueError(
+          f"`prox_group_l2`: the update of a member of {inst.anchor!r} is None; a coupled "
+          "group needs the updates of all its members."
+        )
+      dtype = compute_dtype(max((x.dtype for x in us + ws), key=lambda d: jnp.dtype(d).itemsize))
+      vs = [
+        lax.convert_element_type(w, dtype) + lax.convert_element_type(u, dtype)
+        for u, w in zip(us, ws)
+      ]
+      hp = hparams.in_dtype(values, dtype)
+      norm = jnp.sqrt(group_sq_norms(inst, vs, stacked))
+      threshold = hp["learning_rate"] * hp["alpha"] * jnp.sqrt(jnp.asarray(inst.size, dtype))
+      # max(0, 1 − t/‖v_g‖) as max(‖v_g‖ − t, 0)/‖v_g‖: 0 for a zero group, never NaN.
+      shrink = jnp.maximum(norm - threshold, 0) / jnp.where(norm > 0, norm, 1)
+      for member, u, w, v in zip(inst.members, us, ws, vs):
+        factor = jnp.expand_dims(shrink, member_view(member.axis, v.ndim, stacked))
+        new = v * factor - lax.convert_element_type(w, dtype)
+        if valid is not None:
+          new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
+        new_leaves[member.position] = lax.convert_element_type(new, u.dtype)
+    return jax.tree_util.tree_unflatten(treedef, new_leaves), hparams.next_state(state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
