@@ -32,7 +32,13 @@ from optax_norms._paths import tree_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay, add_max_norm_decay, elastic
 from optax_norms._prox import prox_elastic, prox_group_l2, prox_l1
 from optax_norms._prox_adam import ProxAdamState, prox_adam
-from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
+from optax_norms._sparsity import (
+  GroupSparsityState,
+  constrain_group_sparsity,
+  constrain_n_of_m,
+  constrain_sparsity,
+  polynomial_sparsity_schedule,
+)
 from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
 from optax_norms._units import AmbiguousLayoutError, UnitAxes, unit_axes
 
@@ -45,6 +51,7 @@ __all__ = [
   "AmbiguousLayoutError",
   "CoupledGroups",
   "DecayResolution",
+  "GroupSparsityState",
   "Layout",
   "LeafDecayResolution",
   "PathMask",
@@ -56,6 +63,7 @@ __all__ = [
   "add_max_norm_decay",
   "clip_by_max_abs",
   "clip_by_row_norm",
+  "constrain_group_sparsity",
   "constrain_max_abs",
   "constrain_min_max_norm",
   "constrain_n_of_m",
@@ -77,6 +85,7 @@ __all__ = [
   "norm_report",
   "path_labels",
   "path_mask",
+  "polynomial_sparsity_schedule",
   "prox_adam",
   "prox_elastic",
   "prox_group_l2",

@@ -22,6 +22,7 @@ from jax import lax
 from optax_norms._masks import compile_glob
 from optax_norms._numerics import _is_int, compute_dtype
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
+from optax_norms._transform import selected_leaves
 
 __all__ = [
   "CoupledGroups",
@@ -31,6 +32,7 @@ __all__ = [
   "coupled_groups",
   "group_report",
   "group_sq_norms",
+  "member_selection",
   "member_view",
   "resolve_all",
 ]
@@ -275,6 +277,22 @@ def resolve_all(
         )
       owner[member.position] = inst.anchor
   return tuple(instances)
+
+
+def member_selection(name: str, selector: Any, params: Any, instances: Any) -> list[bool]:
+  """Which leaves the transform touches: the members of `instances`, all of which `mask`
+  (when given) must select."""
+  paths, leaves, _, active = selected_leaves(selector, params, check=selector.mask is not None)
+  chosen = [False] * len(leaves)
+  for inst in instances:
+    for member in inst.members:
+      if selector.mask is not None and not active[member.position]:
+        raise ValueError(
+          f"`{name}`: the member {format_path(member.path)!r} of the group instance "
+          f"{inst.anchor!r} is not selected by `mask`; a mask must select every member leaf."
+        )
+      chosen[member.position] = True
+  return chosen
 
 
 def member_view(axis: int, ndim: int, stacked: bool) -> tuple[int, ...]:

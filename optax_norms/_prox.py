@@ -20,6 +20,7 @@ from optax_norms._coupled import (
   CoupledGroups,
   as_group_list,
   group_sq_norms,
+  member_selection,
   member_view,
   resolve_all,
 )
@@ -28,7 +29,7 @@ from optax_norms._layout import Axis
 from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import compute_dtype, unit_norm
 from optax_norms._paths import flatten
-from optax_norms._transform import _aligned_params, leafwise_transform, selected_leaves
+from optax_norms._transform import _aligned_params, leafwise_transform
 
 __all__ = ["prox_elastic", "prox_group_l2", "prox_l1", "soft_threshold"]
 
@@ -228,22 +229,6 @@ def prox_group_l2(
   )
 
 
-def _member_selection(name: str, selector: Any, params: Any, instances: Any) -> list[bool]:
-  """Which leaves the transform touches: the members of `instances`, all of which `mask`
-  (when given) must select."""
-  paths, leaves, _, active = selected_leaves(selector, params, check=selector.mask is not None)
-  chosen = [False] * len(leaves)
-  for inst in instances:
-    for member in inst.members:
-      if selector.mask is not None and not active[member.position]:
-        raise ValueError(
-          f"`{name}`: the member {'/'.join(map(str, member.path))!r} of the group instance "
-          f"{inst.anchor!r} is not selected by `mask`; a mask must select every member leaf."
-        )
-      chosen[member.position] = True
-  return chosen
-
-
 def _coupled_prox_group_l2(
   alpha: ScalarOrSchedule, learning_rate: ScalarOrSchedule, groups: Any, mask: Mask
 ) -> optax.GradientTransformation:
@@ -258,7 +243,7 @@ def _coupled_prox_group_l2(
 
   def init_fn(params):
     instances, _, _ = instances_of(params)
-    _member_selection("prox_group_l2", selector, params, instances)
+    member_selection("prox_group_l2", selector, params, instances)
     return hparams.init_state()
 
   def update_fn(updates, state, params=None):

@@ -12,7 +12,8 @@ is kept (never hidden behind a zero) and stays inside its block (N:M) or leaf (b
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +21,87 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
+from optax_norms._coupled import (
+  CoupledGroups,
+  as_group_list,
+  group_sq_norms,
+  member_selection,
+  member_view,
+  resolve_all,
+)
+from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule, is_schedule
 from optax_norms._layout import Axis
-from optax_norms._masks import Mask
+from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import _is_int
-from optax_norms._paths import format_path
+from optax_norms._paths import flatten, format_path
 from optax_norms._sharding import explicit_spec, reshard, shard_count
-from optax_norms._transform import leafwise_transform
+from optax_norms._transform import _aligned_params, leafwise_transform
 
-__all__ = ["budget_count", "constrain_n_of_m", "constrain_sparsity", "traced_budget_count"]
+__all__ = [
+  "GroupSparsityState",
+  "budget_count",
+  "constrain_group_sparsity",
+  "constrain_n_of_m",
+  "constrain_sparsity",
+  "polynomial_sparsity_schedule",
+  "traced_budget_count",
+]
+
+
+class _Period(NamedTuple):
+  """When masks are chosen: at steps ``start, start + every, …`` below ``end``."""
+
+  every: int
+  start: int
+  end: int | None
+
+  def is_update_step(self, count: jax.Array) -> jax.Array:
+    """Whether the update that receives `count` chooses a new mask (a bool scalar)."""
+    count = jnp.asarray(count, jnp.int32)
+    chosen = (count >= self.start) & ((count - self.start) % self.every == 0)
+    if self.end is not None:
+      chosen = chosen & (count < self.end)
+    return chosen
+
+
+_STATIC_HINT = (
+  " Under optax.inject_hyperparams pass static_args=('update_every', 'update_start', 'update_end')."
+)
+
+
+def _step_number(name: str, value: Any, low: int) -> int:
+  if not _is_int(value):
+    hint = _STATIC_HINT if isinstance(value, jax.core.Tracer) else ""
+    raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.{hint}")
+  if int(value) < low:
+    raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
+  return int(value)
+
+
+def _period(update_every: Any, update_start: Any, update_end: Any) -> _Period:
+  """The checked mask period (`update_every` ≥ 1, `update_start` ≥ 0, `update_end` None or
+  above `update_start`). ``None`` defaults (1 and 0) keep them static under
+  ``optax.inject_hyperparams``, which would inject an int default as a traced value."""
+  every = 1 if update_every is None else _step_number("update_every", update_every, 1)
+  start = 0 if update_start is None else _step_number("update_start", update_start, 0)
+  end = None if update_end is None else _step_number("update_end", update_end, 0)
+  if end is not None and end <= start:
+    raise ValueError(
+      f"`update_end` ({end}) must be greater than `update_start` ({start}): no mask would be "
+      "chosen."
+    )
+  return _Period(every, start, end)
+
+
+def _is_periodic(period: _Period) -> bool:
+  return period != _Period(1, 0, None)
+
+
+def _keep_all(path, leaf, layout):
+  """The mask state before any mask is chosen: keep everything (shaped and sharded like the
+  leaf)."""
+  del path, layout
+  return jnp.ones_like(leaf, dtype=jnp.bool_)
 
 
 def _magnitude(w, u, leaf_dtype):
@@ -190,6 +263,11 @@ def _check_block_axis(block_axis: Any) -> None:
 
 def _n_of_m(u, w, n, m, ax, leaf_dtype):
   """The N:M projection of ``w + u`` with blocks of `m` along axis `ax`."""
+  return jnp.where(_n_of_m_keep(u, w, n, m, ax, leaf_dtype), u, -w)
+
+
+def _n_of_m_keep(u, w, n, m, ax, leaf_dtype):
+  """Which entries the N:M projection of ``w + u`` keeps (bool, the leaf's shape)."""
   length = w.shape[ax]
   size = _magnitude(w, u, leaf_dtype)
   spec = explicit_spec(size)
@@ -211,7 +289,7 @@ def _n_of_m(u, w, n, m, ax, leaf_dtype):
   keep = (rank < n).reshape(w.shape)
   if cut:
     keep = reshard(keep, spec)
-  return jnp.where(keep, u, -w)
+  return keep
 
 
 def constrain_n_of_m(
@@ -221,6 +299,9 @@ def constrain_n_of_m(
   block_axis: int | None = None,
   axis: Axis = None,
   mask: Mask = None,
+  update_every: int | None = None,
+  update_start: int | None = None,
+  update_end: int | None = None,
 ) -> optax.GradientTransformation:
   """Keeps the ``n`` largest ``|w + u|`` of every block of ``m`` consecutive entries (N:M).
 
@@ -244,6 +325,20 @@ def constrain_n_of_m(
   ``n`` may be a schedule (a gradual ramp from ``m`` down to ``n``): a run-time value keeps
   the ``⌈n⌉`` largest of each block (all of them when ``n ≥ m``).
 
+  **Periodic masks** (``update_every=k``, ``update_start``, ``update_end``): the mask is
+  chosen at the transform's steps ``update_start, update_start + k, …`` below
+  ``update_end``, from that step's ``w + u`` with that step's budget, kept in the state (a
+  bool array shaped and sharded like each leaf, in a ``LeafwiseState``: plain arrays, so
+  orbax checkpoints it) and applied at every step: between choices the pruned entries are
+  stored exactly zero and the kept ones exactly ``w + u``, so the count of pruned entries is
+  exactly the chosen one. Before ``update_start`` nothing is pruned; from ``update_end`` on
+  the mask is frozen (as torch's pruning masks after ``prune.remove``; jaxpruner's
+  ``update_start_step``/``update_end_step``). On other steps the ranking is skipped by a
+  ``lax.cond``, so it costs ``1/k`` per step; under ``jax.vmap`` with a batched step count
+  the ``cond`` becomes a ``select`` and both branches run every step. With the defaults
+  (``k = 1``, no start or end) there is no mask state, as before. The three are static
+  (``None`` defaults): under ``optax.inject_hyperparams`` pass them in ``static_args``.
+
   Args:
     n: entries kept per block, a whole number ``0 ≤ n ≤ m``, or a schedule.
     m: the block length, an int ``≥ 1``.
@@ -252,6 +347,13 @@ def constrain_n_of_m(
     axis: the layout of each leaf (read when ``block_axis`` is ``None``): ``None`` reads
       roles, or ``unit_axes(stacked=...)`` for stacks; see ``clip_by_row_norm``.
     mask: the leaves to sparsify; ``None`` is every floating-point leaf.
+    update_every: choose the mask every ``k`` steps, an int ``≥ 1``; ``None`` (the default)
+      is ``1``: at every step, without mask state, as before. Between choices the kept mask
+      is applied (see "Periodic masks").
+    update_start: the first step at which a mask is chosen, an int ``≥ 0`` (``None``: 0);
+      before it nothing is pruned.
+    update_end: ``None``, or the step from which the mask is frozen (no mask is chosen at
+      steps ``≥ update_end``).
 
   Returns:
     An ``optax.GradientTransformation`` to place last in the chain; its ``update`` needs
@@ -265,6 +367,16 @@ def constrain_n_of_m(
     >>> optax.apply_updates(params, updates)["kernel"][:, 0].tolist()
     [0.0, -2.0, 1.0, 0.0]
 
+    A mask chosen every 10 steps holds in between, even where the magnitudes change:
+
+    >>> tx = optax_norms.constrain_n_of_m(2, 4, update_every=10)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"kernel": jnp.zeros((4, 1))}, state, params)
+    >>> grow = {"kernel": jnp.array([[5.0], [0.0], [0.0], [0.0]])}  # entry 0 would win now
+    >>> updates, state = tx.update(grow, state, params)
+    >>> optax.apply_updates(params, updates)["kernel"][:, 0].tolist()
+    [0.0, -2.0, 1.0, 0.0]
+
   References:
     A. Mishra et al., "Accelerating sparse deep neural networks", arXiv:2104.08378, 2021
     (2:4 sparse tensor cores); torchao ``sparsity`` (semi-structured 2:4) and MaxText's
@@ -275,6 +387,7 @@ def constrain_n_of_m(
     raise ValueError(f"`m` must be an int >= 1 (the block length), got {m!r}.")
   m = int(m)
   _check_block_axis(block_axis)
+  period = _period(update_every, update_start, update_end)
   if not is_schedule(n):
     number = _whole_number("n", n)
     if number is not None and not 0 <= number <= m:
@@ -307,9 +420,42 @@ def constrain_n_of_m(
         "it out of `mask` or pick another `block_axis`."
       )
 
+  if _is_periodic(period):
+
+    def periodic(u, w, n, ax, leaf_dtype, state, count):
+      keep = lax.cond(
+        period.is_update_step(count),
+        lambda: _n_of_m_keep(u, w, n, m, ax, leaf_dtype),
+        lambda: state,
+      )
+      return jnp.where(keep, u, -w), keep
+
+    if block_axis is None:
+
+      def rule(u, w, *, n, layout, leaf_dtype, state, count):
+        ax = leaf_block_axis((), w.shape, layout)
+        return periodic(u, w, n, ax, leaf_dtype, state, count)
+
+    else:
+
+      def rule(u, w, *, n, leaf_dtype, state, count):  # type: ignore[misc]
+        ax = leaf_block_axis((), w.shape, None)
+        return periodic(u, w, n, ax, leaf_dtype, state, count)
+
+    return leafwise_transform(
+      "constrain_n_of_m",
+      rule,
+      {"n": n},
+      mask=mask,
+      needs_params=True,
+      axis=axis,
+      check_leaf=check_leaf,
+      init_leaf=_keep_all,
+    )
+
   if block_axis is None:
 
-    def rule(u, w, *, n, layout, leaf_dtype):
+    def rule(u, w, *, n, layout, leaf_dtype):  # type: ignore[misc]
       return _n_of_m(u, w, n, m, leaf_block_axis((), w.shape, layout), leaf_dtype)
 
   else:
@@ -329,7 +475,13 @@ def constrain_n_of_m(
 
 
 def constrain_sparsity(
-  fraction: ScalarOrSchedule, *, axis: Axis = None, mask: Mask = None
+  fraction: ScalarOrSchedule,
+  *,
+  axis: Axis = None,
+  mask: Mask = None,
+  update_every: int | None = None,
+  update_start: int | None = None,
+  update_end: int | None = None,
 ) -> optax.GradientTransformation:
   """Zeroes the ``fraction`` of each leaf's (each layer's) entries with the smallest ``|w + u|``.
 
@@ -352,12 +504,33 @@ def constrain_sparsity(
   models, prune every few steps (``optax.masked`` or a step-gated schedule) rather than every
   step. On a sharded leaf each pass all-reduces one scalar per layer.
 
+  **Periodic masks** (``update_every=k``, ``update_start``, ``update_end``): the mask is
+  chosen at the transform's steps ``update_start, update_start + k, …`` below
+  ``update_end``, from that step's ``w + u`` with that step's budget, kept in the state (a
+  bool array shaped and sharded like each leaf, in a ``LeafwiseState``: plain arrays, so
+  orbax checkpoints it) and applied at every step: between choices the pruned entries are
+  stored exactly zero and the kept ones exactly ``w + u``, so the count of pruned entries is
+  exactly the chosen one. Before ``update_start`` nothing is pruned; from ``update_end`` on
+  the mask is frozen (as torch's pruning masks after ``prune.remove``; jaxpruner's
+  ``update_start_step``/``update_end_step``). On other steps the ranking is skipped by a
+  ``lax.cond``, so it costs ``1/k`` per step; under ``jax.vmap`` with a batched step count
+  the ``cond`` becomes a ``select`` and both branches run every step. With the defaults
+  (``k = 1``, no start or end) there is no mask state, as before. The three are static
+  (``None`` defaults): under ``optax.inject_hyperparams`` pass them in ``static_args``.
+
   Args:
     fraction: the fraction of entries to zero, ``0 ≤ fraction ≤ 1``: a number or a schedule.
     axis: the layout of each leaf; only its stack axes are read (one budget per layer).
       ``None`` reads roles and raises for an ambiguous leaf (a rank-3 kernel may be a stack);
       ``unit_axes(stacked=...)`` names the stacks.
     mask: the leaves to prune; ``None`` is every floating-point leaf.
+    update_every: choose the mask every ``k`` steps, an int ``≥ 1``; ``None`` (the default)
+      is ``1``: at every step, without mask state, as before. Between choices the kept mask
+      is applied (see "Periodic masks").
+    update_start: the first step at which a mask is chosen, an int ``≥ 0`` (``None``: 0);
+      before it nothing is pruned.
+    update_end: ``None``, or the step from which the mask is frozen (no mask is chosen at
+      steps ``≥ update_end``).
 
   Returns:
     An ``optax.GradientTransformation`` to place last in the chain; its ``update`` needs
@@ -368,6 +541,16 @@ def constrain_sparsity(
     >>> params = {"w": jnp.array([0.5, -2.0, 1.0, 0.25, 3.0])}
     >>> tx = optax.chain(optax.sgd(1.0), optax_norms.constrain_sparsity(0.5))  # 2 of 5
     >>> updates, _ = tx.update({"w": jnp.zeros(5)}, tx.init(params), params)
+    >>> optax.apply_updates(params, updates)["w"].tolist()
+    [0.0, -2.0, 1.0, 0.0, 3.0]
+
+    With ``update_every=100`` the mask chosen at step 0 is kept until step 100:
+
+    >>> tx = optax_norms.constrain_sparsity(0.5, update_every=100)
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.zeros(5)}, state, params)
+    >>> grow = {"w": jnp.array([4.0, 0.0, 0.0, 0.0, 0.0])}  # entry 0 would be kept now
+    >>> updates, state = tx.update(grow, state, params)
     >>> optax.apply_updates(params, updates)["w"].tolist()
     [0.0, -2.0, 1.0, 0.0, 3.0]
 
@@ -384,10 +567,10 @@ def constrain_sparsity(
       constant = None  # Hyperparams names the argument below.
     if constant is not None and np.shape(fraction) == () and constant > 1:  # type: ignore[arg-type]
       raise ValueError(f"`fraction` must be at most 1, got {fraction!r}.")
+  period = _period(update_every, update_start, update_end)
 
-  def rule(u, w, *, fraction, layout, leaf_dtype):
-    if w.size == 0:
-      return u
+  def keep_mask(u, w, fraction, layout, leaf_dtype):
+    """Which entries the budget keeps (bool, the leaf's shape)."""
     axes = tuple(a for a in range(w.ndim) if a not in layout.stack)
     size = math.prod(w.shape[a] for a in axes)  # Entries per layer.
     if constant is not None:
@@ -416,9 +599,276 @@ def constrain_sparsity(
       return tie & (index <= last)
 
     ties_kept = lax.cond(jnp.any(_count(tie, axes) > room), first_ties, lambda: tie)
-    keep = (above | ties_kept) & (keep_count > 0)
-    return jnp.where(keep, u, -w)
+    return (above | ties_kept) & (keep_count > 0)
+
+  if _is_periodic(period):
+
+    def periodic_rule(u, w, *, fraction, layout, leaf_dtype, state, count):
+      if w.size == 0:
+        return u, state
+      keep = lax.cond(
+        period.is_update_step(count),
+        lambda: keep_mask(u, w, fraction, layout, leaf_dtype),
+        lambda: state,
+      )
+      return jnp.where(keep, u, -w), keep
+
+    return leafwise_transform(
+      "constrain_sparsity",
+      periodic_rule,
+      {"fraction": fraction},
+      mask=mask,
+      needs_params=True,
+      axis=axis,
+      init_leaf=_keep_all,
+    )
+
+  def rule(u, w, *, fraction, layout, leaf_dtype):
+    if w.size == 0:
+      return u
+    return jnp.where(keep_mask(u, w, fraction, layout, leaf_dtype), u, -w)
 
   return leafwise_transform(
     "constrain_sparsity", rule, {"fraction": fraction}, mask=mask, needs_params=True, axis=axis
   )
+
+
+class GroupSparsityState(NamedTuple):
+  """State of ``constrain_group_sparsity``.
+
+  Attributes:
+    count: int32, the number of updates applied so far (schedules and the mask period read
+      it).
+    keep: one bool array per anchor instance (in the order of ``groups.resolve(params)``),
+      shaped ``(G,)``, or ``(L, G)`` when stacked: the groups the current mask keeps. Plain
+      arrays: orbax checkpoints them.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms as on
+    >>> mlp = on.coupled_groups("mlp", {"w_in": 1, "w_out": 0})
+    >>> tx = on.constrain_group_sparsity(0.5, groups=mlp)
+    >>> state = tx.init({"mlp": {"w_in": jnp.ones((2, 4)), "w_out": jnp.ones((4, 2))}})
+    >>> int(state.count), state.keep[0].tolist()
+    (0, [True, True, True, True])
+  """
+
+  count: jax.Array  # type: ignore[assignment]
+  keep: tuple[jax.Array, ...]
+
+
+def _kept_groups(norms: jax.Array, k: jax.Array) -> jax.Array:
+  """Which groups a budget of `k` zeros keeps (along the last axis): the ``G − k`` largest
+  norms, equal norms keeping the lower index, a NaN norm ranking largest (kept)."""
+  size = jnp.where(jnp.isnan(norms), jnp.full((), jnp.inf, norms.dtype), norms)
+  order = jnp.argsort(-size, axis=-1, stable=True)  # Largest first; ties: lower index first.
+  rank = jnp.argsort(order, axis=-1, stable=True)  # The inverse permutation.
+  return rank < norms.shape[-1] - k
+
+
+def constrain_group_sparsity(
+  fraction: ScalarOrSchedule,
+  *,
+  groups: CoupledGroups | Sequence[CoupledGroups],
+  update_every: int | None = None,
+  update_start: int | None = None,
+  update_end: int | None = None,
+  mask: Mask = None,
+) -> optax.GradientTransformation:
+  """Sets the ``⌊fraction·G⌋`` coupled groups of smallest norm to exactly zero, per module.
+
+  Structured magnitude pruning of heads and neurons across leaves (``coupled_groups``). With
+  ``v = w + u`` (the step as ``optax.apply_updates`` stores it), in every anchor instance
+  (and layer, when stacked) the ``k = ⌊fraction·G⌋`` groups with the smallest ``‖v_g‖₂``
+  (the norm of the union of the group's slices over all members) are zeroed: ``u' = −w`` on
+  all their slices, so ``apply_updates`` stores exactly ``0``; the others keep exactly ``v``
+  (``u' = u``). Equal norms keep the lower group index, so the number of zero groups is
+  exact; a NaN norm ranks largest (kept, never hidden behind a zero). ``k`` is the count of
+  the fraction as written (``budget_count``: 0.57 of 100 groups is 57). Leaves outside every
+  group keep their update. Place it last in the chain. ``fraction`` may be a schedule
+  (``polynomial_sparsity_schedule``): gradual structured pruning.
+
+  **Periodic masks** (``update_every=k``, ``update_start``, ``update_end``): the mask is
+  chosen at the transform's steps ``update_start, update_start + k, …`` below
+  ``update_end``, from that step's ``w + u`` with that step's budget, kept in the state
+  (``GroupSparsityState.keep``) and applied at every step, so between choices the zero
+  groups stay exactly zero and their number exactly the chosen one. Before ``update_start``
+  nothing is pruned; from ``update_end`` on the mask is frozen. On other steps the ranking is
+  skipped by a ``lax.cond``; under ``jax.vmap`` with a batched step count the ``cond``
+  becomes a ``select`` and both branches run every step. The three are static (``None``
+  defaults): under ``optax.inject_hyperparams`` pass them in ``static_args``.
+
+  Args:
+    fraction: the fraction of groups to zero per instance (and layer), ``0 ≤ fraction ≤ 1``:
+      a number or a schedule.
+    groups: a ``CoupledGroups`` (from ``coupled_groups``) or a list of them.
+    update_every: choose the mask every ``k`` steps, an int ``≥ 1`` (``None``: 1, every
+      step).
+    update_start: the first step at which a mask is chosen (``None``: 0); before it nothing
+      is pruned.
+    update_end: ``None``, or the step from which the mask is frozen.
+    mask: ``None``, or a mask that must select every member leaf (it selects nothing else).
+
+  Returns:
+    An ``optax.GradientTransformation`` (state ``GroupSparsityState``) to place last in the
+    chain; its ``update`` needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, optax_norms as on
+    >>> mlp = on.coupled_groups("mlp", {"w_in": 1, "w_out": 0})
+    >>> params = {"mlp": {"w_in": jnp.array([[1.0, 3.0, 0.5, 2.0]]),
+    ...                   "w_out": jnp.array([[1.0], [1.0], [1.0], [1.0]])}}
+    >>> tx = on.constrain_group_sparsity(0.5, groups=mlp)  # 2 of the 4 neurons
+    >>> zeros = {"mlp": {"w_in": jnp.zeros((1, 4)), "w_out": jnp.zeros((4, 1))}}
+    >>> updates, _ = tx.update(zeros, tx.init(params), params)
+    >>> new = optax.apply_updates(params, updates)["mlp"]
+    >>> new["w_in"][0].tolist(), new["w_out"][:, 0].tolist()
+    ([0.0, 3.0, 0.0, 2.0], [0.0, 1.0, 0.0, 1.0])
+
+  References:
+    M. Zhu and S. Gupta, "To prune, or not to prune", arXiv:1710.01878, 2017; P. Michel et
+    al., "Are sixteen heads really better than one?", NeurIPS 2019; G. Fang et al.,
+    "DepGraph: towards any structural pruning", CVPR 2023 (dependency groups).
+  """
+  group_list = as_group_list(groups, "constrain_group_sparsity")
+  constant = None
+  if not is_schedule(fraction) and not isinstance(fraction, jax.core.Tracer):
+    try:
+      constant = float(np.asarray(fraction, np.float64))
+    except (TypeError, ValueError):
+      constant = None  # Hyperparams names the argument below.
+    if constant is not None and np.shape(fraction) == () and constant > 1:  # type: ignore[arg-type]
+      raise ValueError(f"`fraction` must be at most 1, got {fraction!r}.")
+  period = _period(update_every, update_start, update_end)
+  hparams = Hyperparams({"fraction": fraction})
+  selector = compile_mask(mask)
+
+  def instances_of(params):
+    paths, leaves, _ = flatten(params)
+    return resolve_all(group_list, paths, leaves)
+
+  def init_fn(params):
+    instances = instances_of(params)
+    member_selection("constrain_group_sparsity", selector, params, instances)
+    keep = tuple(
+      jnp.ones((inst.groups,) if inst.layers is None else (inst.layers, inst.groups), jnp.bool_)
+      for inst in instances
+    )
+    return GroupSparsityState(count=jnp.zeros([], jnp.int32), keep=keep)
+
+  def update_fn(updates, state, params=None):
+    if updates is None:
+      return None, state
+    if params is None:
+      raise ValueError(
+        "`constrain_group_sparsity` reads the current parameters, but `params` was not "
+        "passed: call `tx.update(updates, state, params)`."
+      )
+    values = hparams.at(state)
+    valid = hparams.valid(values)
+    u_paths, u_leaves, treedef = flatten(updates)
+    p_leaves = _aligned_params(u_paths, params)
+    instances = instances_of(params)
+    if len(instances) != len(state.keep):
+      raise ValueError(
+        f"`constrain_group_sparsity`: the state holds {len(state.keep)} group instances but "
+        f"the parameters have {len(instances)}: init the state with these parameters."
+      )
+    new_leaves, new_keep = list(u_leaves), []
+    for inst, old_keep in zip(instances, state.keep):
+      stacked = inst.layers is not None
+      us = [u_leaves[m.position] for m in inst.members]
+      ws = [p_leaves[m.position] for m in inst.members]
+      if any(u is None for u in us):
+        raise ValueError(
+          f"`constrain_group_sparsity`: the update of a member of {inst.anchor!r} is None; "
+          "a coupled group needs the updates of all its members."
+        )
+
+      def choose(us=us, ws=ws, inst=inst, stacked=stacked):
+        # Ranked on w + u as apply_updates stores it (the sum in the leaf dtype).
+        vs = [lax.stop_gradient(w) + lax.stop_gradient(u.astype(w.dtype)) for u, w in zip(us, ws)]
+        norms = group_sq_norms(inst, vs, stacked)
+        if constant is not None:
+          k = jnp.asarray(budget_count(constant, inst.groups), jnp.int32)
+        else:
+          k = traced_budget_count(values["fraction"], inst.groups)
+        return _kept_groups(norms, k)
+
+      if _is_periodic(period):
+        keep = lax.cond(period.is_update_step(state.count), choose, lambda k=old_keep: k)
+      else:
+        keep = choose()
+      new_keep.append(keep)
+      for member, u, w in zip(inst.members, us, ws):
+        where = jnp.expand_dims(keep, member_view(member.axis, u.ndim, stacked))
+        new = jnp.where(where, u, -w.astype(u.dtype))
+        if valid is not None:
+          new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
+        new_leaves[member.position] = new
+    return jax.tree_util.tree_unflatten(treedef, new_leaves), GroupSparsityState(
+      count=optax.safe_increment(state.count), keep=tuple(new_keep)
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def polynomial_sparsity_schedule(
+  final: float,
+  *,
+  begin_step: int,
+  end_step: int,
+  initial: float = 0.0,
+  power: float = 3,
+) -> Callable[[jax.Array], jax.Array]:
+  """Zhu & Gupta's gradual pruning ramp: the sparsity ``s_t`` at step ``t``.
+
+  ``s_t = final + (initial − final)·(1 − clip((t − begin_step)/(end_step − begin_step), 0,
+  1))^power``: ``initial`` until ``begin_step``, rising fast and then slowly (``power = 3``,
+  the cubic ramp) to ``final`` at ``end_step``, constant after. As the ``fraction`` of
+  ``constrain_sparsity`` or ``constrain_group_sparsity``. After ``end_step`` the budget is
+  constant; pass ``update_end=end_step`` (with ``update_every``) to freeze the mask there too.
+
+  Args:
+    final: the target sparsity, in ``[0, 1]``.
+    begin_step: the step at which the ramp starts.
+    end_step: the step at which it reaches ``final`` (``> begin_step``).
+    initial: the sparsity before ``begin_step``, in ``[0, 1]``.
+    power: the exponent of the ramp, ``> 0`` (3: cubic).
+
+  Returns:
+    A schedule ``step -> float32 sparsity``.
+
+  Examples:
+    >>> import optax_norms as on
+    >>> s = on.polynomial_sparsity_schedule(0.8, begin_step=0, end_step=100)
+    >>> [round(float(s(t)), 4) for t in (0, 50, 100, 200)]
+    [0.0, 0.7, 0.8, 0.8]
+
+  References:
+    M. Zhu and S. Gupta, "To prune, or not to prune: exploring the efficacy of pruning for
+    model compression", arXiv:1710.01878, 2017 (their equation 1).
+  """
+  for name, value in (("final", final), ("initial", initial)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+      raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+    if not 0 <= float(value) <= 1:
+      raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
+  begin = _step_number("begin_step", begin_step, 0)
+  end = _step_number("end_step", end_step, 0)
+  if end <= begin:
+    raise ValueError(f"`end_step` ({end}) must be greater than `begin_step` ({begin}).")
+  if (
+    isinstance(power, (bool, np.bool_))
+    or not isinstance(power, (int, float, np.number))
+    or not math.isfinite(float(power))
+    or float(power) <= 0
+  ):
+    raise ValueError(f"`power` must be a finite number > 0, got {power!r}.")
+  final_, initial_, power_ = float(final), float(initial), float(power)
+
+  def schedule(step):
+    t = jnp.asarray(step).astype(jnp.float32)
+    progress = jnp.clip((t - begin) / (end - begin), 0.0, 1.0)
+    return final_ + (initial_ - final_) * (1.0 - progress) ** power_
+
+  return schedule
