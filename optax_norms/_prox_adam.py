@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -9,6 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_norms._coupled import (
+  CoupledGroups,
+  GroupInstance,
+  as_group_list,
+  member_selection,
+  member_view,
+  resolve_all,
+)
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule, is_schedule
 from optax_norms._layout import Axis, check_axis_spec
 from optax_norms._masks import Mask, compile_mask
@@ -87,6 +96,7 @@ def prox_adam(
   eps: ScalarOrSchedule = 1e-8,
   axis: Axis = None,
   mask: Mask = None,
+  groups: CoupledGroups | Sequence[CoupledGroups] | None = None,
 ) -> optax.GradientTransformation:
   """Adam whose step ends with the proximal step in Adam's own metric (ProxGen): exact zeros.
 
@@ -109,6 +119,15 @@ def prox_adam(
   precision. The update is ``x − w``. With ``l1 = l2 = group = 0`` the update is exactly
   ``optax.adam``'s (bit for bit in float32).
 
+  **Coupled groups.** With ``groups`` (from ``coupled_groups``: heads or neurons spread over
+  several leaves), the group term is ``group·Σ_g √p_g·‖w_g‖₂`` over the coupled groups (as
+  ``prox_group_l2(groups=...)``): ``λ_g = lr·group·√p_g``, the group is exactly zero when
+  ``‖z_g‖ ≤ λ_g`` (``‖z_g‖`` over the union of its slices in all its member leaves), else
+  ``x = z·t/(a·t + λ_g)`` on every slice, with ``t`` the root of one scalar equation per
+  group, ``Σ z²/(a·t + λ_g)² = 1`` summed over all the group's slices. The other selected
+  leaves take the ``l1``/``l2`` prox only (no per-unit group term); ``axis`` is not read, and
+  ``mask``, when given, must select every member leaf.
+
   Moments are stored in each leaf's dtype (as ``optax.adam``); the arithmetic runs in at
   least float32.
 
@@ -124,6 +143,8 @@ def prox_adam(
       the whole leaf for rank ≤ 1), an int, a tuple or a callable ``(path, leaf) -> axes``.
     mask: where the proximal step applies; ``None`` is every floating-point leaf. The other
       floating-point leaves take plain Adam steps.
+    groups: ``None`` (the group term per unit of each leaf, by ``axis``), or a
+      ``CoupledGroups`` or a list of them: the ``√p_g``-scaled group term across leaves.
 
   Returns:
     An ``optax.GradientTransformation`` (an optimizer: its updates include ``−lr``); its
@@ -165,6 +186,12 @@ def prox_adam(
       raise ValueError(f"`{name}` must be < 1, got {float(value)}.")
   check_axis_spec(axis)
   selector = compile_mask(mask)
+  group_list = None if groups is None else as_group_list(groups, "prox_adam")
+  if group_list is not None and axis is not None:
+    raise ValueError(
+      "prox_adam: `axis` is not read with `groups` (the groups name their axes); pass one or "
+      "the other."
+    )
   # With group = 0 (a constant), the per-unit solve is left out of the program.
   has_group = (
     is_schedule(group)
@@ -172,8 +199,16 @@ def prox_adam(
     or (float(hparams.values["group"]) > 0)
   )
 
+  def instances_of(params) -> tuple[GroupInstance, ...]:
+    if group_list is None:
+      return ()
+    paths, leaves, _ = flatten(params)
+    return resolve_all(group_list, paths, leaves)
+
   def init_fn(params):
     paths, leaves, treedef, _ = selected_leaves(selector, params, check=True)
+    if group_list is not None:
+      member_selection("prox_adam", selector, params, instances_of(params))
     moments = [
       jnp.zeros_like(leaf) if _leaf_kind(path, leaf) == "float" else optax.MaskedNode()
       for path, leaf in zip(paths, leaves)
@@ -227,19 +262,46 @@ def prox_adam(
     m_hat = _bias_correction([moments[i][0] for i in order], values["b1"], count)
     v_hat = _bias_correction([moments[i][1] for i in order], values["b2"], count)
     new_u, new_mu, new_nu = list(u_leaves), list(mu_leaves), list(nu_leaves)
+    instances = instances_of(params)
+    members = {m.position for inst in instances for m in inst.members}
+    per_unit_group = has_group and group_list is None
+    coupled: dict[int, tuple[Any, Any, Any]] = {}
     for j, i in enumerate(order):
       path, g, w, ct = paths[i], u_leaves[i], p_leaves[i], cts[i]
       hp = hps[ct]
       d = jnp.sqrt(v_hat[j]) + hp["eps"]
       step = -hp["learning_rate"] * (m_hat[j] / d)
+      if i in members and has_group:
+        coupled[i] = (w.astype(ct), step, d)  # Solved per coupled group below.
+        continue
       if prox_on[i]:
-        axes = resolve_axes(axis, path, w) if has_group else ()
-        out = _prox(w.astype(ct), step, d, hp, axes, has_group)
+        axes = resolve_axes(axis, path, w) if per_unit_group else ()
+        out = _prox(w.astype(ct), step, d, hp, axes, per_unit_group)
       else:
         out = step
+      new_u[i] = out
+    for inst in instances:
+      if not has_group:
+        break
+      positions = [m.position for m in inst.members]
+      if any(i not in coupled for i in positions):
+        raise ValueError(
+          f"`prox_adam`: the update of a member of {inst.anchor!r} is None or not "
+          "floating-point; a coupled group needs the updates of all its members."
+        )
+      ct = max((cts[i] for i in positions), key=lambda t: jnp.dtype(t).itemsize)
+      outs = _coupled_prox(
+        inst,
+        [tuple(x.astype(ct) for x in coupled[i]) for i in positions],
+        hps[ct],
+      )
+      for i, out in zip(positions, outs):
+        new_u[i] = out
+    for i in order:
+      out = new_u[i]
       if bad is not None:
-        out = jnp.where(bad, out, jnp.full((), jnp.nan, ct))
-      new_u[i] = out.astype(g.dtype)
+        out = jnp.where(bad, out, jnp.full((), jnp.nan, out.dtype))
+      new_u[i] = out.astype(u_leaves[i].dtype)
       new_mu[i] = moments[i][0].astype(mu_leaves[i].dtype)
       new_nu[i] = moments[i][1].astype(nu_leaves[i].dtype)
     unflat = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
@@ -297,3 +359,54 @@ def _prox(w, step, d, hp, axes, has_group):
     x = jnp.where(alive, z * t / jnp.where(alive, denom, 1), 0)
     active = (l1 > 0) | (l2 > 0) | (lam > 0)
   return jnp.where(active, x - w, step)
+
+
+def _coupled_prox(inst: GroupInstance, members: list[tuple[Any, Any, Any]], hp) -> list[Any]:
+  """The updates ``x − w`` of the members of `inst` (each ``(w, step, d)``): the proximal
+  point of ``l1·Σ|x| + l2·Σx² + group·√p_g·‖x_g‖`` in the metric ``d``, one scalar equation
+  per coupled group (``_group_radius`` across the slices of all its members)."""
+  stacked = inst.layers is not None
+  lr, l1, l2 = hp["learning_rate"], hp["l1"], hp["l2"]
+  dtype = members[0][0].dtype
+  lam = lr * hp["group"] * jnp.sqrt(jnp.asarray(inst.size, dtype))
+  views = [member_view(m.axis, w.ndim, stacked) for m, (w, _, _) in zip(inst.members, members)]
+  zs = [soft_threshold(d * (w + step), lr * l1) for w, step, d in members]
+  as_ = [d + 2 * lr * l2 for _, _, d in members]
+  zzs = [z * z for z in zs]
+
+  def total(arrays):
+    out = None
+    for x, view in zip(arrays, views):
+      part = jnp.sum(x, axis=view)
+      out = part if out is None else out + part
+    return out
+
+  def spread(x, view):
+    return jnp.expand_dims(x, view)
+
+  norm = jnp.sqrt(total(zzs))
+  a_max = jnp.max(jnp.stack([jnp.max(a, axis=v) for a, v in zip(as_, views)]), axis=0)
+  a_min = jnp.min(jnp.stack([jnp.min(a, axis=v) for a, v in zip(as_, views)]), axis=0)
+  gap = jnp.maximum(norm - lam, 0)
+  lo, hi = gap / a_max, gap / a_min
+
+  def newton(_, t):
+    s_parts, q_parts = [], []
+    for zz, a, view in zip(zzs, as_, views):
+      denom = a * spread(t, view) + lam
+      safe = jnp.where(denom > 0, denom, 1)
+      s_parts.append(zz / (safe * safe))
+      q_parts.append(zz * a / (safe * safe * safe))
+    s, q = total(s_parts), total(q_parts)
+    step = (s * jnp.sqrt(s) - s) / jnp.where(q > 0, q, 1)
+    return jnp.clip(t + jnp.where(s > 0, step, 0), lo, hi)
+
+  t = jax.lax.fori_loop(0, NEWTON_STEPS, newton, lo)
+  alive = ~(norm <= lam)  # A NaN group stays NaN (never hidden behind a zero group).
+  active = (l1 > 0) | (l2 > 0) | (lam > 0)
+  outs = []
+  for (w, step, _), z, a, view in zip(members, zs, as_, views):
+    live, radius = spread(alive, view), spread(t, view)
+    x = jnp.where(live, z * radius / jnp.where(live, a * radius + lam, 1), 0)
+    outs.append(jnp.where(active, x - w, step))
+  return outs

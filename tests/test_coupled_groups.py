@@ -390,3 +390,109 @@ def test_group_report_matches_reference(stacked):
   report = on.group_report(params, neurons)["block/mlp"]
   np.testing.assert_array_equal(np.asarray(report["zero_groups"]), np.ones(2 if stacked else ()))
   assert int(report["size"]) == 2 * IN + 1
+
+
+# --- prox_adam(groups=...) -----------------------------------------------------------------
+
+
+def _ref_prox_adam_first_step(grads, params, anchor, members, hp, stacked, eps=1e-8):
+  """The first prox_adam update from a fresh state (m̂ = g, v̂ = g², d = |g| + eps) of the
+  members of one instance: per coupled group, the float64 root (brentq) of
+  Σ z²/(a·t + λ_g)² = 1 over the union of its slices, λ_g = lr·group·√p_g."""
+  from scipy.optimize import brentq
+
+  lr, l1, l2, group = hp["learning_rate"], hp["l1"], hp["l2"], hp["group"]
+  zs, as_, ws = {}, {}, {}
+  size = 0
+  for rel, axis in members.items():
+    g = _np_leaf(grads, f"{anchor}/{rel}")
+    w = _np_leaf(params, f"{anchor}/{rel}")
+    d = np.abs(g) + eps
+    v = w - lr * g / d
+    z = np.sign(d * v) * np.maximum(np.abs(d * v) - lr * l1, 0)
+    a = d + 2 * lr * l2
+    # Group axis (and layer axis) first, the slice flattened: (L?, G, slice).
+    order = [0, axis % w.ndim] if stacked else [axis % w.ndim]
+    rest = [i for i in range(w.ndim) if i not in order]
+    zs[rel] = np.transpose(z, order + rest).reshape(
+      (z.shape[0] if stacked else 1, z.shape[axis % w.ndim], -1)
+    )
+    as_[rel] = np.transpose(a, order + rest).reshape(zs[rel].shape)
+    ws[rel] = (w, order, rest)
+    size += zs[rel].shape[-1]
+  lam = lr * group * np.sqrt(size)
+  xs = {rel: np.zeros_like(z) for rel, z in zs.items()}
+  layers, count = next(iter(zs.values())).shape[:2]
+  for layer in range(layers):
+    for g_ in range(count):
+      z = np.concatenate([zs[r][layer, g_] for r in members])
+      a = np.concatenate([as_[r][layer, g_] for r in members])
+      if np.linalg.norm(z) <= lam:
+        continue
+      h = lambda t, z=z, a=a: np.sum(z**2 / (a * t + lam) ** 2) - 1
+      t = brentq(h, 0.0, np.linalg.norm(z) / a.min(), xtol=1e-300, rtol=1e-15, maxiter=500)
+      for r in members:
+        xs[r][layer, g_] = zs[r][layer, g_] * t / (as_[r][layer, g_] * t + lam)
+  out = {}
+  for rel in members:
+    w, order, rest = ws[rel]
+    shape = [w.shape[i] for i in order + rest]
+    x = np.transpose(xs[rel].reshape(shape), np.argsort(order + rest))
+    out[rel] = x - w
+  return out
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["flat", "stacked"])
+def test_prox_adam_coupled_groups_match_brentq_reference(stacked):
+  params = _spread(_tree(layers=2 if stacked else None), stacked)
+  grads = _grads(params)
+  hp = {"learning_rate": 0.1, "l1": 0.05, "l2": 0.1, "group": 1.0}
+  head_members, neuron_members = _members(stacked)
+  groups = [
+    on.coupled_groups("**/attn", head_members, stacked=stacked),
+    on.coupled_groups("**/mlp", neuron_members, stacked=stacked),
+  ]
+  tx = on.prox_adam(**hp, groups=groups)
+  state = tx.init(params)
+  eager, _ = tx.update(grads, state, params)
+  jitted, _ = jax.jit(tx.update)(grads, state, params)
+  dead = 0
+  for anchor, members in (("block/attn", head_members), ("block/mlp", neuron_members)):
+    expected = _ref_prox_adam_first_step(grads, params, anchor, members, hp, stacked)
+    new = {r: _np_leaf(params, f"{anchor}/{r}") + expected[r] for r in members}
+    axis = next(iter(members.values()))
+    first = next(iter(members))
+    moved = np.moveaxis(new[first], axis % new[first].ndim, -1)
+    layers = moved.shape[0] if stacked else 1
+    dead += int(np.sum(np.all(moved.reshape(layers, -1, moved.shape[-1]) == 0, axis=1)))
+    for rel, exp in expected.items():
+      got = _np_leaf(eager, f"{anchor}/{rel}")
+      np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-6, err_msg=rel)
+      np.testing.assert_allclose(
+        _np_leaf(jitted, f"{anchor}/{rel}"), got, rtol=1e-5, atol=1e-6, err_msg=rel
+      )
+  assert 0 < dead < (H + F) * (2 if stacked else 1)  # Some groups die, some live.
+  # The LayerNorm scale (in no group) takes the l1/l2 prox in Adam's metric only.
+  g = _np_leaf(grads, "block/ln/scale")
+  w = _np_leaf(params, "block/ln/scale")
+  d = np.abs(g) + 1e-8
+  v = w - hp["learning_rate"] * g / d
+  lr = hp["learning_rate"]
+  x = np.sign(v) * np.maximum(np.abs(v) - lr * hp["l1"] / d, 0) / (1 + 2 * lr * hp["l2"] / d)
+  np.testing.assert_allclose(_np_leaf(eager, "block/ln/scale"), x - w, rtol=1e-5, atol=1e-6)
+
+
+def test_prox_adam_groups_exact_zeros_and_errors():
+  params = _spread(_tree())
+  grads = _grads(params)
+  heads = on.coupled_groups("**/attn", HEADS)
+  tx = on.prox_adam(0.1, group=1.0, groups=heads)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  report = on.group_report(new, heads)["block/attn"]
+  zero = np.asarray(report["norms"]) == 0
+  assert 0 < int(report["zero_groups"]) == int(zero.sum()) < H
+  with pytest.raises(ValueError, match="`axis` is not read with `groups`"):
+    on.prox_adam(0.1, group=0.3, groups=heads, axis=0)
+  with pytest.raises(ValueError, match="not selected by `mask`"):
+    on.prox_adam(0.1, group=0.3, groups=heads, mask="**/query/**").init(params)
