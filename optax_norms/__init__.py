@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
+from optax_norms._cpr import CprLeafState, cpr
 from optax_norms._diagnostics import (
   DecayResolution,
   LeafDecayResolution,
@@ -34,6 +35,7 @@ from optax_norms._prox_adam import ProxAdamState, prox_adam
 from optax_norms._sparsity import constrain_n_of_m, constrain_sparsity
 from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
 from optax_norms._units import AmbiguousLayoutError, UnitAxes, unit_axes
+from optax_norms._weight_decay import add_decoupled_weight_decay, decay_from_timescale
 
 try:
   __version__ = version("optax-norms")
@@ -42,6 +44,7 @@ except PackageNotFoundError:  # Imported from a source tree that is not installe
 
 __all__ = [
   "AmbiguousLayoutError",
+  "CprLeafState",
   "DecayResolution",
   "Layout",
   "LeafDecayResolution",
@@ -49,6 +52,7 @@ __all__ = [
   "ProxAdamState",
   "ScheduleState",
   "UnitAxes",
+  "add_decoupled_weight_decay",
   "add_l1_decay",
   "add_l2_decay",
   "add_max_norm_decay",
@@ -62,6 +66,8 @@ __all__ = [
   "constrain_sparsity",
   "constrain_spectral_norm",
   "constrain_unit_norm",
+  "cpr",
+  "decay_from_timescale",
   "decay_resolution_report",
   "describe_rules",
   "elastic",

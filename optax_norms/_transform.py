@@ -14,6 +14,9 @@ A transform is a *rule* for one leaf, written in the compute dtype (>= float32):
   def rule(u, w, *, n, layout):               # reads the whole layout (stack, block axis)
     ...
 
+  def rule(u, w, *, kappa, state, count):     # per-leaf state and the step count
+    ...
+
 ``leafwise_transform`` checks the rule's keyword-only parameters against the
 hyperparameters at construction, compiles the mask once, and does the rest: selection by
 path, ``None``/integer leaves passed through, casts to the compute dtype and back,
@@ -137,13 +140,14 @@ def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   return p_leaves
 
 
-_OPTIONAL_ARGUMENTS = frozenset({"leaf_dtype", "layout"})
+_OPTIONAL_ARGUMENTS = frozenset({"count", "leaf_dtype", "layout"})
 
 
 def _rule_arguments(name: str, rule: Callable, expected: set[str]) -> set[str]:
   """The rule's keyword-only parameters must be exactly the hyperparameters (+ `axes`,
-  `state`); a rule may also ask for ``leaf_dtype`` (the stored dtype) and ``layout`` (the
-  leaf's ``Layout``). Returns the optional ones it asks for."""
+  `state`); a rule may also ask for ``leaf_dtype`` (the stored dtype), ``layout`` (the
+  leaf's ``Layout``) and, with per-leaf state, ``count`` (the updates applied so far).
+  Returns the optional ones it asks for."""
   params = inspect.signature(rule).parameters.values()
   keyword_only = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
   if keyword_only - _OPTIONAL_ARGUMENTS != expected:
@@ -175,7 +179,7 @@ def leafwise_transform(
 
   Args:
     name: the public factory's name, for error messages.
-    rule: ``rule(u, w, *, <hyperparameters>[, axes][, state][, layout][, leaf_dtype])`` in
+    rule: ``rule(u, w, *, <hyperparameters>[, axes][, state][, count][, layout][, leaf_dtype])`` in
       the compute dtype; returns the new update, or ``(new update, new leaf state)`` when
       `init_leaf` is given.
     hyperparams: the scalar hyperparameters (numbers or schedules), validated here.
@@ -194,6 +198,8 @@ def leafwise_transform(
     set(hyperparams) | ({"axes"} if per_unit else set()) | ({"state"} if init_leaf else set())
   )
   optional = _rule_arguments(name, rule, expected)
+  if "count" in optional and init_leaf is None:
+    raise TypeError(f"The rule of `{name}` asks for `count`, which needs per-leaf state.")
   reads_layout = per_unit or "layout" in optional
   hparams = Hyperparams(hyperparams, bounds)
   selector = compile_mask(mask)
@@ -273,6 +279,8 @@ def leafwise_transform(
         extra["state"] = leaf_state
       if "leaf_dtype" in optional:
         extra["leaf_dtype"] = u.dtype
+      if "count" in optional:
+        extra["count"] = state.count
       out = rule(
         _cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra
       )
