@@ -43,7 +43,7 @@ def _peak(
     return None
   if peak_learning_rate is None:
     if not _is_python_number(learning_rate):
-      what = "a schedule" if is_schedule(learning_rate) else f"a {type(learning_rate).__name__}"
+      what = "a schedule" if is_schedule(learning_rate) else "an array"
       raise ValueError(
         f"convention={convention!r} measures the decay against the peak learning rate, and "
         f"`learning_rate` is {what}, not a number: pass `peak_learning_rate` (the schedule's "
