@@ -34,6 +34,14 @@ class CprLeafState(NamedTuple):
     lagmul: float32, the Lagrange multiplier ``λ ≥ 0`` of each matrix: shape ``()``, or
       ``(layers,)`` for a stacked leaf.
     kappa: float32, the bound ``κ`` of each matrix, of the same shape.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax_norms as on
+    >>> tx = on.cpr(kappa_init_method="dependent", kappa_init_param=0.5, stacked="blocks/*")
+    >>> state = tx.init({"blocks": {"kernel": jnp.ones((2, 3, 3))}})
+    >>> leaf = state.leaves["blocks"]["kernel"]  # a CprLeafState, one entry per layer
+    >>> leaf.kappa.tolist(), leaf.lagmul.tolist()  # κ = 0.5·Σw² per layer
+    ([4.5, 4.5], [0.0, 0.0])
   """
 
   lagmul: jax.Array
@@ -167,27 +175,27 @@ def cpr(
     raise ValueError(
       "`kappa_init_param` must be a number (it sets the bound once), not a schedule."
     )
-  if kappa_init_method == "warm_start":
-    if (
-      isinstance(kappa_init_param, (bool, np.bool_))
-      or not float(kappa_init_param).is_integer()
-      or kappa_init_param < 1
+  # Concrete values are checked here; optax.inject_hyperparams passes arrays (traced in
+  # `update`, where only the warm-up length is read, by comparisons that take arrays).
+  concrete = not isinstance(kappa_init_param, jax.core.Tracer)
+  uses_warm_start = kappa_init_method == "warm_start"
+  if concrete:
+    try:
+      number = float(np.asarray(kappa_init_param, np.float64))
+    except (TypeError, ValueError):
+      raise ValueError(f"`kappa_init_param` must be a number, got {kappa_init_param!r}.") from None
+    if uses_warm_start and (
+      isinstance(kappa_init_param, (bool, np.bool_)) or not number.is_integer() or number < 1
     ):
       raise ValueError(
         "`kappa_init_param` of 'warm_start' is the number of steps before the bound is set: "
         f"a positive integer, got {kappa_init_param!r}."
       )
-    warm_start = int(kappa_init_param)
-  else:
-    try:
-      init_param = float(np.asarray(kappa_init_param, np.float64))
-    except (TypeError, ValueError):
-      raise ValueError(f"`kappa_init_param` must be a number, got {kappa_init_param!r}.") from None
-    if not np.isfinite(init_param) or init_param < 0:
+    if not np.isfinite(number) or number < 0:
       raise ValueError(
         f"`kappa_init_param` must be finite and non-negative, got {kappa_init_param!r}."
       )
-    warm_start = 0
+  init_param = kappa_init_param
   if reg_by_lr and learning_rate is None:
     raise ValueError("`reg_by_lr=True` scales the pull by `learning_rate`: pass it.")
   layers = _as_stacked(stacked)
@@ -216,9 +224,10 @@ def cpr(
       )
     shape = tuple(leaf.shape[a] for a in range(jnp.ndim(leaf)) if a not in axes)
     if kappa_init_method == "uniform":
-      kappa = jnp.full(shape, init_param, jnp.float32)
+      kappa = jnp.full(shape, jnp.asarray(init_param, jnp.float32))
     elif kappa_init_method == "dependent":
-      kappa = init_param * _regularization(leaf.astype(jnp.float32), reg_function, axes)
+      reg = _regularization(leaf.astype(jnp.float32), reg_function, axes)
+      kappa = jnp.asarray(init_param, jnp.float32) * reg
     else:
       kappa = jnp.zeros(shape, jnp.float32)
     return CprLeafState(lagmul=jnp.zeros(shape, jnp.float32), kappa=kappa.astype(jnp.float32))
@@ -239,11 +248,12 @@ def cpr(
     pull = lagmul[expand] * gradient
     if learning_rate is not None:
       pull = learning_rate * pull
-    if not warm_start:
+    if not uses_warm_start:
       return u - pull, CprLeafState(lagmul.astype(jnp.float32), state.kappa)
     step = count + 1
-    active = step > warm_start
-    kappa = jnp.where(step == warm_start, reg, kappa)
+    warm_up = jnp.asarray(init_param).astype(step.dtype)  # an injected float array too
+    active = step > warm_up
+    kappa = jnp.where(step == warm_up, reg, kappa)
     lagmul = jnp.where(active, lagmul, previous)
     return (
       jnp.where(active, u - pull, u),

@@ -282,12 +282,18 @@ def test_the_bound_holds_after_training():
   "kwargs, name",
   [
     ({"kappa_init_method": "inflection_point", "kappa_init_param": 1000}, "kappa_init_method"),
-    ({"kappa_init_method": "uniform", "kappa_init_param": 1.0, "reg_function": "l3"}, "reg_function"),
+    (
+      {"kappa_init_method": "uniform", "kappa_init_param": 1.0, "reg_function": "l3"},
+      "reg_function",
+    ),
     ({"kappa_init_method": "warm_start", "kappa_init_param": 0}, "kappa_init_param"),
     ({"kappa_init_method": "warm_start", "kappa_init_param": 2.5}, "kappa_init_param"),
     ({"kappa_init_method": "uniform", "kappa_init_param": -1.0}, "kappa_init_param"),
     ({"kappa_init_method": "uniform", "kappa_init_param": 1.0, "reg_by_lr": True}, "learning_rate"),
-    ({"kappa_init_method": "uniform", "kappa_init_param": 1.0, "kappa_update": -1.0}, "kappa_update"),
+    (
+      {"kappa_init_method": "uniform", "kappa_init_param": 1.0, "kappa_update": -1.0},
+      "kappa_update",
+    ),
   ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, name):
