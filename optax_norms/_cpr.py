@@ -61,9 +61,10 @@ def _regularization(v: jax.Array, function: str, axes: tuple[int, ...]) -> jax.A
 
 
 def _regularization_gradient(
-  v: jax.Array, function: str, axes: tuple[int, ...], std: jax.Array | None
+  v: jax.Array, function: str, axes: tuple[int, ...], std: jax.Array
 ) -> jax.Array:
-  """``∇R(v)``, written as the reference writes it."""
+  """``∇R(v)``, written as the reference writes it (`std`: ``R(v)`` for ``"std"``, with the
+  reduced axes kept)."""
   if function == "l2":
     return 2 * v
   if function == "l1":
@@ -242,9 +243,7 @@ def cpr(
     entries = int(np.prod([w.shape[a] for a in axes], dtype=np.int64))
     step_size = kappa_update if reg_function == "std" else kappa_update / entries
     lagmul = jnp.maximum(previous + step_size * (reg - kappa), 0)
-    gradient = _regularization_gradient(
-      v, reg_function, axes, reg if reg_function == "std" else None
-    )
+    gradient = _regularization_gradient(v, reg_function, axes, reg[expand])
     pull = lagmul[expand] * gradient
     if learning_rate is not None:
       pull = learning_rate * pull

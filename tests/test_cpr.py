@@ -244,10 +244,15 @@ def test_reg_by_lr_with_a_schedule_and_a_kappa_update():
 
 
 @pytest.mark.standard_promotion
-@pytest.mark.parametrize("method, init_param", [("warm_start", 8), ("uniform", 3.0)])
-def test_a_stacked_leaf_has_one_bound_per_layer_as_separate_tensors(method, init_param):
+@pytest.mark.parametrize("reg_function", ["l2", "std"])
+@pytest.mark.parametrize("method, init_param", [("warm_start", 8), ("dependent", 1.1)])
+def test_a_stacked_leaf_has_one_bound_per_layer_as_separate_tensors(
+  method, init_param, reg_function
+):
   state = _compare(
-    {"kappa_init_method": method, "kappa_init_param": init_param}, 0.05, stacked_leaf=True
+    {"kappa_init_method": method, "kappa_init_param": init_param, "reg_function": reg_function},
+    0.05,
+    stacked_leaf=True,
   )
   assert state[1].leaves["blocks"]["kernel"].kappa.shape == (3,)
   assert state[1].leaves["dense"]["kernel"].kappa.shape == ()
