@@ -120,6 +120,10 @@ def cpr(
   average that is never stored, the other every ``reg_step_size`` steps), so there is no one
   behaviour to match; use ``"warm_start"``.
 
+  A NaN or infinity in a matrix makes its ``R``, its multiplier and its whole update
+  non-finite (as in the reference), and no other matrix's; wrap the chain in
+  ``optax.apply_if_finite`` to skip such steps, state included.
+
   The reference regularizes the weight matrices of linear layers only, not biases,
   normalization scales or embeddings: ``mask=["**/kernel"]`` for Flax trees (or
   ``optax_norms.weights_only()`` less embeddings). Do not combine with weight decay.

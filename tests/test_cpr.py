@@ -320,3 +320,17 @@ def test_state_checkpoints_as_plain_arrays_and_is_stable_under_jit():
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(new_state))
   np.testing.assert_allclose(float(state.leaves["dense"]["kernel"].kappa), 0.5 * 6.0)
+
+
+def test_a_nan_reaches_its_own_matrix_only():
+  params = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.ones((3, 2))}}
+  updates = {
+    "a": {"kernel": jnp.zeros((2, 3)).at[0, 0].set(jnp.nan)},
+    "b": {"kernel": jnp.zeros((3, 2))},
+  }
+  tx = on.cpr(kappa_init_method="uniform", kappa_init_param=1.0)
+  new, state = tx.update(updates, tx.init(params), params)
+  assert np.all(np.isnan(np.asarray(new["a"]["kernel"])))
+  assert np.isnan(float(state.leaves["a"]["kernel"].lagmul))
+  # b: Σw² = 6 > 1, λ = (6 − 1)/6, w − 2λw, all finite.
+  np.testing.assert_allclose(new["b"]["kernel"], -2 * (5 / 6) * np.ones((3, 2)), rtol=1e-6)

@@ -169,6 +169,7 @@ def test_no_float32_copy_of_a_leaf_beyond_a_pure_half_step(name, dtype):
       "constrain_spectral_norm",
       "constrain_unit_norm",
       "constrain_min_max_norm",
+      "cpr",
     }
   ],
 )
