@@ -464,53 +464,41 @@ def _assign(
 
 
 class _Table:
-  """The parsed rules, with the assignment of leaves to rules cached per tree layout."""
+  """The parsed rules."""
 
   def __init__(self, rules: list[_Rule]):
     self.rules = rules
-    self._cache: dict[Any, list[int | None]] = {}
 
   def assign(self, tree: Any) -> tuple[list[Path], list[Any], Any, list[int | None]]:
+    """Flattens `tree`; the rule of every leaf, with the table's checks (``_assign``)."""
     paths, leaves, treedef = flatten(tree)
-    key: Any = (
-      treedef,
-      tuple(paths),
-      tuple(
-        None if leaf is None else (np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))))
-        for leaf in leaves
-      ),
-    )
-    owner: list[int | None] | None
-    try:
-      owner = self._cache.get(key)
-    except TypeError:  # an unhashable treedef node: no cache.
-      key, owner = None, None
-    if owner is None:
-      owner = _assign(self.rules, tree, paths, leaves)
-      if key is not None:
-        self._cache[key] = owner
-    return paths, leaves, treedef, owner
+    return paths, leaves, treedef, _assign(self.rules, tree, paths, leaves)
 
   def axis(self, index: int) -> Any:
     return self.rules[index].settings.get("axis")
 
+  def mask(self, index: int) -> PathMask:
+    """The leaves whose first matching rule is `index`."""
+    return _FirstMatch([rule.mask for rule in self.rules[: index + 1]], self.rules[index])
 
-class _GroupMask(PathMask):
-  """Selects the leaves whose first matching rule is `index` (a valid optax mask too)."""
 
-  def __init__(self, table: _Table, index: int):
+class _FirstMatch(PathMask):
+  """Selects what the last of `masks` selects and none of the earlier ones does: the leaves
+  whose first matching rule is that one (a valid optax mask too). The table's checks (every
+  leaf covered, no dead rule, globs that match) run once, at ``init``."""
+
+  def __init__(self, masks: list[PathMask], rule: _Rule):
     super().__init__()
-    self.table = table
-    self.index = index
+    self.masks = masks
+    self.rule = rule
 
   def select(self, tree, paths, leaves, check=True):
-    del paths, leaves, check
-    _, _, _, owner = self.table.assign(tree)
-    return [o == self.index for o in owner]
+    del check
+    own, *earlier = (m.select(tree, paths, leaves, check=False) for m in reversed(self.masks))
+    return [keep and not any(e[k] for e in earlier) for k, keep in enumerate(own)]
 
   def __repr__(self) -> str:
-    rule = self.table.rules[self.index]
-    return f"rule {self.index} ({_selector_text(rule.selector)})"
+    return f"rule {len(self.masks) - 1} ({_selector_text(self.rule.selector)})"
 
 
 # --- regularize ------------------------------------------------------------------------------
@@ -623,7 +611,7 @@ def regularize(
       try:
         transform = setting.build(
           rule.settings[name],
-          mask=_GroupMask(table, i),
+          mask=table.mask(i),
           axis=table.axis(i),
           learning_rate=step_size,
           peak_learning_rate=peak_learning_rate,
