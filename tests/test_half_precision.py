@@ -118,7 +118,7 @@ def _hand_soft(x, t):
 # The same math written in plain jnp (the bench table's hand-written versions), with the
 # registry's test hyperparameters.
 HAND = {
-  entry.name: bench_table.by_name(entry.name).hand_rule(
+  entry.name: bench_table.by_name(entry.name).hand_rule(  # type: ignore[misc]
     entry.hyperparams, entry.hyperparams.get("learning_rate", LR)
   )
   for entry in REGISTRY
