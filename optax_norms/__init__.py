@@ -6,6 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
 from optax_norms._coupled import CoupledGroups, coupled_groups, group_report
+from optax_norms._cpr import CprLeafState, cpr
 from optax_norms._diagnostics import (
   DecayResolution,
   LeafDecayResolution,
@@ -41,6 +42,7 @@ from optax_norms._sparsity import (
 )
 from optax_norms._spectral import constrain_spectral_norm, spectral_norm_report
 from optax_norms._units import AmbiguousLayoutError, UnitAxes, unit_axes
+from optax_norms._weight_decay import add_decoupled_weight_decay, decay_from_timescale
 
 try:
   __version__ = version("optax-norms")
@@ -50,6 +52,7 @@ except PackageNotFoundError:  # Imported from a source tree that is not installe
 __all__ = [
   "AmbiguousLayoutError",
   "CoupledGroups",
+  "CprLeafState",
   "DecayResolution",
   "GroupSparsityState",
   "Layout",
@@ -58,6 +61,7 @@ __all__ = [
   "ProxAdamState",
   "ScheduleState",
   "UnitAxes",
+  "add_decoupled_weight_decay",
   "add_l1_decay",
   "add_l2_decay",
   "add_max_norm_decay",
@@ -73,6 +77,8 @@ __all__ = [
   "constrain_spectral_norm",
   "constrain_unit_norm",
   "coupled_groups",
+  "cpr",
+  "decay_from_timescale",
   "decay_resolution_report",
   "describe_rules",
   "elastic",

@@ -21,6 +21,7 @@ import optax
 
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
+from optax_norms._cpr import cpr
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
 from optax_norms._keras_constraints import (
   constrain_min_max_norm,
@@ -36,6 +37,7 @@ from optax_norms._sparsity import budget_count, constrain_n_of_m, constrain_spar
 from optax_norms._spectral import constrain_spectral_norm
 from optax_norms._transform import _leaf_kind, leafwise_transform
 from optax_norms._units import UnitAxes, resolve_layout
+from optax_norms._weight_decay import add_decoupled_weight_decay
 
 __all__ = ["SETTINGS", "describe_rules", "regularize"]
 
@@ -56,31 +58,16 @@ def _scale_updates(lr_scale: ScalarOrSchedule, *, mask: Any) -> optax.GradientTr
   )
 
 
-def _decoupled_decay(
-  decoupled_decay: ScalarOrSchedule, learning_rate: ScalarOrSchedule, *, mask: Any
-) -> optax.GradientTransformation:
-  """``u ← u − lr·λ·w`` after the optimizer: ``w ← w − lr·λ·w`` as in ``optax.adamw``."""
-
-  def rule(u, w, *, decoupled_decay, learning_rate):
-    return u - (learning_rate * decoupled_decay) * w
-
-  return leafwise_transform(
-    "regularize",
-    rule,
-    {"decoupled_decay": decoupled_decay, "learning_rate": learning_rate},
-    mask=mask,
-    needs_params=True,
-  )
-
-
 class Setting(NamedTuple):
   """One row of the settings table.
 
   Attributes:
     stage: where it runs (one of ``STAGES``).
-    build: ``(value, *, mask, axis, learning_rate) -> GradientTransformation``.
-    needs_learning_rate: whether ``regularize(..., learning_rate=)`` is required (the
-      builder then receives the rule's step size, ``learning_rate·lr_scale``).
+    build: ``(value, *, mask, axis, learning_rate, peak_learning_rate) ->
+      GradientTransformation`` (a builder names the keywords it reads, ``**_`` the rest):
+      ``learning_rate`` is the rule's step size ``learning_rate·lr_scale`` (``None`` without
+      ``regularize(..., learning_rate=)``), ``peak_learning_rate`` its peak (or ``None``).
+    needs_learning_rate: whether ``regularize(..., learning_rate=)`` is required.
     layout: whether it reads the rule's layout (``axis``): per-unit settings, the spectral
       matrix, the N:M block axis, the per-layer sparsity budget.
     pattern: a constraint that fixes a pattern (zeros, signs, a box); in a rule these run
@@ -92,6 +79,62 @@ class Setting(NamedTuple):
   needs_learning_rate: bool = False
   layout: bool = False
   pattern: bool = False
+
+
+_DECAY_KEYS = ("weight_decay", "convention", "cautious")
+_CPR_KEYS = (
+  "kappa_init_method",
+  "kappa_init_param",
+  "kappa_update",
+  "reg_function",
+  "reg_by_lr",
+)
+
+
+def _decoupled_decay(
+  value: Any, *, mask: Any, learning_rate: Any, peak_learning_rate: Any, lr_scale: Any, **_: Any
+) -> optax.GradientTransformation:
+  """``decoupled_decay``: a number or schedule (``"lr"``), or a dict of
+  ``add_decoupled_weight_decay``'s ``weight_decay``, ``convention`` and ``cautious``."""
+  options = _as_kwargs("decoupled_decay", value, _DECAY_KEYS) if isinstance(value, Mapping) else {}
+  if options and "weight_decay" not in options:
+    raise ValueError(f"`decoupled_decay` as a dict needs 'weight_decay', got {value!r}.")
+  weight_decay = options.pop("weight_decay") if options else value
+  peak = None
+  if options.get("convention", "lr") != "lr" and peak_learning_rate is not None:
+    if is_schedule(lr_scale):
+      raise ValueError(
+        f"convention={options['convention']!r} measures the decay against the peak of the "
+        "rule's step size learning_rate·lr_scale, which a scheduled lr_scale leaves undefined: "
+        "use a constant lr_scale in this rule."
+      )
+    peak = peak_learning_rate * (1.0 if lr_scale is None else lr_scale)
+  return add_decoupled_weight_decay(
+    weight_decay, learning_rate, peak_learning_rate=peak, mask=mask, **options
+  )
+
+
+def _cpr(value: Any, *, mask: Any, axis: Any, learning_rate: Any, **_: Any):
+  """``cpr``: a dict of ``cpr``'s arguments; a stacked ``axis`` of the rule gives its layers."""
+  options = _as_kwargs("cpr", value, _CPR_KEYS)
+  if not {"kappa_init_method", "kappa_init_param"} <= set(options):
+    raise ValueError(
+      f"`cpr` takes a dict with 'kappa_init_method' and 'kappa_init_param' (and optionally "
+      f"{_CPR_KEYS[2:]}), e.g. {{'kappa_init_method': 'warm_start', 'kappa_init_param': "
+      f"1000}}, got {value!r}."
+    )
+  if options.get("reg_by_lr") and learning_rate is None:
+    raise ValueError(
+      "`cpr` with 'reg_by_lr' needs the optimizer's learning rate: pass "
+      "regularize(optimizer, rules, learning_rate=...)."
+    )
+  stacked = list(axis.stacked) if isinstance(axis, UnitAxes) and axis.stacked else None
+  return cpr(
+    **options,
+    learning_rate=learning_rate if options.get("reg_by_lr") else None,
+    stacked=stacked,
+    mask=mask,
+  )
 
 
 def _spectral(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
@@ -118,81 +161,80 @@ def _n_of_m(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
 # then the spectral projection, then the max-norm ball): each later one keeps what the
 # earlier ones fixed, so all of a rule's constraints hold on the stored values at once.
 SETTINGS: dict[str, Setting] = {
-  "clip_max_abs": Setting(
-    "clip", lambda v, *, mask, axis, learning_rate: clip_by_max_abs(v, mask=mask)
-  ),
+  "clip_max_abs": Setting("clip", lambda v, *, mask, **_: clip_by_max_abs(v, mask=mask)),
   "clip_unit_norm": Setting(
     "clip",
-    lambda v, *, mask, axis, learning_rate: clip_by_row_norm(v, axis=axis, mask=mask),
+    lambda v, *, mask, axis, **_: clip_by_row_norm(v, axis=axis, mask=mask),
     layout=True,
   ),
-  "l2": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l2_decay(v, mask=mask)),
-  "l1": Setting("coupled", lambda v, *, mask, axis, learning_rate: add_l1_decay(v, mask=mask)),
-  "lr_scale": Setting(
-    "scale", lambda v, *, mask, axis, learning_rate: _scale_updates(v, mask=mask)
-  ),
+  "l2": Setting("coupled", lambda v, *, mask, **_: add_l2_decay(v, mask=mask)),
+  "l1": Setting("coupled", lambda v, *, mask, **_: add_l1_decay(v, mask=mask)),
+  "lr_scale": Setting("scale", lambda v, *, mask, **_: _scale_updates(v, mask=mask)),
   "decoupled_decay": Setting(
     "decoupled",
-    lambda v, *, mask, axis, learning_rate: _decoupled_decay(v, learning_rate, mask=mask),
+    _decoupled_decay,
     needs_learning_rate=True,
   ),
+  "cpr": Setting("decoupled", _cpr),
   "prox_l1": Setting(
     "prox",
-    lambda v, *, mask, axis, learning_rate: prox_l1(v, learning_rate, mask=mask),
+    lambda v, *, mask, learning_rate, **_: prox_l1(v, learning_rate, mask=mask),
     needs_learning_rate=True,
   ),
   "prox_group": Setting(
     "prox",
-    lambda v, *, mask, axis, learning_rate: prox_group_l2(v, learning_rate, axis=axis, mask=mask),
+    lambda v, *, mask, axis, learning_rate, **_: prox_group_l2(
+      v, learning_rate, axis=axis, mask=mask
+    ),
     needs_learning_rate=True,
     layout=True,
   ),
   "non_negative": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: (
+    lambda v, *, mask, **_: (
       constrain_non_negative(mask=mask) if v is True else _flag_error("non_negative", v)
     ),
     pattern=True,
   ),
   "max_abs": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_max_abs(v, mask=mask),
+    lambda v, *, mask, **_: constrain_max_abs(v, mask=mask),
     pattern=True,
   ),
   "n_of_m": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: _n_of_m(v, axis, mask),
+    lambda v, *, mask, axis, **_: _n_of_m(v, axis, mask),
     layout=True,
     pattern=True,
   ),
   "sparsity": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_sparsity(v, axis=axis, mask=mask),
+    lambda v, *, mask, axis, **_: constrain_sparsity(v, axis=axis, mask=mask),
     layout=True,
     pattern=True,
   ),
   "unit_norm": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: (
+    lambda v, *, mask, axis, **_: (
       constrain_unit_norm(axis=axis, mask=mask) if v is True else _flag_error("unit_norm", v)
     ),
     layout=True,
   ),
   "min_max_norm": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_min_max_norm(
+    lambda v, *, mask, axis, **_: constrain_min_max_norm(
       **_as_kwargs("min_max_norm", v, ("min_norm", "max_norm", "rate")), axis=axis, mask=mask
     ),
     layout=True,
   ),
   "spectral_norm": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: _spectral(v, axis, mask),
+    lambda v, *, mask, axis, **_: _spectral(v, axis, mask),
     layout=True,
   ),
   "max_norm": Setting(
     "constraint",
-    lambda v, *, mask, axis, learning_rate: constrain_row_norm(v, axis=axis, mask=mask),
+    lambda v, *, mask, axis, **_: constrain_row_norm(v, axis=axis, mask=mask),
     layout=True,
   ),
 }
@@ -271,6 +313,11 @@ def _refused_pairs(settings: Mapping[str, Any], optimizer: Any) -> str | None:
       f"'spectral_norm' in its default mode 'clip' (the projection) moves zeros and signs, "
       f"which breaks {patterns}; use {{'max_norm': c, 'mode': 'scale'}} (a rescaling, which "
       "keeps them) in this rule."
+    )
+  if "cpr" in has and "decoupled_decay" in has:
+    return (
+      "'cpr' replaces weight decay (its multiplier is the decay, adapted per matrix): "
+      "leave 'decoupled_decay' out of this rule."
     )
   prox = sorted(k for k in has if SETTINGS[k].stage == "prox")
   if prox and getattr(getattr(optimizer, "update", None), "takes_prox", False):
@@ -417,53 +464,41 @@ def _assign(
 
 
 class _Table:
-  """The parsed rules, with the assignment of leaves to rules cached per tree layout."""
+  """The parsed rules."""
 
   def __init__(self, rules: list[_Rule]):
     self.rules = rules
-    self._cache: dict[Any, list[int | None]] = {}
 
   def assign(self, tree: Any) -> tuple[list[Path], list[Any], Any, list[int | None]]:
+    """Flattens `tree`; the rule of every leaf, with the table's checks (``_assign``)."""
     paths, leaves, treedef = flatten(tree)
-    key: Any = (
-      treedef,
-      tuple(paths),
-      tuple(
-        None if leaf is None else (np.shape(leaf), str(getattr(leaf, "dtype", type(leaf))))
-        for leaf in leaves
-      ),
-    )
-    owner: list[int | None] | None
-    try:
-      owner = self._cache.get(key)
-    except TypeError:  # an unhashable treedef node: no cache.
-      key, owner = None, None
-    if owner is None:
-      owner = _assign(self.rules, tree, paths, leaves)
-      if key is not None:
-        self._cache[key] = owner
-    return paths, leaves, treedef, owner
+    return paths, leaves, treedef, _assign(self.rules, tree, paths, leaves)
 
   def axis(self, index: int) -> Any:
     return self.rules[index].settings.get("axis")
 
+  def mask(self, index: int) -> PathMask:
+    """The leaves whose first matching rule is `index`."""
+    return _FirstMatch([rule.mask for rule in self.rules[: index + 1]], self.rules[index])
 
-class _GroupMask(PathMask):
-  """Selects the leaves whose first matching rule is `index` (a valid optax mask too)."""
 
-  def __init__(self, table: _Table, index: int):
+class _FirstMatch(PathMask):
+  """Selects what the last of `masks` selects and none of the earlier ones does: the leaves
+  whose first matching rule is that one (a valid optax mask too). The table's checks (every
+  leaf covered, no dead rule, globs that match) run once, at ``init``."""
+
+  def __init__(self, masks: list[PathMask], rule: _Rule):
     super().__init__()
-    self.table = table
-    self.index = index
+    self.masks = masks
+    self.rule = rule
 
   def select(self, tree, paths, leaves, check=True):
-    del paths, leaves, check
-    _, _, _, owner = self.table.assign(tree)
-    return [o == self.index for o in owner]
+    del check
+    own, *earlier = (m.select(tree, paths, leaves, check=False) for m in reversed(self.masks))
+    return [keep and not any(e[k] for e in earlier) for k, keep in enumerate(own)]
 
   def __repr__(self) -> str:
-    rule = self.table.rules[self.index]
-    return f"rule {self.index} ({_selector_text(rule.selector)})"
+    return f"rule {len(self.masks) - 1} ({_selector_text(self.rule.selector)})"
 
 
 # --- regularize ------------------------------------------------------------------------------
@@ -481,6 +516,7 @@ def regularize(
   rules: Sequence[tuple[Any, Mapping[str, Any] | None]],
   *,
   learning_rate: ScalarOrSchedule | None = None,
+  peak_learning_rate: Any = None,
 ) -> optax.GradientTransformation:
   r"""Wraps `optimizer` with the regularization of a whole model, written as one table.
 
@@ -496,10 +532,18 @@ def regularize(
   | ``l2``, ``l1`` | ``add_l2_decay``, ``add_l1_decay`` (coupled) | 2 |
   | — | `optimizer`, once on the whole tree | 3 |
   | ``lr_scale`` | multiplies the optimizer's step | 4 |
-  | ``decoupled_decay`` | ``w ← w − lr·λ·w`` (as ``optax.adamw``; ``lr`` is `learning_rate`, not scaled by ``lr_scale``) | 5 |
-  | ``prox_l1``, ``prox_group`` | ``prox_l1``, ``prox_group_l2`` with `learning_rate` | 6 |
-  | ``max_norm``, ``max_abs`` | ``constrain_row_norm``, ``constrain_max_abs`` | 7, last |
-  | ``axis`` | the units of this rule's per-unit settings (as ``axis=`` of the transforms) | |
+  | ``decoupled_decay`` | ``add_decoupled_weight_decay``: ``λ`` (``w ← w − lr·λ·w``, as ``optax.adamw``) or ``{"weight_decay": λ, "convention": "lr" / "independent" / "adamc", "cautious": bool}`` | 5, after the optimizer |
+  | ``cpr`` | ``cpr``: a dict of its arguments (``kappa_init_method``, ``kappa_init_param``, ``kappa_update``, ``reg_function``, ``reg_by_lr``); a stacked ``axis`` gives one bound per layer | 5 |
+  | ``prox_l1``, ``prox_group`` | ``prox_l1``, ``prox_group_l2`` | 6 |
+  | ``non_negative``, ``max_abs``, ``n_of_m``, ``sparsity`` | the constraints that fix a pattern | 7, last |
+  | ``unit_norm``, ``min_max_norm``, ``spectral_norm``, ``max_norm`` | the constraints that rescale | 7 |
+  | ``axis`` | the layout of this rule's leaves (as ``axis=`` of the transforms) | |
+
+  The settings that need the optimizer's learning rate (``decoupled_decay``, ``prox_l1``,
+  ``prox_group``, ``cpr`` with ``reg_by_lr``) get the rule's step size
+  ``learning_rate·lr_scale``. The ``"independent"`` and ``"adamc"`` decays are measured against
+  `peak_learning_rate` (times a constant ``lr_scale``), which defaults to `learning_rate`
+  when that is a number.
 
   ``prox_l1`` then ``prox_group`` on the same leaves is the exact proximal step of the
   sparse group lasso. With the default ``axis=None`` a leaf whose unit is ambiguous (a
@@ -517,7 +561,9 @@ def regularize(
     rules: the table, ``[(selector, settings), ...]``; ``describe_rules`` prints what
       it does to each leaf.
     learning_rate: the optimizer's learning rate (the same number or schedule), needed by
-      ``decoupled_decay``, ``prox_l1`` and ``prox_group``.
+      ``decoupled_decay``, ``prox_l1``, ``prox_group`` and ``cpr`` with ``reg_by_lr``.
+    peak_learning_rate: the peak of a scheduled `learning_rate`, needed by the
+      ``"independent"`` and ``"adamc"`` decay conventions.
 
   Returns:
     One ``optax.GradientTransformation`` (an ``optax.chain``); its ``update`` needs
@@ -560,17 +606,16 @@ def regularize(
           f"{where} needs the optimizer's learning rate: pass regularize(optimizer, rules, "
           "learning_rate=...) with the same number or schedule as the optimizer."
         )
-      step_size = (
-        _step_size(learning_rate, rule.settings.get("lr_scale"))
-        if setting.needs_learning_rate and learning_rate is not None
-        else None
-      )
+      lr_scale = rule.settings.get("lr_scale")
+      step_size = None if learning_rate is None else _step_size(learning_rate, lr_scale)
       try:
         transform = setting.build(
           rule.settings[name],
-          mask=_GroupMask(table, i),
+          mask=table.mask(i),
           axis=table.axis(i),
           learning_rate=step_size,
+          peak_learning_rate=peak_learning_rate,
+          lr_scale=lr_scale,
         )
       except ValueError as error:
         raise ValueError(f"{where}: {error}") from None

@@ -14,7 +14,7 @@ A transform is a *rule* for one leaf, written in the compute dtype (>= float32):
   def rule(u, w, *, n, layout):               # reads the whole layout (stack, block axis)
     ...
 
-  def rule(u, w, *, fraction, state, count):  # with per-leaf state, reads the step count
+  def rule(u, w, *, kappa, state, count):     # per-leaf state and the step count
     ...
 
 ``leafwise_transform`` checks the rule's keyword-only parameters against the
@@ -140,13 +140,13 @@ def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   return p_leaves
 
 
-_OPTIONAL_ARGUMENTS = frozenset({"leaf_dtype", "layout", "count"})
+_OPTIONAL_ARGUMENTS = frozenset({"count", "leaf_dtype", "layout"})
 
 
 def _rule_arguments(name: str, rule: Callable, expected: set[str]) -> set[str]:
   """The rule's keyword-only parameters must be exactly the hyperparameters (+ `axes`,
   `state`); a rule may also ask for ``leaf_dtype`` (the stored dtype), ``layout`` (the
-  leaf's ``Layout``) and, with per-leaf state, ``count`` (the transform's step count, int32).
+  leaf's ``Layout``) and, with per-leaf state, ``count`` (the updates applied so far).
   Returns the optional ones it asks for."""
   params = inspect.signature(rule).parameters.values()
   keyword_only = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -179,10 +179,9 @@ def leafwise_transform(
 
   Args:
     name: the public factory's name, for error messages.
-    rule: ``rule(u, w, *, <hyperparameters>[, axes][, state][, layout][, leaf_dtype]
-      [, count])`` in the compute dtype; returns the new update, or ``(new update, new leaf
-      state)`` when `init_leaf` is given (``count``, the number of updates applied so far,
-      only then).
+    rule: ``rule(u, w, *, <hyperparameters>[, axes][, state][, count][, layout][, leaf_dtype])`` in
+      the compute dtype; returns the new update, or ``(new update, new leaf state)`` when
+      `init_leaf` is given.
     hyperparams: the scalar hyperparameters (numbers or schedules), validated here.
     mask: which leaves to transform (see ``path_mask``).
     needs_params: whether the rule reads the parameters (`w` is ``None`` otherwise).
@@ -200,7 +199,7 @@ def leafwise_transform(
   )
   optional = _rule_arguments(name, rule, expected)
   if "count" in optional and init_leaf is None:
-    raise TypeError(f"The rule of `{name}` reads `count`, which needs per-leaf state.")
+    raise TypeError(f"The rule of `{name}` asks for `count`, which needs per-leaf state.")
   reads_layout = per_unit or "layout" in optional
   hparams = Hyperparams(hyperparams, bounds)
   selector = compile_mask(mask)

@@ -120,6 +120,15 @@ def _prox_adam_oracle(u, w, hp, axes, eps=1e-8):
   return np.moveaxis(x.reshape(shape), range(len(axes)), axes) - w
 
 
+def _cpr_oracle(u, w, hp, axes):
+  """CPR's first step from a fresh state, uniform bound 0.5, l2: λ = max(0, μ/n·(Σv² − 0.5)),
+  then v − 2λv."""
+  del axes
+  v = w + u
+  lagmul = max(0.0, hp["kappa_update"] / v.size * (float(np.sum(v * v)) - 0.5))
+  return u - 2 * lagmul * v
+
+
 def _n_of_4(n, *, mask=None):
   """``constrain_n_of_m(n, 4)``: the registry's shared checks vary the schedulable ``n``."""
   return on.constrain_n_of_m(n, 4, mask=mask)
@@ -147,7 +156,9 @@ class Entry:
       ``"checkpoint"``, ``"chain_of_all"`` (their trees have axis lengths that are not
       multiples of a block size; the half-precision memory checks assume no sort and no
       optimizer state), ``"nonfinite"`` (the element/unit NaN policy; ranking transforms
-      have a leaf/block policy).
+      have a leaf/block policy), ``"multistep"`` (the oracle is the first update from a fresh
+      state and the state accumulates, as CPR's multiplier: checks that run several updates
+      from a carried state compare the first one only).
   """
 
   name: str
@@ -326,6 +337,24 @@ REGISTRY: tuple[Entry, ...] = (
     # State beyond a schedule count; its own tests (tests/test_prox_adam.py) cover NaN,
     # state and checkpoints.
     skip=frozenset({"nonfinite", "half_precision", "checkpoint"}),
+  ),
+  Entry(
+    "add_decoupled_weight_decay",
+    on.add_decoupled_weight_decay,
+    {"weight_decay": 0.3, "learning_rate": 0.5},
+    lambda u, w, hp, a: u - hp["learning_rate"] * hp["weight_decay"] * w,
+    "after",
+  ),
+  Entry(
+    "cpr",
+    functools.partial(on.cpr, kappa_init_method="uniform", kappa_init_param=0.5),
+    {"kappa_update": 2.0},
+    _cpr_oracle,
+    "after",
+    stateful=True,
+    # One multiplier per matrix: a NaN reaches the whole matrix (and its multiplier);
+    # tests/test_cpr.py checks several steps against the reference.
+    skip=frozenset({"multistep", "nonfinite"}),
   ),
   Entry(
     "constrain_n_of_m",

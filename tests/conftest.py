@@ -11,10 +11,10 @@ import os
 try:
   from hypothesis import HealthCheck, settings
 except ImportError:  # Hypothesis is a test extra; files that need it import it themselves.
-  settings = None
+  settings = None  # type: ignore[assignment,misc]
 
 if settings is not None:
-  _COMMON = {
+  _COMMON: dict = {
     "deadline": None,
     "suppress_health_check": (HealthCheck.too_slow, HealthCheck.data_too_large),
     "print_blob": True,

@@ -32,6 +32,7 @@ import re
 import sys
 import time
 import traceback
+from typing import Any
 
 if "jax" in sys.modules:  # pragma: no cover - guards misuse
   raise RuntimeError("multihost_check must run in a fresh process (before jax is imported).")
@@ -323,7 +324,7 @@ def init_follows_params(mesh, kind) -> bool | str:
 def diagnostics(mesh) -> dict:
   """norm_report (jitted and eager) and decay_resolution_report on global arrays that are
   not fully addressable, compared with the same calls on local arrays."""
-  out = {}
+  out: dict[str, Any] = {}
   param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), _specs())
   params_np = _params_np()
   params = _global(params_np, param_shardings)
@@ -411,10 +412,10 @@ def checkpoint_save(mesh, workdir) -> dict:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(workdir, "ckpt"), {"params": half[0], "opt_state": half[1]})
   checkpointer.wait_until_finished()
-  full = _run(step, *half, param_shardings, SAVE_AT, STEPS)
+  full = _run(step, half[0], half[1], param_shardings, SAVE_AT, STEPS)
   flat = _flat({"params": full[0], "opt_state": full[1]})
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, "uninterrupted.npz"), **flat)
+    np.savez(os.path.join(workdir, "uninterrupted.npz"), **flat)  # type: ignore[arg-type]
   multihost_utils.sync_global_devices("uninterrupted result saved")
   return {"saved_after_step": SAVE_AT, "leaves": len(flat)}
 
@@ -520,7 +521,8 @@ def main(argv) -> int:
     rows = []
     for kind in ("explicit", "auto"):
       mesh = _mesh(kind)
-      for entry in [*REGISTRY, GROUPS]:
+      entries: list[Any] = [*REGISTRY, GROUPS]
+      for entry in entries:
         if entry.placement not in ("before", "after", "wraps", "optimizer"):
           continue  # A transform with another placement needs its own chain.
         try:

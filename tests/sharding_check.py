@@ -182,7 +182,7 @@ def control(mesh) -> list[tuple[str, list[int]]]:
   replicated = NamedSharding(mesh, P())
   u = jax.device_put(np.ones((ROWS, COLS), np.float32), sharded)
   step = jax.jit(lambda u: 2 * u, out_shardings=replicated)
-  return _collectives(step.lower(u).compile().as_text())
+  return _collectives(step.lower(u).compile().as_text() or "")
 
 
 def main() -> int:

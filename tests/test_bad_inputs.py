@@ -8,7 +8,8 @@ table; ``python tests/test_bad_inputs.py`` prints it.
 
 import math
 import traceback
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ class _Module(NamedTuple):
 class Case(NamedTuple):
   id: str
   what: str
-  thunk: object
+  thunk: Callable[[], Any]
   error: type
   match: str
   names: str
@@ -60,7 +61,7 @@ CASES = [
   Case(
     "alpha_string",
     'add_l2_decay("0.1")',
-    lambda: on.add_l2_decay("0.1"),
+    lambda: on.add_l2_decay("0.1"),  # type: ignore[arg-type]
     ValueError,
     r"must be a non-negative real number or a schedule, got '0\.1'",
     "`alpha`",
@@ -68,7 +69,7 @@ CASES = [
   Case(
     "alpha_none",
     "add_l2_decay(None)",
-    lambda: on.add_l2_decay(None),
+    lambda: on.add_l2_decay(None),  # type: ignore[arg-type]
     ValueError,
     r"must be a non-negative real number .* got None",
     "`alpha`",
@@ -116,7 +117,7 @@ CASES = [
   Case(
     "alpha_complex",
     "add_l2_decay(1j)",
-    lambda: on.add_l2_decay(1j),
+    lambda: on.add_l2_decay(1j),  # type: ignore[arg-type]
     ValueError,
     r"must be a real number, got dtype complex",
     "`alpha`",
@@ -174,7 +175,7 @@ CASES = [
   Case(
     "schedule_takes_no_step",
     "add_l2_decay(lambda: 0.1).init(params)",
-    lambda: _init(on.add_l2_decay(lambda: 0.1)),
+    lambda: _init(on.add_l2_decay(lambda: 0.1)),  # type: ignore[arg-type,misc]
     ValueError,
     r"looks like a schedule but calling it .* failed: TypeError",
     "`alpha`",
@@ -345,7 +346,7 @@ CASES = [
   Case(
     "where_not_callable",
     "path_mask(where=3)",
-    lambda: on.path_mask(where=3),
+    lambda: on.path_mask(where=3),  # type: ignore[arg-type]
     ValueError,
     r"must be a callable \(path, leaf\) -> bool",
     "`where`",
@@ -455,7 +456,7 @@ CASES = [
   Case(
     "axis_string",
     'clip_by_row_norm(1.0, axis="rows")',
-    lambda: on.clip_by_row_norm(1.0, axis="rows"),
+    lambda: on.clip_by_row_norm(1.0, axis="rows"),  # type: ignore[arg-type]
     ValueError,
     r"must be None, an int, a tuple of ints, an optax_norms.Layout or a callable",
     "`axis`",
@@ -463,7 +464,7 @@ CASES = [
   Case(
     "axis_float",
     "constrain_row_norm(1.0, axis=1.0)",
-    lambda: on.constrain_row_norm(1.0, axis=1.0),
+    lambda: on.constrain_row_norm(1.0, axis=1.0),  # type: ignore[arg-type]
     ValueError,
     r"must be None, an int, a tuple of ints, an optax_norms.Layout or a callable .* got 1\.0",
     "`axis`",
@@ -564,7 +565,7 @@ CASES = [
   Case(
     "axis_float_array",
     "clip_by_row_norm(1.0, axis=jnp.array(0.9))",
-    lambda: on.clip_by_row_norm(1.0, axis=jnp.array(0.9)),
+    lambda: on.clip_by_row_norm(1.0, axis=jnp.array(0.9)),  # type: ignore[arg-type]
     ValueError,
     r"`axis` must be None, an int",
     "`axis`",

@@ -97,7 +97,7 @@ def test_chains_with_optimizer(case, optimizer):
 
   # Reference: apply the oracle by hand, then the optimizer.
   ref_params, ref_opt = params, optimizer.init(params)
-  for _ in range(3):
+  for _ in range(1 if "multistep" in case.skip else 3):
     params, state = step(params, state)
     pre = jax.tree.map(
       lambda x: None if x is None else jnp.asarray(x, jnp.float32),
@@ -124,6 +124,7 @@ def test_inject_hyperparams(case):
   # Changing a hyperparameter in the injected state changes the update accordingly.
   name = next(iter(case.hyperparams))
   doubled = {**case.hyperparams, name: 2 * case.hyperparams[name]}
+  state = injected.init(params)  # The oracle is an update from a fresh state.
   state.hyperparams[name] = jnp.asarray(doubled[name], jnp.float32)
   updates, _ = jax.jit(injected.update)(grads, state, params)
   _assert_close(updates, _oracle_tree(case, grads, params, doubled))
@@ -168,7 +169,8 @@ def test_state_structure_stable_and_schedule_advances(case):
     )
     # optax's convention: the update at count k uses schedule(k).
     hp = {**case.hyperparams, name: float(schedule(step))}
-    _assert_close(updates, _oracle_tree(case, grads, params, hp), rtol=2e-5, atol=2e-6)
+    if step == 0 or "multistep" not in case.skip:
+      _assert_close(updates, _oracle_tree(case, grads, params, hp), rtol=2e-5, atol=2e-6)
     # lax.cond between the old and the new state must type-check (optax's stability test).
     state = jax.lax.cond(True, lambda a, b: a, lambda a, b: b, new_state, state)
   assert int(state.count) == 3

@@ -163,7 +163,7 @@ def _kernels_from_text(hlo: str) -> int:
       continue
     rhs = line.split(" = ", 1)[1]
     match = re.match(r"(?:\([^=]*?\)|\S+)\s+([a-z][a-z0-9-]*)\(", rhs)
-    count += bool(match) and match.group(1) not in _TEXT_FREE_OPS
+    count += match is not None and match.group(1) not in _TEXT_FREE_OPS
   return count
 
 

@@ -84,6 +84,7 @@ def train(tx: optax.GradientTransformation, seed: int) -> dict:
 def accuracy(params) -> float:
   _, _, x_te, y_te = digits()
   logits = MLP().apply({"params": params}, jnp.asarray(x_te))
+  assert isinstance(logits, jax.Array)
   return float(np.mean(np.asarray(logits.argmax(-1)) == y_te))
 
 

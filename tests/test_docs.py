@@ -67,3 +67,36 @@ def test_site_builds_strict(tmp_path):
     assert (site / page / "index.html").is_file(), page
   # The reST-isms in docstrings are rendered, not printed (docs/griffe_docstrings.py).
   assert ":func:" not in api and "<blockquote>" not in api
+
+
+def _hooks():
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_which_one_page_is_the_readme_table_and_placement_guide():
+  hooks = _hooks()
+  page = (ROOT / "docs" / "which-one.md").read_text()
+  for title in ("Which one do I want?", "Where each transform goes in a chain"):
+    assert f"<!-- README section: {title} -->" in page, title
+  expanded = hooks.expand_readme_sections(page)
+  for title in ("Which one do I want?", "Where each transform goes in a chain"):
+    for line in hooks.readme_section(title).splitlines():
+      if line.startswith("| ") and not line.startswith("| I want"):
+        wanted = line.split("|")[1].strip()
+        assert f"| {wanted} |" in expanded, wanted
+  assert "add_decoupled_weight_decay(λ, lr, cautious=True)`][optax_norms." in expanded
+
+
+def test_every_regularize_setting_is_in_its_docstring_and_the_readme():
+  from optax_norms._groups import SETTINGS
+
+  doc = optax_norms.regularize.__doc__
+  readme = _hooks().readme_section("Regularizing a transformer")
+  for key in (*SETTINGS, "axis"):
+    assert f"``{key}``" in doc, f"regularize's docstring table lacks {key!r}"
+    assert f"`{key}" in readme, f"the README's 'Regularizing a transformer' lacks {key!r}"

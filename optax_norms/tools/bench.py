@@ -40,6 +40,7 @@ _PROG = "python -m optax_norms bench"
 # projections are active for part of the units.
 # The hyperparameters of each transform are in its ``bench_table`` entry.
 ALPHA, MAX_NORM = 1e-4, 1.0
+WEIGHT_DECAY = 0.1  # decoupled (AdamW-style), as optax.adamw's weight_decay
 LR = {"sgd": 1e-2, "adam": 1e-3}
 
 # size -> (big-leaf side, transformer width, transformer layers, small-leaf side,
@@ -585,6 +586,22 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
     "all_hand": optax.chain(
       hand("clip_by_row_norm"), hand("add_l2_decay"), adam(), hand("constrain_row_norm")
     ),
+    # Decoupled decay and CPR: the whole step against optax.adamw's (same decay, same mask).
+    "adamw": optax.adamw(lr, weight_decay=WEIGHT_DECAY, mask=_bool_mask),
+    "decay_lr": optax.chain(adam(), on.add_decoupled_weight_decay(WEIGHT_DECAY, lr, mask=MASK)),
+    "decay_indep": optax.chain(
+      adam(),
+      on.add_decoupled_weight_decay(WEIGHT_DECAY * lr, lr, convention="independent", mask=MASK),
+    ),
+    "decay_adamc": optax.chain(
+      adam(), on.add_decoupled_weight_decay(WEIGHT_DECAY, lr, convention="adamc", mask=MASK)
+    ),
+    "decay_caut": optax.chain(
+      adam(), on.add_decoupled_weight_decay(WEIGHT_DECAY, lr, cautious=True, mask=MASK)
+    ),
+    "cpr": optax.chain(
+      adam(), on.cpr(kappa_init_method="warm_start", kappa_init_param=10, mask=MASK)
+    ),
   }
   variants = {name: loop(tx) for name, tx in txs.items()}
   times = _time(variants, args.repeats)
@@ -598,6 +615,9 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
         "ratio_vs_hand": (
           _ratio(times, name, name.rsplit("_", 1)[0] + "_hand") if name.endswith("_ours") else None
         ),
+        "ratio_vs_adamw": (
+          _ratio(times, name, "adamw") if name.startswith(("decay_", "cpr")) else None
+        ),
         "compile_s": v.compile_s,
         "kernels": v.kernels,
         "temp_bytes": v.temp_bytes,
@@ -608,6 +628,7 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
     for group in ("l2", "maxnorm", "clip", "all")
   }
   diffs["l2_optax"] = _max_diff(variants["l2_ours"].output[0], variants["l2_optax"].output[0])
+  diffs["decay_lr_adamw"] = _max_diff(variants["decay_lr"].output[0], variants["adamw"].output[0])
   progress.step("mlp")
   return {
     "depth": depth,
@@ -681,7 +702,7 @@ def _print_mlp(result: dict[str, Any]) -> None:
     f"{result['batch']}, adam; {result['n_params']:,} params"
   )
   head = (
-    f"{'variant':<14}{'us/step':>10}{'xbase':>8}{'xhand':>8}{'compile s':>11}"
+    f"{'variant':<14}{'us/step':>10}{'xbase':>8}{'xhand':>8}{'xadamw':>8}{'compile s':>11}"
     f"{'kernels':>9}{'temp KiB':>10}"
   )
   print(head)
@@ -689,7 +710,8 @@ def _print_mlp(result: dict[str, Any]) -> None:
   for r in result["rows"]:
     print(
       f"{r['variant']:<14}{r['us_per_step']:>10.1f}{_fmt(r['ratio_vs_base']):>8}"
-      f"{_fmt(r['ratio_vs_hand']):>8}{r['compile_s']:>11.2f}{r['kernels']:>9}"
+      f"{_fmt(r['ratio_vs_hand']):>8}{_fmt(r.get('ratio_vs_adamw')):>8}"
+      f"{r['compile_s']:>11.2f}{r['kernels']:>9}"
       f"{_kib(r['temp_bytes']):>10}"
     )
 
@@ -719,6 +741,13 @@ def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   )
   add("per-unit: ours / hand-written", [r["ratio_vs_hand"] for r in unit], lambda w: w <= tol, tol)
   add("all: ours / hand-written", [r["ratio_vs_hand"] for r in rows], lambda w: w <= tol, tol)
+  mlp = results.get("mlp", {})
+  add(
+    "weight decay, whole MLP step: ours / optax.adamw",
+    [r.get("ratio_vs_adamw") for r in mlp.get("rows", [])],
+    lambda w: w <= 1.05,
+    1.05,
+  )
   many = results["trees"].get("many")
   if many:
     add(

@@ -159,6 +159,20 @@ def _hand_min_max(hp, lr):
   return rule
 
 
+def _hand_cpr(hp, lr):
+  """CPR's l2 step with a uniform bound 1.0, the multiplier recomputed from 0 each step
+  (stateless: the cost of the reduction and the pull; its numbers differ from ours)."""
+  del lr
+  jnp = _jnp()
+
+  def rule(g, w):
+    v = w + g
+    lagmul = jnp.maximum(hp["kappa_update"] / v.size * (jnp.sum(v * v) - 1.0), 0)
+    return v - (2 * lagmul) * v - w
+
+  return rule
+
+
 def _optax_peer(build):
   def peer(hp, mask):
     import optax
@@ -314,6 +328,30 @@ BENCH_TABLE: tuple[BenchEntry, ...] = (
         False,
       )
     ),
+  ),
+  BenchEntry(
+    "add_decoupled_weight_decay",
+    on.add_decoupled_weight_decay,
+    "after",
+    {"weight_decay": 1e-2},
+    learning_rate=True,
+    hand_rule=lambda hp, lr: lambda g, w: g - (lr * hp["weight_decay"]) * w,
+    # optax's decay added after the optimizer's learning rate: the same math as ours.
+    peer=_optax_peer(
+      lambda ox, hp, m: (
+        ox.add_decayed_weights(-hp["learning_rate"] * hp["weight_decay"], mask=m),
+        True,
+      )
+    ),
+  ),
+  BenchEntry(
+    "cpr",
+    on.cpr,
+    "after",
+    {"kappa_update": 1.0},
+    options={"kappa_init_method": "uniform", "kappa_init_param": 1.0},
+    stateful=True,
+    hand_rule=_hand_cpr,
   ),
   BenchEntry(
     "constrain_n_of_m",

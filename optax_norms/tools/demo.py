@@ -323,9 +323,9 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
   import numpy as np
 
   names = list(results)
-  colors = plt.get_cmap("tab10")
-  styles = ["-", "--", ":", "-."]
-  markers = ["o", "s", "^", "v", "D", "x", "+", "*", "P"]
+  # Distinct colours for up to 20 settings (tab10 repeats after ten).
+  palette = plt.get_cmap("tab20")
+  colors = lambda i: palette((2 * i) % 20 + (i // 10) % 2)  # noqa: E731
   files = []
 
   # Weight histograms, one panel per setting, log counts so the spike at 0 and the tails show.
@@ -340,7 +340,7 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
   bins = np.linspace(-bound, bound, 81)
   for ax, name in zip(axes.flat, names, strict=False):
     w = values[name]
-    ax.hist(w, bins=bins, color=colors(names.index(name) % 10), log=True)
+    ax.hist(w, bins=bins, color=colors(names.index(name)), log=True)
     ax.set_title(f"{name}: {np.mean(w == 0):.0%} exact zeros", fontsize=9)
     ax.set_xlabel("kernel weight value", fontsize=8)
     ax.tick_params(labelsize=7)
@@ -352,50 +352,63 @@ def _figures(plt, results: dict[str, dict[str, Any]], rows, out: str) -> list[st
   fig.tight_layout()
   files.append(_save(fig, plt, out, "weights_hist.png"))
 
-  # Summary: accuracy (train and test) and exact-zero fraction per setting, values annotated.
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-  pos = np.arange(len(rows))
-  ax1.bar(pos - 0.2, [r["train acc"] for r in rows], 0.4, label="train", color="0.75")
-  bars = ax1.bar(pos + 0.2, [r["test acc"] for r in rows], 0.4, label="test", color="tab:blue")
-  ax1.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
-  low = min(r["test acc"] for r in rows)
-  ax1.set_ylim(max(0.0, low - 0.1), 1.04)
-  ax1.set_title("Accuracy", fontsize=10)
-  ax1.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.08), ncol=2, frameon=False)
-  bars = ax2.bar(pos, [r["zero frac"] for r in rows], 0.6, color="tab:orange")
-  ax2.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)  # 0.00 shows where there is no bar.
-  ax2.set_ylim(0, 1.1)
-  ax2.set_title("Fraction of exact zeros in the kernels", fontsize=10)
-  for ax in (ax1, ax2):
-    ax.set_xticks(pos, [r["setting"] for r in rows], rotation=45, ha="right", fontsize=8)
-    ax.tick_params(axis="y", labelsize=8)
+  # Summary: one panel per question (test accuracy, generalization gap, exact zeros), settings
+  # on a shared vertical axis so the labels read horizontally; values printed on the bars.
+  fig, axes3 = plt.subplots(1, 3, figsize=(12, 0.42 * len(rows) + 1.6), sharey=True)
+  pos = np.arange(len(rows))[::-1]
+  panels = (
+    ("test acc", "Test accuracy", "{:.3f}"),
+    ("gap", "Generalization gap (train − test)", "{:.3f}"),
+    ("zero frac", "Fraction of exact zeros in the kernels", "{:.2f}"),
+  )
+  for ax, (key, title, fmt) in zip(axes3, panels, strict=True):
+    values = [r[key] for r in rows]
+    bars = ax.barh(pos, values, 0.7, color=[colors(i) for i in range(len(rows))])
+    ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=9, padding=3)
+    ax.set_title(title, fontsize=11)
+    ax.tick_params(labelsize=10)
+    top = max(values) if max(values) > 0 else 1.0
+    if key == "test acc":  # Zoomed on the spread of accuracies, never past 1.
+      ax.set_xlim(max(0.0, min(values) - 0.05), min(1.0, top + 0.03))
+    else:
+      ax.set_xlim(0, top * 1.25)
+  axes3[0].set_yticks(pos, [r["setting"] for r in rows], fontsize=10)
   fig.tight_layout()
   files.append(_save(fig, plt, out, "summary.png"))
 
-  # Learning curves: training loss and test accuracy against steps, one style per setting.
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for i, name in enumerate(names):
+  # Learning curves, one panel per setting (each against the unpenalized run in grey when
+  # there is one): training loss on the left axis, test accuracy on the right one.
+  reference = "none" if "none" in names else None
+  cols = min(4, len(names))
+  nrows = -(-len(names) // cols)
+  fig, grid = plt.subplots(
+    nrows, cols, figsize=(3.4 * cols, 2.6 * nrows), squeeze=False, sharex=True, sharey=True
+  )
+  low = max(0.0, min(r["test acc"] for r in rows) - 0.1)
+  for i, (ax, name) in enumerate(zip(grid.flat, names, strict=False)):
     curve = results[name]["curve"]
-    style = {
-      "color": colors(i % 10),
-      "ls": styles[i % len(styles)],
-      "marker": markers[i % 9],
-      "markevery": (0.02 * (i % 9), 0.2),
-      "ms": 4,
-      "lw": 1.2,
-      "label": name,
-    }
-    ax1.plot(curve["step"], curve["train_loss"], **style)
-    ax2.plot(curve["step"], curve["test_acc"], **style)
-  ax1.set_yscale("log")
-  ax1.set_title("Training loss: cross-entropy only, without the penalty", fontsize=9)
-  ax1.set_ylabel("cross-entropy (log)", fontsize=8)
-  ax2.set_title("Test accuracy", fontsize=9)
-  ax2.set_ylim(max(0.0, min(r["test acc"] for r in rows) - 0.1), 1.0)
-  for ax in (ax1, ax2):
-    ax.set_xlabel("step", fontsize=8)
+    acc = ax.twinx()
+    if reference is not None and name != reference:
+      base = results[reference]["curve"]
+      ax.plot(base["step"], base["train_loss"], color="0.7", lw=1.2)
+      acc.plot(base["step"], base["test_acc"], color="0.7", lw=1.2, ls="--")
+    ax.plot(curve["step"], curve["train_loss"], color=colors(i), lw=1.6)
+    acc.plot(curve["step"], curve["test_acc"], color=colors(i), lw=1.6, ls="--")
+    ax.set_yscale("log")
+    acc.set_ylim(low, 1.0)
+    acc.tick_params(labelsize=8)
+    if (i + 1) % cols and i + 1 != len(names):
+      acc.set_yticklabels([])
+    ax.set_title(f"{name}: test acc {curve['test_acc'][-1]:.3f}", fontsize=10)
     ax.tick_params(labelsize=8)
-  ax2.legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+  for ax in grid[:, 0]:
+    ax.set_ylabel("train cross-entropy (log, —)", fontsize=9)
+  for ax in grid[-1, :]:
+    ax.set_xlabel("step", fontsize=9)
+  for ax in list(grid.flat)[len(names) :]:
+    ax.axis("off")
+  grey = f"; grey: {reference}" if reference is not None else ""
+  fig.suptitle(f"Training loss (solid) and test accuracy (dashed, right axis){grey}", fontsize=11)
   fig.tight_layout()
   files.append(_save(fig, plt, out, "curves.png"))
   return files
