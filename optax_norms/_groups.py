@@ -21,6 +21,7 @@ import optax
 
 from optax_norms._clipping import clip_by_max_abs, clip_by_row_norm
 from optax_norms._constraints import constrain_max_abs, constrain_row_norm
+from optax_norms._coupled import as_group_list, resolve_all
 from optax_norms._cpr import cpr
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
 from optax_norms._keras_constraints import (
@@ -33,7 +34,12 @@ from optax_norms._masks import PathMask, path_mask
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay
 from optax_norms._prox import prox_group_l2, prox_l1
-from optax_norms._sparsity import budget_count, constrain_n_of_m, constrain_sparsity
+from optax_norms._sparsity import (
+  budget_count,
+  constrain_group_sparsity,
+  constrain_n_of_m,
+  constrain_sparsity,
+)
 from optax_norms._spectral import constrain_spectral_norm
 from optax_norms._transform import _leaf_kind, leafwise_transform
 from optax_norms._units import UnitAxes, resolve_layout
@@ -137,6 +143,29 @@ def _cpr(value: Any, *, mask: Any, axis: Any, learning_rate: Any, **_: Any):
   )
 
 
+_PERIODIC_KEYS = ("update_every", "update_start", "update_end")
+
+
+def _budget(name: str, value: Any) -> dict[str, Any]:
+  """A budget setting: a fraction (number or schedule) or a dict with ``fraction`` and the
+  periodic-mask keys."""
+  if not isinstance(value, Mapping):
+    return {"fraction": value}
+  options = _as_kwargs(name, value, ("fraction", *_PERIODIC_KEYS))
+  if "fraction" not in options:
+    raise ValueError(f"`{name}` as a dict needs 'fraction', got {value!r}.")
+  return options
+
+
+def _group_sparsity(value: Any, *, mask: Any, groups: Any, **_: Any):
+  if groups is None:
+    raise ValueError(
+      "`group_sparsity` prunes coupled groups: give the rule a 'groups' setting "
+      "(optax_norms.coupled_groups(...), or a list of them)."
+    )
+  return constrain_group_sparsity(**_budget("group_sparsity", value), groups=groups, mask=mask)
+
+
 def _spectral(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
   if isinstance(value, Mapping):
     options = _as_kwargs("spectral_norm", value, ("max_norm", "mode", "n_iter", "seed"))
@@ -148,7 +177,7 @@ def _spectral(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
 
 def _n_of_m(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
   if isinstance(value, Mapping):
-    options = _as_kwargs("n_of_m", value, ("n", "m", "block_axis"))
+    options = _as_kwargs("n_of_m", value, ("n", "m", "block_axis", *_PERIODIC_KEYS))
     if not {"n", "m"} <= set(options):
       raise ValueError(f"`n_of_m` as a dict needs 'n' and 'm', got {value!r}.")
     return constrain_n_of_m(axis=axis, mask=mask, **options)
@@ -183,8 +212,8 @@ SETTINGS: dict[str, Setting] = {
   ),
   "prox_group": Setting(
     "prox",
-    lambda v, *, mask, axis, learning_rate, **_: prox_group_l2(
-      v, learning_rate, axis=axis, mask=mask
+    lambda v, *, mask, axis, learning_rate, groups, **_: prox_group_l2(
+      v, learning_rate, groups=groups, axis=axis, mask=mask
     ),
     needs_learning_rate=True,
     layout=True,
@@ -209,10 +238,13 @@ SETTINGS: dict[str, Setting] = {
   ),
   "sparsity": Setting(
     "constraint",
-    lambda v, *, mask, axis, **_: constrain_sparsity(v, axis=axis, mask=mask),
+    lambda v, *, mask, axis, **_: constrain_sparsity(
+      **_budget("sparsity", v), axis=axis, mask=mask
+    ),
     layout=True,
     pattern=True,
   ),
+  "group_sparsity": Setting("constraint", _group_sparsity, pattern=True),
   "unit_norm": Setting(
     "constraint",
     lambda v, *, mask, axis, **_: (
@@ -279,7 +311,9 @@ def _refused_pairs(settings: Mapping[str, Any], optimizer: Any) -> str | None:
   The pairs that compose are run in the order of ``SETTINGS``; these are the ones no order
   makes hold together on every value.
   """
-  has = set(settings) - {"axis"}
+  has = set(settings) - _MODIFIERS
+  if "groups" in settings and not has & {"prox_group", "group_sparsity"}:
+    return "'groups' is read by 'prox_group' and 'group_sparsity' only, and this rule has neither."
   patterns = sorted(k for k in has if SETTINGS[k].pattern)
   # Constraints that may scale a unit up break bounds that an earlier constraint set.
   for up in ("unit_norm", "min_max_norm"):
@@ -343,7 +377,9 @@ def _step_size(learning_rate: ScalarOrSchedule, lr_scale: Any) -> ScalarOrSchedu
   return step_size
 
 
-_KEYS = tuple(sorted((*SETTINGS, "axis")))
+# Keys that modify how a rule's settings read its leaves, not settings of their own.
+_MODIFIERS = frozenset({"axis", "groups"})
+_KEYS = tuple(sorted((*SETTINGS, *_MODIFIERS)))
 
 
 # --- the rule table --------------------------------------------------------------------------
@@ -504,6 +540,40 @@ class _FirstMatch(PathMask):
 # --- regularize ------------------------------------------------------------------------------
 
 
+def _rule_instances(rule: _Rule, paths: list[Path], leaves: list[Any]) -> tuple:
+  """The coupled-group instances a rule's ``groups`` setting makes of the tree."""
+  if "groups" not in rule.settings:
+    return ()
+  return resolve_all(as_group_list(rule.settings["groups"], "groups"), paths, leaves)
+
+
+def _check_group_members(
+  table: _Table, paths: list[Path], leaves: list[Any], owner: list[int | None]
+) -> None:
+  """Every member leaf of a rule's coupled groups is a leaf of that rule (first match)."""
+  for i, rule in enumerate(table.rules):
+    where = f"Rule {i} ({_selector_text(rule.selector)})"
+    try:
+      instances = _rule_instances(rule, paths, leaves)
+    except ValueError as error:
+      raise ValueError(f"{where}, setting 'groups': {error}") from None
+    for instance in instances:
+      for member in instance.members:
+        taker = owner[member.position]
+        if taker == i:
+          continue
+        taken = (
+          "no rule"
+          if taker is None
+          else f"rule {taker} ({_selector_text(table.rules[taker].selector)})"
+        )
+        raise ValueError(
+          f"{where}: the leaf {format_path(member.path)!r}, a member of its coupled group "
+          f"{instance.anchor!r}, is taken by {taken} (first match wins). A group is pruned "
+          "whole: make this rule's selector match every member leaf, before any other rule."
+        )
+
+
 def _check_stacked_globs(table: _Table, paths: list[Path]) -> None:
   for rule in table.rules:
     axis = rule.settings.get("axis")
@@ -534,10 +604,15 @@ def regularize(
   | ``lr_scale`` | multiplies the optimizer's step | 4 |
   | ``decoupled_decay`` | ``add_decoupled_weight_decay``: ``λ`` (``w ← w − lr·λ·w``, as ``optax.adamw``) or ``{"weight_decay": λ, "convention": "lr" / "independent" / "adamc", "cautious": bool}`` | 5, after the optimizer |
   | ``cpr`` | ``cpr``: a dict of its arguments (``kappa_init_method``, ``kappa_init_param``, ``kappa_update``, ``reg_function``, ``reg_by_lr``); a stacked ``axis`` gives one bound per layer | 5 |
-  | ``prox_l1``, ``prox_group`` | ``prox_l1``, ``prox_group_l2`` | 6 |
-  | ``non_negative``, ``max_abs``, ``n_of_m``, ``sparsity`` | the constraints that fix a pattern | 7, last |
+  | ``prox_l1``, ``prox_group`` | ``prox_l1``, ``prox_group_l2`` (per unit, or over the rule's ``groups``) | 6 |
+  | ``non_negative``, ``max_abs``, ``n_of_m``, ``sparsity``, ``group_sparsity`` | the constraints that fix a pattern (``group_sparsity``: ``constrain_group_sparsity`` over the rule's ``groups``) | 7, last |
   | ``unit_norm``, ``min_max_norm``, ``spectral_norm``, ``max_norm`` | the constraints that rescale | 7 |
   | ``axis`` | the layout of this rule's leaves (as ``axis=`` of the transforms) | |
+  | ``groups`` | the ``coupled_groups`` (or a list) that ``prox_group`` and ``group_sparsity`` read; every member leaf must be this rule's (first match) | |
+
+  ``sparsity`` and ``group_sparsity`` take a fraction or a dict ``{"fraction": f,
+  "update_every": k, "update_start": s, "update_end": e}`` (periodic masks); ``n_of_m`` takes
+  ``(n, m)`` or a dict with ``n``, ``m``, ``block_axis`` and the same periodic keys.
 
   The settings that need the optimizer's learning rate (``decoupled_decay``, ``prox_l1``,
   ``prox_group``, ``cpr`` with ``reg_by_lr``) get the rule's step size
@@ -616,6 +691,7 @@ def regularize(
           learning_rate=step_size,
           peak_learning_rate=peak_learning_rate,
           lr_scale=lr_scale,
+          groups=rule.settings.get("groups"),
         )
       except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
@@ -623,8 +699,9 @@ def regularize(
   chain = optax.chain(*(t for stage in STAGES for t in by_stage[stage]))
 
   def init_fn(params: Any) -> optax.OptState:
-    paths, _, _, _ = table.assign(params)
+    paths, leaves, _, owner = table.assign(params)
     _check_stacked_globs(table, paths)
+    _check_group_members(table, paths, leaves, owner)
     return chain.init(params)
 
   def update_fn(updates: Any, state: optax.OptState, params: Any = None, **extra_args: Any):
@@ -667,11 +744,39 @@ def _layout_cells(
   return str(layout.stack) if layout.stack else "", str(layout.reduce), units_text, "; ".join(reads)
 
 
+def _reads_layout(settings: Mapping[str, Any]) -> bool:
+  """Whether a rule's settings read its leaves' layouts (``prox_group`` over coupled groups
+  reads the groups instead)."""
+  return any(
+    SETTINGS[k].layout and not (k == "prox_group" and "groups" in settings)
+    for k in settings
+    if k not in _MODIFIERS
+  )
+
+
+def _group_cells(table: _Table, paths: list[Path], leaves: list[Any]) -> dict[Path, str]:
+  """For each member leaf of a rule's coupled groups: its instance, group axis, ``G``, ``p_g``."""
+  cells: dict[Path, str] = {}
+  for rule in table.rules:
+    for instance in _rule_instances(rule, paths, leaves):
+      per_layer = f" per layer of {instance.layers}" if instance.layers is not None else ""
+      for member in instance.members:
+        cells[tuple(member.path)] = (
+          f"group {instance.anchor!r} along axis {member.axis}: {instance.groups} groups of "
+          f"{instance.size} entries{per_layer}"
+        )
+  return cells
+
+
 def _value_text(value: Any) -> str:
   if is_schedule(value):
     return "schedule"
-  if isinstance(value, UnitAxes):
+  if isinstance(value, (UnitAxes, str, bool)):
     return repr(value)
+  if isinstance(value, Mapping):
+    return "{" + ", ".join(f"{k}: {_value_text(v)}" for k, v in value.items()) + "}"
+  if isinstance(value, (tuple, list)):
+    return "(" + ", ".join(_value_text(v) for v in value) + ")"
   try:
     return f"{float(np.asarray(value)):g}"
   except (TypeError, ValueError):
@@ -716,6 +821,8 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
     table = _Table(_parse_rules(rules_or_tx))
   paths, leaves, _, owner = table.assign(params)
   _check_stacked_globs(table, paths)
+  _check_group_members(table, paths, leaves, owner)
+  group_cells = _group_cells(table, paths, leaves)
   shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves) if leaf is not None}
   rows = [("path", "shape", "rule", "settings", "stack", "axes", "units", "reads")]
   for path, leaf, index in zip(paths, leaves, owner):
@@ -732,9 +839,12 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
       f"{k}={_value_text(rule.settings[k])}" for k in SETTINGS if k in rule.settings
     )
     layout_cells = ("", "", "", "")
-    if any(SETTINGS[k].layout for k in rule.settings if k != "axis"):
+    if _reads_layout(rule.settings):
       layout = resolve_layout(rule.settings.get("axis"), path, leaf, shapes=shapes)
       layout_cells = _layout_cells(rule.settings, layout, shape)
+    if tuple(path) in group_cells:
+      reads = "; ".join(c for c in (layout_cells[3], group_cells[tuple(path)]) if c)
+      layout_cells = (*layout_cells[:3], reads)
     rows.append(
       (
         format_path(path),

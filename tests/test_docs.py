@@ -97,6 +97,6 @@ def test_every_regularize_setting_is_in_its_docstring_and_the_readme():
 
   doc = optax_norms.regularize.__doc__
   readme = _hooks().readme_section("Regularizing a transformer")
-  for key in (*SETTINGS, "axis"):
+  for key in (*SETTINGS, "axis", "groups"):
     assert f"``{key}``" in doc, f"regularize's docstring table lacks {key!r}"
     assert f"`{key}" in readme, f"the README's 'Regularizing a transformer' lacks {key!r}"

@@ -366,7 +366,7 @@ def test_error_unknown_setting_names_key_and_lists_valid_ones():
   assert "unknown setting 'l2_decay'" in message and "Did you mean 'l2'?" in message
   from optax_norms._groups import SETTINGS
 
-  valid = ", ".join(sorted([*SETTINGS, "axis"]))
+  valid = ", ".join(sorted([*SETTINGS, "axis", "groups"]))
   assert f"Valid settings: {valid}." in message and "clip_max_abs, clip_unit_norm" in message
 
 
