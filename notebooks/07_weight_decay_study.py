@@ -9,7 +9,7 @@ gradient for all, one of the update per method (λ is traced; CPR's warm start i
 (Wang & Aitchison 2025): ``τ = fraction·steps`` iterations, ``λ = decay_from_timescale(τ, peak,
 convention=...)``, so the same fractions transfer to the notebook's shorter run.
 
-  PYTHONPATH=. python notebooks/07_weight_decay_study.py            # ~15 min on 2 CPU cores
+  PYTHONPATH=. python notebooks/07_weight_decay_study.py            # ~8 min on 2 shared CPU cores
   PYTHONPATH=. python notebooks/07_weight_decay_study.py --steps 60 --seeds 1 --out /tmp/smoke.md
 """
 
