@@ -48,11 +48,12 @@ def shard_count(x: Any, entry: Any) -> int:
   return math.prod(int(shape[name]) for name in names)
 
 
-def reshard(x: Any, spec: tuple[Any, ...]) -> Any:
-  """`x` resharded to the partition spec `spec` on its own (explicit) mesh."""
+def reshard(x: Any, spec: tuple[Any, ...], mesh_of: Any = None) -> Any:
+  """`x` resharded to the partition spec `spec` on the (explicit) mesh of `mesh_of`, by
+  default its own."""
   from jax.sharding import NamedSharding, PartitionSpec
 
-  mesh = _sharding(x).mesh
+  mesh = _sharding(x if mesh_of is None else mesh_of).mesh
   return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(*spec)))
 
 
@@ -61,4 +62,4 @@ def reshard_to(x: Any, like: Any) -> Any:
   target = explicit_spec(like)
   if target is None:
     return x if explicit_spec(x) is None else reshard(x, (None,) * len(x.shape))
-  return reshard(x, target)
+  return reshard(x, target, mesh_of=like)

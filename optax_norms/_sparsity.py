@@ -34,7 +34,7 @@ from optax_norms._layout import Axis
 from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import _is_int
 from optax_norms._paths import flatten, format_path
-from optax_norms._sharding import explicit_spec, reshard, shard_count
+from optax_norms._sharding import explicit_spec, reshard, reshard_to, shard_count
 from optax_norms._transform import _aligned_params, leafwise_transform
 
 __all__ = [
@@ -659,6 +659,8 @@ class GroupSparsityState(NamedTuple):
 def _kept_groups(norms: jax.Array, k: jax.Array) -> jax.Array:
   """Which groups a budget of `k` zeros keeps (along the last axis): the ``G − k`` largest
   norms, equal norms keeping the lower index, a NaN norm ranking largest (kept)."""
+  if explicit_spec(norms) is not None:  # A sort needs its axis whole: `norms` is small.
+    norms = reshard(norms, (None,) * norms.ndim)
   size = jnp.where(jnp.isnan(norms), jnp.full((), jnp.inf, norms.dtype), norms)
   order = jnp.argsort(-size, axis=-1, stable=True)  # Largest first; ties: lower index first.
   rank = jnp.argsort(order, axis=-1, stable=True)  # The inverse permutation.
@@ -784,7 +786,7 @@ def constrain_group_sparsity(
           "a coupled group needs the updates of all its members."
         )
 
-      def choose(us=us, ws=ws, inst=inst, stacked=stacked):
+      def choose(us=us, ws=ws, inst=inst, stacked=stacked, old_keep=old_keep):
         # Ranked on w + u as apply_updates stores it (the sum in the leaf dtype).
         vs = [lax.stop_gradient(w) + lax.stop_gradient(u.astype(w.dtype)) for u, w in zip(us, ws)]
         norms = group_sq_norms(inst, vs, stacked)
@@ -792,7 +794,8 @@ def constrain_group_sparsity(
           k = jnp.asarray(budget_count(constant, inst.groups), jnp.int32)
         else:
           k = traced_budget_count(values["fraction"], inst.groups)
-        return _kept_groups(norms, k)
+        # In the sharding of the state's mask, so that it is the same at every step.
+        return reshard_to(_kept_groups(norms, k), old_keep)
 
       if _is_periodic(period):
         keep = lax.cond(period.is_update_step(state.count), choose, lambda k=old_keep: k)
@@ -801,6 +804,8 @@ def constrain_group_sparsity(
       new_keep.append(keep)
       for member, u, w in zip(inst.members, us, ws):
         where = jnp.expand_dims(keep, member_view(member.axis, u.ndim, stacked))
+        if explicit_spec(u) is not None:  # A select takes its mask in the leaf's sharding.
+          where = reshard_to(jnp.broadcast_to(where, u.shape), u)
         new = jnp.where(where, u, -w.astype(u.dtype))
         if valid is not None:
           new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))

@@ -46,6 +46,8 @@ TRANSFORMS = {entry.name: (entry.make, entry.per_unit) for entry in REGISTRY}
 # (all-gathers), power iteration and prox_adam's group solve reduce several vectors. For
 # them the check is equality and kept shardings, not the collective pattern.
 COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam"}
+# One statistic per matrix (CPR's R): its only communication is the all-reduce of that scalar.
+PER_MATRIX = {"cpr"}
 # Known limitations on explicit mesh axes (jax.make_mesh): none at present. A transform that
 # fails there goes here (its cells are then reported, not failed), with its reason.
 KNOWN_EXPLICIT: set[str] = set()
@@ -154,6 +156,10 @@ def check_cell(mesh, layout: str, name: str, params_np, grads_np) -> dict:
   found = _collectives(hlo)
   if name in COMMUNICATES:
     pass
+  elif name in PER_MATRIX:
+    for op, sizes in found:
+      if op != "all-reduce" or any(s != 1 for s in sizes):
+        problems.append(f"unexpected {op} of sizes {sizes} (one scalar per matrix)")
   elif per_unit:
     allowed = {
       int(np.prod(_local_shape(mesh, (COLS,), kernel_spec[1:] if len(kernel_spec) > 1 else ()))),

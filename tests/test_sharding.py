@@ -21,6 +21,8 @@ PER_UNIT = {e.name for e in REGISTRY if e.per_unit}
 # Transforms that read more than one unit at a time (magnitude budgets, power iteration,
 # prox_adam's group solve): they communicate more than a norm vector.
 LEAF_WIDE = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam"}
+# One statistic per matrix (CPR's R): an all-reduce of one scalar per leaf, when sharded.
+PER_MATRIX = {"cpr"}
 # Per-unit rules whose only communication is the all-reduce of the unit norms (the spectral
 # constraint's power iteration and the sparsity budgets communicate more: checked for equality
 # and kept shardings only).
@@ -60,8 +62,19 @@ def test_every_cell_matches_unsharded_keeps_sharding_and_collectives(report):
 def test_elementwise_transforms_have_no_collective(report):
   _, cells, _ = report
   for cell in cells:
-    if cell["transform"] not in PER_UNIT and cell["transform"] not in LEAF_WIDE:
+    if cell["transform"] not in PER_UNIT | LEAF_WIDE | PER_MATRIX:
       assert cell["collectives"] == [], cell
+
+
+def test_per_matrix_transforms_all_reduce_one_scalar_per_matrix_at_most(report):
+  _, cells, _ = report
+  for cell in cells:
+    if cell["transform"] in PER_MATRIX:
+      assert all(
+        c == "all-reduce[1]" or c.startswith("all-reduce[1, ") for c in cell["collectives"]
+      ), cell
+      if cell["layout"] == "replicated":
+        assert cell["collectives"] == [], cell
 
 
 def test_per_unit_over_a_sharded_axis_all_reduces_only_the_norm_vector(report):
