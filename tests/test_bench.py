@@ -55,7 +55,7 @@ def tiny_run(tmp_path_factory):
     "--size",
     "tiny",
     "--trees",
-    "big,mlp",
+    "big,mlp,coupled",
     "--steps",
     "1",
     "--repeats",
@@ -124,6 +124,11 @@ def test_hand_written_baselines_compute_the_same_math(tiny_run):
       assert r["max_abs_diff_vs_peer"] < 1e-5, r["transform"]
   for group, diff in results["mlp"]["max_abs_diff_vs_hand"].items():
     assert diff < 1e-5, group
+  # The coupled groups' hand-written versions (group prox, group budget) do the same math.
+  for kind, diff in results["coupled"]["max_abs_diff_vs_hand"].items():
+    assert diff < 1e-5, kind
+  variants = {r["variant"] for r in results["coupled"]["rows"]}
+  assert {"prox_ours", "budget_ours", "budget_every100", "prox_adam"} <= variants
 
 
 def test_state_bytes_are_zero_without_schedules_and_one_int32_count_with_one(tiny_run):

@@ -28,7 +28,7 @@ __all__ = ["main"]
 TRANSFORMS = tuple(entry.name for entry in BENCH_TABLE)
 ELEMENTWISE = tuple(entry.name for entry in BENCH_TABLE if not entry.per_unit)
 PER_UNIT = tuple(entry.name for entry in BENCH_TABLE if entry.per_unit)
-TREES = ("big", "transformer", "many", "mlp", "groups")
+TREES = ("big", "transformer", "many", "mlp", "groups", "coupled")
 OPTIMIZERS = ("sgd", "adam")
 # The many-leaf tree measures per-leaf overheads (tracing, compile time, kernels per leaf);
 # with adam its compile time is ~5x longer on CPU for the same information, so sgd only.
@@ -522,6 +522,181 @@ def _print_groups(result: dict[str, Any]) -> None:
     )
 
 
+def _coupled_tree(config):
+  """A stacked transformer's attention and MLP leaves: heads and neurons as coupled groups."""
+  import jax
+  import numpy as np
+
+  import optax_norms as on
+
+  layers, d = config["layers"], config["d"]
+  heads, head_dim, hidden = 8, max(d // 8, 2), 4 * d
+  rng = np.random.default_rng(0)
+
+  def normal(*shape):
+    return jax.numpy.asarray(rng.normal(size=shape) / np.sqrt(shape[1]), np.float32)
+
+  attn = {n: {"kernel": normal(layers, d, heads, head_dim)} for n in ("query", "key", "value")}
+  attn["out"] = {"kernel": normal(layers, heads, head_dim, d)}
+  mlp = {
+    "mlp_in": {"kernel": normal(layers, d, hidden), "bias": normal(layers, hidden) * 0},
+    "mlp_out": {"kernel": normal(layers, hidden, d)},
+  }
+  groups = [
+    on.coupled_groups(
+      "**/attn",
+      {"query/kernel": 2, "key/kernel": 2, "value/kernel": 2, "out/kernel": 1},
+      stacked=True,
+    ),
+    on.coupled_groups(
+      "**/mlp", {"mlp_in/kernel": 2, "mlp_in/bias": 1, "mlp_out/kernel": 1}, stacked=True
+    ),
+  ]
+  return {"blocks": {"attn": attn, "mlp": mlp}}, groups
+
+
+def _hand_group_norms(params):
+  """Per (layer, head) and (layer, neuron): the squared norms, written out in plain jnp."""
+  import jax.numpy as jnp
+
+  a, m = params["blocks"]["attn"], params["blocks"]["mlp"]
+  heads = sum(jnp.sum(a[n]["kernel"] ** 2, axis=(1, 3)) for n in ("query", "key", "value"))
+  heads = heads + jnp.sum(a["out"]["kernel"] ** 2, axis=(2, 3))
+  neurons = jnp.sum(m["mlp_in"]["kernel"] ** 2, axis=1) + m["mlp_in"]["bias"] ** 2
+  neurons = neurons + jnp.sum(m["mlp_out"]["kernel"] ** 2, axis=2)
+  return heads, neurons
+
+
+def _hand_apply(params, head_factor, neuron_factor):
+  """Scales every member slice by its group's factor ((layers, G) arrays)."""
+  a, m = params["blocks"]["attn"], params["blocks"]["mlp"]
+  attn = {
+    n: {"kernel": a[n]["kernel"] * head_factor[:, None, :, None]} for n in ("query", "key", "value")
+  }
+  attn["out"] = {"kernel": a["out"]["kernel"] * head_factor[:, :, None, None]}
+  mlp = {
+    "mlp_in": {
+      "kernel": m["mlp_in"]["kernel"] * neuron_factor[:, None, :],
+      "bias": m["mlp_in"]["bias"] * neuron_factor,
+    },
+    "mlp_out": {"kernel": m["mlp_out"]["kernel"] * neuron_factor[:, :, None]},
+  }
+  return {"blocks": {"attn": attn, "mlp": mlp}}
+
+
+def _hand_coupled(kind: str, lr: float, alpha: float, fraction: float, sizes):
+  """The group prox and the group budget after Adam, hand-written in jnp (no masks, no
+  checks, the tree's layout known): the baselines of the coupled bench."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  def prune(updates, params):
+    v = jax.tree.map(lambda w, u: w + u, params, updates)
+    heads, neurons = _hand_group_norms(v)
+    if kind == "prox":
+      factors = [
+        jnp.maximum(0, 1 - lr * alpha * jnp.sqrt(p) / jnp.where(n > 0, jnp.sqrt(n), 1)) * (n > 0)
+        for n, p in zip((heads, neurons), sizes)
+      ]
+    else:
+      factors = []
+      for n in (heads, neurons):
+        k = int(fraction * n.shape[-1])
+        order = jnp.argsort(n, axis=-1, stable=True)
+        rank = jnp.argsort(order, axis=-1, stable=True)
+        factors.append((rank >= k).astype(n.dtype))
+    kept = _hand_apply(v, *factors)
+    return jax.tree.map(lambda q, w: q - w, kept, params)
+
+  adam = optax.adam(lr)
+
+  def update(updates, state, params=None):
+    updates, state = adam.update(updates, state, params)
+    return prune(updates, params), state
+
+  return optax.GradientTransformation(adam.init, update)
+
+
+def _bench_coupled(config, args, progress) -> dict[str, Any]:
+  """Coupled groups (heads, neurons) after Adam against hand-written jnp versions, and the
+  group budget's ranking at update_every 1 and 100."""
+  import jax
+  import optax
+
+  import optax_norms as on
+
+  params, groups = _coupled_tree(config)
+  instances = [i for g in groups for i in g.resolve(params)]
+  sizes = [i.size for i in instances]
+  lr, alpha, fraction = LR["adam"], 1e-2, 0.5
+  target = jax.tree.map(lambda w: 0.5 * w, params)
+  txs = {
+    "adam": optax.adam(lr),
+    "prox_ours": optax.chain(optax.adam(lr), on.prox_group_l2(alpha, lr, groups=groups)),
+    "prox_hand": _hand_coupled("prox", lr, alpha, fraction, sizes),
+    "budget_ours": optax.chain(
+      optax.adam(lr), on.constrain_group_sparsity(fraction, groups=groups)
+    ),
+    "budget_hand": _hand_coupled("budget", lr, alpha, fraction, sizes),
+    "budget_every100": optax.chain(
+      optax.adam(lr), on.constrain_group_sparsity(fraction, groups=groups, update_every=100)
+    ),
+    "prox_adam": on.prox_adam(lr, group=alpha, groups=groups),
+  }
+  variants = {
+    name: _Compiled(_tree_loop(tx, args.steps), (params, tx.init(params), target))
+    for name, tx in txs.items()
+  }
+  times = _time(variants, args.repeats)
+  rows = []
+  for name, variant in variants.items():
+    hand = {"prox_ours": "prox_hand", "budget_ours": "budget_hand"}.get(name)
+    rows.append(
+      {
+        "variant": name,
+        "us_per_step": 1e6 * statistics.median(times[name]) / args.steps,
+        "ratio_vs_adam": _ratio(times, name, "adam"),
+        "ratio_vs_hand": _ratio(times, name, hand) if hand else None,
+        "compile_s": variant.compile_s,
+        "compile_vs_hand": (variant.compile_s / variants[hand].compile_s) if hand else None,
+        "temp_bytes": variant.temp_bytes,
+      }
+    )
+  diffs = {
+    kind: _max_diff(variants[f"{kind}_ours"].output[0], variants[f"{kind}_hand"].output[0])
+    for kind in ("prox", "budget")
+  }
+  progress.step("coupled")
+  return {
+    "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+    "layers": config["layers"],
+    "groups": [f"{i.anchor}: {i.layers}×{i.groups} of {i.size}" for i in instances],
+    "rows": rows,
+    "max_abs_diff_vs_hand": diffs,
+  }
+
+
+def _print_coupled(result: dict[str, Any]) -> None:
+  print(
+    f"\n## coupled groups after adam ({result['n_params']:,} params; {'; '.join(result['groups'])})"
+  )
+  head = (
+    f"{'variant':<17}{'us/step':>10}{'xadam':>8}{'xhand':>8}{'compile s':>11}{'xhand':>7}"
+    f"{'temp KiB':>10}"
+  )
+  print(head)
+  print("-" * len(head))
+  for r in result["rows"]:
+    print(
+      f"{r['variant']:<17}{r['us_per_step']:>10.1f}{_fmt(r['ratio_vs_adam']):>8}"
+      f"{_fmt(r['ratio_vs_hand']):>8}{r['compile_s']:>11.2f}{_fmt(r['compile_vs_hand']):>7}"
+      f"{_kib(r['temp_bytes']):>10}"
+    )
+  diffs = ", ".join(f"{k} {v:.1e}" for k, v in result["max_abs_diff_vs_hand"].items())
+  print(f"max |ours − hand| after the timed loop: {diffs}")
+
+
 def _bench_mlp(config, args, progress) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
@@ -829,14 +1004,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     f"size {args.size}, {args.steps} steps per jit-compiled loop, {args.repeats} repeats, "
     f"mask {MASK!r}; ratios are medians of paired, alternated runs"
   )
-  tree_names = [t for t in args.trees if t not in ("mlp", "groups")]
+  tree_names = [t for t in args.trees if t not in ("mlp", "groups", "coupled")]
   total = sum(
     by_name(n).placement != "optimizer" or o == "adam"
     for t in tree_names
     for o in TREE_OPTIMIZERS[t]
     for n in args.only
   )
-  total += ("mlp" in args.trees) + 2 * ("groups" in args.trees)
+  total += ("mlp" in args.trees) + 2 * ("groups" in args.trees) + ("coupled" in args.trees)
   progress = _Progress(total, not args.no_progress)
   results: dict[str, Any] = {"meta": meta, "trees": {}}
   try:
@@ -846,6 +1021,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
       results["mlp"] = _bench_mlp(config, args, progress)
     if "groups" in args.trees:
       results["groups"] = _bench_groups(config, args, progress)
+    if "coupled" in args.trees:
+      results["coupled"] = _bench_coupled(config, args, progress)
   finally:
     progress.close()
   results["state_bytes"] = _state_bytes(args.only)
@@ -856,6 +1033,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     _print_mlp(results["mlp"])
   if "groups" in results:
     _print_groups(results["groups"])
+  if "coupled" in results:
+    _print_coupled(results["coupled"])
   print("\n## optimizer-state bytes of our transform alone (constant / with one schedule)")
   print(
     "  ".join(f"{k} {v['constant']}/{v['scheduled']}" for k, v in results["state_bytes"].items())
