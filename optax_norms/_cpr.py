@@ -251,15 +251,18 @@ def cpr(
     pull = lagmul[expand] * gradient
     if learning_rate is not None:
       pull = learning_rate * pull
+    # Written from v = w + u alone (not u − pull): u then has one reader and XLA fuses the
+    # optimizer's step into v instead of writing both u and v out; `apply_updates` stores
+    # w + ((v − pull) − w) = v − pull to float32 rounding.
     if not uses_warm_start:
-      return u - pull, CprLeafState(lagmul.astype(jnp.float32), state.kappa)
+      return (v - pull) - w, CprLeafState(lagmul.astype(jnp.float32), state.kappa)
     step = count + 1
     warm_up = jnp.asarray(init_param).astype(step.dtype)  # an injected float array too
     active = step > warm_up
     kappa = jnp.where(step == warm_up, reg, kappa)
     lagmul = jnp.where(active, lagmul, previous)
     return (
-      jnp.where(active, u - pull, u),
+      jnp.where(active, v - pull, v) - w,
       CprLeafState(lagmul.astype(jnp.float32), kappa.astype(jnp.float32)),
     )
 
