@@ -188,10 +188,34 @@ class _Groups:
 GROUPS = _Groups()
 
 
+class _Coupled:
+  """``regularize`` pruning coupled groups (each kernel column with its bias entry): the group
+  prox and a periodic group budget, checked like a registry entry; the group axis is sharded
+  in the "cols" and "both" modules."""
+
+  name = "regularize (coupled groups)"
+  placement = "wraps"
+  per_unit = True
+  groups = on.coupled_groups("*", {"kernel": 1, "bias": 0})
+  rules = [
+    (
+      "**",
+      {
+        "prox_group": 0.3,
+        "group_sparsity": {"fraction": 0.25, "update_every": 2},
+        "groups": groups,
+      },
+    )
+  ]
+
+
+COUPLED = _Coupled()
+
+
 def _chain(entry):
   inner = optax.sgd(LR, momentum=0.9)
-  if entry is GROUPS:
-    return on.regularize(inner, GROUPS.rules, learning_rate=LR)
+  if entry is GROUPS or entry is COUPLED:
+    return on.regularize(inner, entry.rules, learning_rate=LR)
   if entry.placement == "optimizer":  # prox_adam: the transform is the optimizer.
     return entry.make()
   tx = entry.make()
@@ -255,7 +279,9 @@ COMMUNICATES = {
   "constrain_n_of_m",
   "constrain_spectral_norm",
   "prox_adam",
+  "cpr",  # one scalar all-reduce per matrix (its R)
   GROUPS.name,
+  COUPLED.name,
 }  # (regularize: several per-unit settings, several vectors per leaf)
 DISCONTINUOUS: set[str] = set()
 
@@ -521,7 +547,7 @@ def main(argv) -> int:
     rows = []
     for kind in ("explicit", "auto"):
       mesh = _mesh(kind)
-      entries: list[Any] = [*REGISTRY, GROUPS]
+      entries: list[Any] = [*REGISTRY, GROUPS, COUPLED]
       for entry in entries:
         if entry.placement not in ("before", "after", "wraps", "optimizer"):
           continue  # A transform with another placement needs its own chain.
