@@ -25,6 +25,7 @@ NAMES = [
   "03_maxnorm_and_clipping.ipynb",
   "04_transformer_groups.ipynb",
   "05_rnn_gradient_clipping.ipynb",
+  "06_structured_pruning.ipynb",
   "07_weight_decay.ipynb",
 ]
 
