@@ -382,6 +382,35 @@ def main():
   for fractions, runs in runs_c.items():
     label = f"(c) group budget, {fractions[0]:.0%} heads / {fractions[1]:.1%} neurons"
     rows.append(summary(label, "", runs))
+  reading = []
+  for fractions in BUDGETS:
+    budget = runs_c[fractions]
+    size = np.mean([r["kept"] for r in budget])
+
+    def nearest(runs, size=size):
+      by_alpha = {}
+      for r in runs:
+        by_alpha.setdefault(r["hyper"], []).append(r)
+      candidates = list(by_alpha.values())
+      gaps = [abs(np.mean([x["kept"] for x in c]) - size) for c in candidates]
+      return candidates[int(np.argmin(gaps))]
+
+    parts = [
+      ("(c) the budget", budget),
+      ("(b) prox_adam", nearest(runs_b)),
+      ("(a) adam → prox_group_l2", nearest(runs_a)),
+      ("magnitude after training", magnitude[fractions]),
+    ]
+    shown = "; ".join(
+      f"{label} {np.mean([r['val'] for r in rs]):.3f} at "
+      f"{100 * np.mean([r['kept'] for r in rs]) / TOTAL:.0f}%"
+      for label, rs in parts
+    )
+    reading.append(
+      f"- At the budget {fractions[0]:.0%} of the heads / {fractions[1]:.1%} of the neurons "
+      f"pruned ({100 * size / TOTAL:.0f}% of the parameters kept), mean validation loss: "
+      f"{shown} (dense: {np.mean([r['val'] for r in dense]):.3f})."
+    )
   wall = time.perf_counter() - start
   cpu = platform.processor() or platform.machine()
   page = (
@@ -420,6 +449,14 @@ per layer, `layer 0,layer 1` for each seed in turn. Mean ± standard deviation o
 |---|---|---|---|---|---|
 """
     + "\n".join(rows)
+    + """
+
+Reading the table (the prox rows nearest each budget's size; the prox methods set a size
+through α, so their heads and neurons per layer vary between seeds and layers, where the
+budget's counts are exact):
+
+"""
+    + "\n".join(reading)
     + f"""
 
 Command (from the repository root): `{COMMAND}`. Machine: {os.cpu_count()}-core {cpu} CPU
