@@ -831,7 +831,11 @@ def polynomial_sparsity_schedule(
   1))^power``: ``initial`` until ``begin_step``, rising fast and then slowly (``power = 3``,
   the cubic ramp) to ``final`` at ``end_step``, constant after. As the ``fraction`` of
   ``constrain_sparsity`` or ``constrain_group_sparsity``. After ``end_step`` the budget is
-  constant; pass ``update_end=end_step`` (with ``update_every``) to freeze the mask there too.
+  constant; to freeze the mask there too, with the final budget, pass
+  ``update_end=end_step + 1`` (with ``update_every`` dividing ``end_step − update_start``):
+  ``update_end`` is exclusive, so the last mask is then chosen at ``end_step`` itself, where
+  the ramp reaches ``final`` (with ``update_end=end_step`` it is chosen one period earlier,
+  with a budget below ``final``).
 
   Args:
     final: the target sparsity, in ``[0, 1]``.

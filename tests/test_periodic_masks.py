@@ -234,3 +234,20 @@ def test_mask_state_round_trips_through_orbax(tmp_path, which):
   b, _ = make().update(grads, restored, params)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_the_documented_freeze_of_a_polynomial_ramp_reaches_the_final_budget():
+  """``update_end=end_step + 1`` (the docstring's recipe): the last mask is chosen at
+  ``end_step`` with the budget ⌊final·G⌋; ``update_end=end_step`` stops one period short."""
+  groups = on.coupled_groups("m", {"a": 0})
+  params = {"m": {"a": jnp.arange(1.0, 5.0)[:, None] * jnp.ones((4, 3))}}
+  ramp = on.polynomial_sparsity_schedule(0.5, begin_step=0, end_step=20)
+  zero_groups = {}
+  for end in (20, 21):
+    tx = on.constrain_group_sparsity(ramp, groups=groups, update_every=10, update_end=end)
+    state, p = tx.init(params), params
+    for _ in range(40):
+      updates, state = tx.update({"m": {"a": jnp.zeros((4, 3))}}, state, p)
+      p = optax.apply_updates(p, updates)
+    zero_groups[end] = int(on.group_report(p, groups)["m"]["zero_groups"])
+  assert zero_groups == {20: 1, 21: 2}  # ⌊0.5·4⌋ = 2 only with update_end = end_step + 1
