@@ -145,6 +145,9 @@ def cpr(
   Returns:
     An ``optax.GradientTransformation`` whose state is a ``LeafwiseState`` with a
     ``CprLeafState`` per selected leaf (checkpointable); its ``update`` needs ``params``.
+    To derive the state's shardings with ``optax.tree_map_params``, pass
+    ``is_leaf=lambda x: isinstance(x, optax_norms.CprLeafState)`` (each is a pair of
+    per-matrix scalars: replicate it).
 
   Raises:
     ValueError: for an unknown method or function, a bad `kappa_init_param`, `reg_by_lr`

@@ -551,6 +551,8 @@ def _check_group_members(
   table: _Table, paths: list[Path], leaves: list[Any], owner: list[int | None]
 ) -> None:
   """Every member leaf of a rule's coupled groups is a leaf of that rule (first match)."""
+  if all(o is None for o in owner):  # No parameters (optax.tree_map_params' placeholders).
+    return
   for i, rule in enumerate(table.rules):
     where = f"Rule {i} ({_selector_text(rule.selector)})"
     try:

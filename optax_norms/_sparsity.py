@@ -712,7 +712,9 @@ def constrain_group_sparsity(
 
   Returns:
     An ``optax.GradientTransformation`` (state ``GroupSparsityState``) to place last in the
-    chain; its ``update`` needs ``params``.
+    chain; its ``update`` needs ``params``. Its masks are per group instance, found from the
+    leaves' shapes, so ``optax.tree_map_params`` (which calls ``init`` on shapeless
+    placeholders) cannot derive their shardings: they are ``(L, G)`` bools, replicate them.
 
   Examples:
     >>> import jax.numpy as jnp, optax, optax_norms as on

@@ -161,6 +161,9 @@ def _state_shardings(tx, params_abstract, param_shardings, mesh):
     param_shardings,
     params_abstract,
     transform_non_params=lambda _: replicated,
+    # Per-leaf NamedTuple states (CPR's multiplier and bound, scalars per matrix) are one
+    # replicated subtree each.
+    is_leaf=lambda x: isinstance(x, on.CprLeafState),
   )
 
 
@@ -188,33 +191,9 @@ class _Groups:
 GROUPS = _Groups()
 
 
-class _Coupled:
-  """``regularize`` pruning coupled groups (each kernel column with its bias entry): the group
-  prox and a periodic group budget, checked like a registry entry; the group axis is sharded
-  in the "cols" and "both" modules."""
-
-  name = "regularize (coupled groups)"
-  placement = "wraps"
-  per_unit = True
-  groups = on.coupled_groups("*", {"kernel": 1, "bias": 0})
-  rules = [
-    (
-      "**",
-      {
-        "prox_group": 0.3,
-        "group_sparsity": {"fraction": 0.25, "update_every": 2},
-        "groups": groups,
-      },
-    )
-  ]
-
-
-COUPLED = _Coupled()
-
-
 def _chain(entry):
   inner = optax.sgd(LR, momentum=0.9)
-  if entry is GROUPS or entry is COUPLED:
+  if entry is GROUPS:
     return on.regularize(inner, entry.rules, learning_rate=LR)
   if entry.placement == "optimizer":  # prox_adam: the transform is the optimizer.
     return entry.make()
@@ -281,7 +260,6 @@ COMMUNICATES = {
   "prox_adam",
   "cpr",  # one scalar all-reduce per matrix (its R)
   GROUPS.name,
-  COUPLED.name,
 }  # (regularize: several per-unit settings, several vectors per leaf)
 DISCONTINUOUS: set[str] = set()
 
@@ -547,7 +525,7 @@ def main(argv) -> int:
     rows = []
     for kind in ("explicit", "auto"):
       mesh = _mesh(kind)
-      entries: list[Any] = [*REGISTRY, GROUPS, COUPLED]
+      entries: list[Any] = [*REGISTRY, GROUPS]
       for entry in entries:
         if entry.placement not in ("before", "after", "wraps", "optimizer"):
           continue  # A transform with another placement needs its own chain.

@@ -44,7 +44,6 @@ COMMUNICATES = {
   "prox_adam",
   "cpr",  # one scalar all-reduce per matrix (its R)
   "regularize (3 groups)",
-  "regularize (coupled groups)",
 }
 # Rank-based budgets are discontinuous in the input (a 1-ulp difference can flip a near-tie),
 # but their magnitudes are element-wise (no reduction order) and ranked as materialized once:
@@ -144,7 +143,7 @@ def test_transforms_diagnostics_and_checkpoint_on_two_processes(tmp_path):
 
   # The table: every registry entry with a chain placement, on both meshes, in both processes.
   names = [e.name for e in REGISTRY if e.placement in ("before", "after", "optimizer")]
-  names += ["regularize (3 groups)", "regularize (coupled groups)"]
+  names.append("regularize (3 groups)")
   tables = [_lines(out, "RESULT") for _, out, _ in run]
   for cells in tables:
     assert sorted((c["mesh"], c["transform"]) for c in cells) == sorted(
