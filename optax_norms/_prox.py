@@ -29,7 +29,7 @@ from optax_norms._layout import Axis
 from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import compute_dtype, unit_norm
 from optax_norms._paths import flatten
-from optax_norms._transform import _aligned_params, leafwise_transform
+from optax_norms._transform import flatten_with_params, leafwise_transform
 
 __all__ = ["prox_elastic", "prox_group_l2", "prox_l1", "soft_threshold"]
 
@@ -249,15 +249,9 @@ def _coupled_prox_group_l2(
   def update_fn(updates, state, params=None):
     if updates is None:
       return None, state
-    if params is None:
-      raise ValueError(
-        "`prox_group_l2` reads the current parameters, but `params` was not passed: call "
-        "`tx.update(updates, state, params)`."
-      )
+    u_paths, u_leaves, treedef, p_leaves = flatten_with_params("prox_group_l2", updates, params)
     values = hparams.at(state)
     valid = hparams.valid(values)
-    u_paths, u_leaves, treedef = flatten(updates)
-    p_leaves = _aligned_params(u_paths, params)
     instances, _, _ = instances_of(params)
     new_leaves = list(u_leaves)
     for inst in instances:

@@ -35,7 +35,7 @@ from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import _is_int
 from optax_norms._paths import flatten, format_path
 from optax_norms._sharding import explicit_spec, reshard, reshard_to, shard_count
-from optax_norms._transform import _aligned_params, leafwise_transform
+from optax_norms._transform import flatten_with_params, leafwise_transform
 
 __all__ = [
   "GroupSparsityState",
@@ -762,15 +762,11 @@ def constrain_group_sparsity(
   def update_fn(updates, state, params=None):
     if updates is None:
       return None, state
-    if params is None:
-      raise ValueError(
-        "`constrain_group_sparsity` reads the current parameters, but `params` was not "
-        "passed: call `tx.update(updates, state, params)`."
-      )
+    u_paths, u_leaves, treedef, p_leaves = flatten_with_params(
+      "constrain_group_sparsity", updates, params
+    )
     values = hparams.at(state)
     valid = hparams.valid(values)
-    u_paths, u_leaves, treedef = flatten(updates)
-    p_leaves = _aligned_params(u_paths, params)
     instances = instances_of(params)
     if len(instances) != len(state.keep):
       raise ValueError(

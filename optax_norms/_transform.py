@@ -43,7 +43,7 @@ from optax_norms._numerics import compute_dtype
 from optax_norms._paths import Path, flatten, format_path, shown_paths
 from optax_norms._units import resolve_layout
 
-__all__ = ["LeafwiseState", "leafwise_transform", "selected_leaves"]
+__all__ = ["LeafwiseState", "flatten_with_params", "leafwise_transform", "selected_leaves"]
 
 _STATIC_ARGS_HINT = (
   " If this transform is inside optax.inject_hyperparams, a callable `mask` was called "
@@ -138,6 +138,24 @@ def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
       f"{i}: updates {where_u}, params {where_p}."
     )
   return p_leaves
+
+
+def _missing_params(name: str) -> ValueError:
+  return ValueError(
+    f"`{name}` reads the current parameters, but `params` was not passed: call "
+    "`tx.update(updates, state, params)`."
+  )
+
+
+def flatten_with_params(
+  name: str, updates: Any, params: Any
+) -> tuple[list[Path], list[Any], Any, list[Any]]:
+  """The updates flattened (paths, leaves, treedef) and the parameters aligned with them, for
+  transforms that read every leaf at once; raises when `params` is missing or differs."""
+  if params is None:
+    raise _missing_params(name)
+  u_paths, u_leaves, treedef = flatten(updates)
+  return u_paths, u_leaves, treedef, _aligned_params(u_paths, params)
 
 
 _OPTIONAL_ARGUMENTS = frozenset({"count", "leaf_dtype", "layout"})
@@ -240,10 +258,7 @@ def leafwise_transform(
     if updates is None:  # As optax's transforms: no updates, nothing to do.
       return None, state
     if needs_params and params is None:
-      raise ValueError(
-        f"`{name}` reads the current parameters, but `params` was not passed: call "
-        "`tx.update(updates, state, params)`."
-      )
+      raise _missing_params(name)
     values = hparams.at(state)
     valid = hparams.valid(values)
     u_paths, u_leaves, treedef = flatten(updates)
