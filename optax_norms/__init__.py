@@ -13,7 +13,7 @@ from optax_norms._diagnostics import (
   decay_resolution_report,
   norm_report,
 )
-from optax_norms._groups import describe_rules, regularize
+from optax_norms._groups import describe_rules, regularize, rules_from_data, rules_to_data
 from optax_norms._hyperparams import ScheduleState
 from optax_norms._keras_constraints import (
   constrain_min_max_norm,
@@ -97,6 +97,8 @@ __all__ = [
   "prox_group_l2",
   "prox_l1",
   "regularize",
+  "rules_from_data",
+  "rules_to_data",
   "spectral_norm_report",
   "tree_paths",
   "unit_axes",

@@ -30,10 +30,23 @@ from optax_norms._keras_constraints import (
   constrain_unit_norm,
 )
 from optax_norms._layout import Layout, check_axis_spec
-from optax_norms._masks import PathMask, path_mask
+from optax_norms._masks import PathMask, selector_mask
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay
 from optax_norms._prox import prox_group_l2, prox_l1
+from optax_norms._rule_clipping import (
+  check_adaptive,
+  clip_group_adaptive,
+  clip_group_global_norm,
+  zero_updates,
+)
+from optax_norms._rules_data import (
+  as_plain,
+  selector_from_data,
+  selector_to_data,
+  value_from_data,
+  value_to_data,
+)
 from optax_norms._sparsity import (
   budget_count,
   constrain_group_sparsity,
@@ -45,11 +58,11 @@ from optax_norms._transform import _leaf_kind, leafwise_transform
 from optax_norms._units import UnitAxes, resolve_layout
 from optax_norms._weight_decay import add_decoupled_weight_decay
 
-__all__ = ["SETTINGS", "describe_rules", "regularize"]
+__all__ = ["SETTINGS", "describe_rules", "regularize", "rules_from_data", "rules_to_data"]
 
 # The stages, in the order they run on each leaf; the optimizer runs between
-# "coupled" and "scale".
-STAGES = ("clip", "coupled", "optimizer", "scale", "decoupled", "prox", "constraint")
+# "coupled" and "scale". The model-wide clip_global_norm runs first in "clip".
+STAGES = ("freeze", "clip", "coupled", "optimizer", "scale", "decoupled", "prox", "constraint")
 
 
 def _scale_updates(lr_scale: ScalarOrSchedule, *, mask: Any) -> optax.GradientTransformation:
@@ -157,6 +170,21 @@ def _budget(name: str, value: Any) -> dict[str, Any]:
   return options
 
 
+_ADAPTIVE_DEFAULTS = {"z": 2.5, "decay": 0.97, "warmup": 25}
+
+
+def _clip_adaptive(value: Any, *, mask: Any, **_: Any) -> optax.GradientTransformation:
+  """``clip_adaptive``: ``True`` (the defaults) or a dict of ``z``, ``decay``, ``warmup``."""
+  options = {} if value is True else _as_kwargs("clip_adaptive", value, tuple(_ADAPTIVE_DEFAULTS))
+  options = {**_ADAPTIVE_DEFAULTS, **options}
+  check_adaptive(**options)
+  return clip_group_adaptive(**options, mask=mask)
+
+
+def _freeze(value: Any, *, mask: Any, **_: Any) -> optax.GradientTransformation:
+  return zero_updates(mask=mask) if value is True else _flag_error("freeze", value)
+
+
 def _group_sparsity(value: Any, *, mask: Any, groups: Any, **_: Any):
   if groups is None:
     raise ValueError(
@@ -190,12 +218,15 @@ def _n_of_m(value: Any, axis: Any, mask: Any) -> optax.GradientTransformation:
 # then the spectral projection, then the max-norm ball): each later one keeps what the
 # earlier ones fixed, so all of a rule's constraints hold on the stored values at once.
 SETTINGS: dict[str, Setting] = {
-  "clip_max_abs": Setting("clip", lambda v, *, mask, **_: clip_by_max_abs(v, mask=mask)),
+  "freeze": Setting("freeze", _freeze),
+  "clip_adaptive": Setting("clip", _clip_adaptive),
+  "clip_global_norm": Setting("clip", lambda v, *, mask, **_: clip_group_global_norm(v, mask=mask)),
   "clip_unit_norm": Setting(
     "clip",
     lambda v, *, mask, axis, **_: clip_by_row_norm(v, axis=axis, mask=mask),
     layout=True,
   ),
+  "clip_max_abs": Setting("clip", lambda v, *, mask, **_: clip_by_max_abs(v, mask=mask)),
   "l2": Setting("coupled", lambda v, *, mask, **_: add_l2_decay(v, mask=mask)),
   "l1": Setting("coupled", lambda v, *, mask, **_: add_l1_decay(v, mask=mask)),
   "lr_scale": Setting("scale", lambda v, *, mask, **_: _scale_updates(v, mask=mask)),
@@ -312,6 +343,11 @@ def _refused_pairs(settings: Mapping[str, Any], optimizer: Any) -> str | None:
   makes hold together on every value.
   """
   has = set(settings) - _MODIFIERS
+  if "freeze" in has and len(has) > 1:
+    return (
+      f"a frozen rule's leaves get no update at all, so {sorted(has - {'freeze'})} would "
+      "do nothing: leave them out (or the freeze)."
+    )
   if "groups" in settings and not has & {"prox_group", "group_sparsity"}:
     return "'groups' is read by 'prox_group' and 'group_sparsity' only, and this rule has neither."
   patterns = sorted(k for k in has if SETTINGS[k].pattern)
@@ -399,54 +435,147 @@ def _selector_text(selector: Any) -> str:
   return repr(selector)
 
 
+def _unknown_key(where: str, key: Any) -> ValueError:
+  prefixes = sorted((k for k in _KEYS if str(key).startswith(k) or k.startswith(str(key))), key=len)
+  close = prefixes[-1:] or difflib.get_close_matches(str(key), _KEYS, n=1)
+  hint = f" Did you mean {close[0]!r}?" if close else ""
+  return ValueError(f"{where}: unknown setting {key!r}.{hint} Valid settings: {', '.join(_KEYS)}.")
+
+
+def _as_pair_rule(i: int, rule: Any) -> tuple[Any, Any]:
+  """A rule as ``(selector, settings)``: a pair as it is, a data rule ``{"match": s, **settings}``
+  split (``{"match": s}`` alone is ``(s, None)``)."""
+  rule = as_plain(rule)
+  if isinstance(rule, Mapping):
+    if "match" not in rule:
+      raise ValueError(
+        f"Rule {i}: a rule given as data needs 'match' (its selector), e.g. "
+        f"{{'match': '**/kernel', 'l2': 1e-4}}; got the keys {sorted(map(str, rule))}."
+      )
+    settings = {k: v for k, v in rule.items() if k != "match"}
+    return rule["match"], settings or None
+  if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+    raise ValueError(
+      f"Rule {i} must be a (selector, settings) pair or a dict {{'match': selector, "
+      f"**settings}}, got {rule!r}."
+    )
+  return rule[0], as_plain(rule[1])
+
+
 def _parse_rules(rules: Any) -> list[_Rule]:
+  rules = as_plain(rules)
   if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence) or not rules:
     raise ValueError(
-      "`rules` must be a non-empty list of (selector, settings) pairs, e.g. "
-      "[('**/kernel', {'l2': 1e-4}), ('**', None)]."
+      "`rules` must be a non-empty list of (selector, settings) pairs or of data rules "
+      "{'match': selector, **settings}, e.g. [('**/kernel', {'l2': 1e-4}), ('**', None)]."
     )
   parsed = []
   for i, rule in enumerate(rules):
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
-      raise ValueError(f"Rule {i} must be a (selector, settings) pair, got {rule!r}.")
-    selector, settings = rule
+    selector, settings = _as_pair_rule(i, rule)
     where = f"Rule {i} ({_selector_text(selector)})"
+    try:
+      selector = selector_from_data(selector)
+    except ValueError as error:
+      raise ValueError(f"{where}: {error}") from None
     if isinstance(selector, PathMask):
       mask = selector
     elif isinstance(selector, str) or (
       isinstance(selector, (list, tuple)) and selector and all(isinstance(g, str) for g in selector)
     ):
       try:
-        mask = path_mask(selector)
+        mask = selector_mask(selector)
       except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     else:
       raise ValueError(
-        f"{where}: the selector must be a glob, a list of globs or a path_mask(...), got "
-        f"{type(selector).__name__}."
+        f"{where}: the selector must be a glob, 're:<regex>', a list of them or a "
+        f"path_mask(...), got {type(selector).__name__}."
       )
     if settings is None:
       settings = {}
     if not isinstance(settings, Mapping):
       raise ValueError(f"{where}: settings must be a dict or None, got {type(settings).__name__}.")
-    for key in settings:
+    converted = {}
+    for key, value in settings.items():
       if key not in _KEYS:
-        prefixes = sorted(
-          (k for k in _KEYS if str(key).startswith(k) or k.startswith(str(key))), key=len
-        )
-        close = prefixes[-1:] or difflib.get_close_matches(str(key), _KEYS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-          f"{where}: unknown setting {key!r}.{hint} Valid settings: {', '.join(_KEYS)}."
-        )
-    settings = {k: v for k, v in settings.items() if v is not None}
-    if "axis" in settings:
+        raise _unknown_key(where, key)
+      if value is None:
+        continue
       try:
-        check_axis_spec(settings["axis"])
+        converted[key] = value_from_data(key, value)
+      except ValueError as error:
+        raise ValueError(f"{where}, setting {key!r}: {error}") from None
+    if "axis" in converted:
+      try:
+        check_axis_spec(converted["axis"])
       except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
-    parsed.append(_Rule(selector, mask, dict(settings)))
+    parsed.append(_Rule(selector, mask, converted))
   return parsed
+
+
+def rules_from_data(data: Sequence[Any]) -> list[tuple[Any, dict[str, Any] | None]]:
+  """A rule table given as data (a list of ``{"match": selector, **settings}``, e.g. read from
+  YAML or JSON, or an ``ml_collections`` list) as ``regularize``'s ``(selector, settings)``
+  pairs, with the data forms built: schedules ``{"schedule": name, **kwargs}``, ``axis``
+  strings and dicts, ``groups`` dicts, numeric strings as numbers, lists as tuples where a
+  setting takes a pair. Every check ``regularize`` makes at construction runs here too.
+
+  ``regularize`` and ``describe_rules`` take data rules directly; this is for a table to be
+  inspected or edited in Python first. ``rules_to_data`` is its inverse.
+
+  Args:
+    data: the rules as data (pairs are accepted too, and converted the same way).
+
+  Returns:
+    The table as ``[(selector, settings or None), ...]``.
+
+  Examples:
+    >>> import optax_norms as on
+    >>> on.rules_from_data([{"match": "**/kernel", "l2": "1e-4", "n_of_m": [2, 4]},
+    ...                     {"match": "**"}])
+    [('**/kernel', {'l2': 0.0001, 'n_of_m': (2, 4)}), ('**', None)]
+  """
+  return [(rule.selector, rule.settings or None) for rule in _parse_rules(data)]
+
+
+def rules_to_data(rules: Sequence[Any]) -> list[dict[str, Any]]:
+  """A rule table as plain data: a list of ``{"match": selector, **settings}`` dicts that
+  ``json.dumps`` and ``yaml.safe_dump`` write (lists, never tuples), and that
+  ``rules_from_data`` and ``regularize`` read back to the same table.
+
+  What has a data form: numbers, flags, text options, globs and ``"re:"`` selectors,
+  ``path_mask(include, exclude=, regex=)``, ``unit_axes(...)``, ``Layout``, axes,
+  ``coupled_groups(...)`` and schedules built from data. A Python function as a schedule or an
+  ``axis``, and a ``path_mask`` with a ``where`` predicate, have none: ``ValueError`` names the
+  rule and the key.
+
+  Args:
+    rules: the table (pairs, data rules, or both).
+
+  Returns:
+    The table as a list of dicts.
+
+  Examples:
+    >>> import optax_norms as on
+    >>> on.rules_to_data([("blocks/**/kernel", {"max_norm": 2.0,
+    ...                    "axis": on.unit_axes(stacked="blocks/**")}), ("**", None)])
+    [{'match': 'blocks/**/kernel', 'max_norm': 2.0, 'axis': 'stacked:blocks/**'}, {'match': '**'}]
+  """
+  data = []
+  for i, rule in enumerate(_parse_rules(rules)):
+    where = f"Rule {i} ({_selector_text(rule.selector)})"
+    try:
+      entry = {"match": selector_to_data(rule.selector)}
+    except ValueError as error:
+      raise ValueError(f"{where}, key 'match': {error}") from None
+    for key, value in rule.settings.items():
+      try:
+        entry[key] = value_to_data(key, value)
+      except ValueError as error:
+        raise ValueError(f"{where}, setting {key!r}: {error}") from None
+    data.append(entry)
+  return data
 
 
 def _assign(
@@ -537,6 +666,22 @@ class _FirstMatch(PathMask):
     return f"rule {len(self.masks) - 1} ({_selector_text(self.rule.selector)})"
 
 
+class _NoneOf(PathMask):
+  """Selects the leaves that none of `masks` selects (the trained leaves: not frozen)."""
+
+  def __init__(self, masks: list[PathMask]):
+    super().__init__()
+    self.masks = masks
+
+  def select(self, tree, paths, leaves, check=True):
+    del check
+    taken = [m.select(tree, paths, leaves, check=False) for m in self.masks]
+    return [not any(t[k] for t in taken) for k in range(len(leaves))]
+
+  def __repr__(self) -> str:
+    return f"none of {self.masks!r}"
+
+
 # --- regularize ------------------------------------------------------------------------------
 
 
@@ -589,28 +734,48 @@ def regularize(
   *,
   learning_rate: ScalarOrSchedule | None = None,
   peak_learning_rate: Any = None,
+  clip_global_norm: ScalarOrSchedule | None = None,
 ) -> optax.GradientTransformation:
   r"""Wraps `optimizer` with the regularization of a whole model, written as one table.
 
-  `rules` is a list of ``(selector, settings)``. A selector is a glob, a list of globs or a
-  ``path_mask``; each floating-point leaf takes the settings of the **first** rule that
-  matches it. Settings is a dict or ``None`` (leave these leaves alone); every key is
-  optional, every value a number or an optax schedule (``None`` is "not set"):
+  `rules` is a list of ``(selector, settings)``, or of data rules ``{"match": selector,
+  **settings}`` (as read from YAML or JSON, see ``rules_from_data``). A selector is a glob,
+  ``"re:<regex>"`` (a regular expression that must match the whole ``/``-joined path), a list
+  of them, or a ``path_mask``; each floating-point leaf takes the settings of the **first**
+  rule that matches it. Settings is a dict or ``None`` (leave these leaves alone); every key
+  is optional, every value a number or a schedule: an optax schedule, or its data form
+  ``{"schedule": "<optax schedule name>", **kwargs}`` (``None`` is "not set"):
 
   | setting | does | stage |
   |---|---|---|
-  | ``clip_max_abs`` | ``clip_by_max_abs`` on the gradient | 1, before the optimizer |
+  | ``freeze`` | ``True``: the leaves are not trained. Their gradients are zeroed before everything (no norm sees them), the optimizer gets no state for them (as ``optax.masked``) and their update is zero, so they stay bit-identical | 0, first |
+  | ``clip_adaptive`` | ``True`` or ``{"z": 2.5, "decay": 0.97, "warmup": 25}``: spike clipping of the rule's global norm ``n`` at ``μ + z·σ`` of its running statistics (below) | 1, before the optimizer |
+  | ``clip_global_norm`` | ``c``: ``g ← g·min(1, c/n)`` with ``n`` the global norm of the rule's leaves | 1 |
   | ``clip_unit_norm`` | ``clip_by_row_norm`` on the gradient | 1 |
+  | ``clip_max_abs`` | ``clip_by_max_abs`` on the gradient | 1 |
   | ``l2``, ``l1`` | ``add_l2_decay``, ``add_l1_decay`` (coupled) | 2 |
-  | — | `optimizer`, once on the whole tree | 3 |
+  | — | `optimizer`, once on the whole tree (on the trained leaves when a rule freezes some) | 3 |
   | ``lr_scale`` | multiplies the optimizer's step | 4 |
   | ``decoupled_decay`` | ``add_decoupled_weight_decay``: ``λ`` (``w ← w − lr·λ·w``, as ``optax.adamw``) or ``{"weight_decay": λ, "convention": "lr" / "independent" / "adamc", "cautious": bool}`` | 5, after the optimizer |
   | ``cpr`` | ``cpr``: a dict of its arguments (``kappa_init_method``, ``kappa_init_param``, ``kappa_update``, ``reg_function``, ``reg_by_lr``); a stacked ``axis`` gives one bound per layer | 5 |
   | ``prox_l1``, ``prox_group`` | ``prox_l1``, ``prox_group_l2`` (per unit, or over the rule's ``groups``) | 6 |
   | ``non_negative``, ``max_abs``, ``n_of_m``, ``sparsity``, ``group_sparsity`` | the constraints that fix a pattern (``group_sparsity``: ``constrain_group_sparsity`` over the rule's ``groups``) | 7, last |
   | ``unit_norm``, ``min_max_norm``, ``spectral_norm``, ``max_norm`` | the constraints that rescale | 7 |
-  | ``axis`` | the layout of this rule's leaves (as ``axis=`` of the transforms) | |
-  | ``groups`` | the ``coupled_groups`` (or a list) that ``prox_group`` and ``group_sparsity`` read; every member leaf must be this rule's (first match) | |
+  | ``axis`` | the layout of this rule's leaves (as ``axis=`` of the transforms); as data ``"stacked:<glob>"``, ``"flax"``/``"torch"``, a list of ints or ``{"layout": ..., "stacked": [...]}`` | |
+  | ``groups`` | the ``coupled_groups`` (or a list) that ``prox_group`` and ``group_sparsity`` read, as data ``{"anchor": ..., "members": {...}, "stacked": bool}``; every member leaf must be this rule's (first match) | |
+
+  The order of the clips, one documented order: the model-wide ``clip_global_norm`` of
+  ``regularize`` on the raw gradients of every trained leaf, then per rule ``clip_adaptive``,
+  ``clip_global_norm``, ``clip_unit_norm``, ``clip_max_abs``, then the coupled penalties, so
+  ``l2``'s ``2αw`` is never clipped (as ``optax.adamw``'s decay is not). Frozen leaves count in
+  no norm. Put no ``optax.clip_by_global_norm`` in `optimizer` as well: it would see the
+  coupled penalties' gradients.
+
+  ``clip_adaptive`` (ZClip): the first ``warmup`` finite norms are not clipped and give the
+  starting mean ``μ`` and population variance ``σ²``; after that ``n' = min(n, μ + z·σ)``, the
+  gradient is scaled by ``n'/n`` (unchanged when ``n ≤ μ + z·σ``), then ``μ ← d·μ + (1−d)·n'``
+  and ``σ² ← d·σ² + (1−d)·(n' − μ)²`` with the new ``μ``, ``d`` = ``decay``. A zero norm is
+  not scaled; a NaN or infinite norm leaves the gradient and the statistics as they are.
 
   ``sparsity`` and ``group_sparsity`` take a fraction or a dict ``{"fraction": f,
   "update_every": k, "update_start": s, "update_end": e}`` (periodic masks); ``n_of_m`` takes
@@ -641,6 +806,9 @@ def regularize(
       ``decoupled_decay``, ``prox_l1``, ``prox_group`` and ``cpr`` with ``reg_by_lr``.
     peak_learning_rate: the peak of a scheduled `learning_rate`, needed by the
       ``"independent"`` and ``"adamc"`` decay conventions.
+    clip_global_norm: ``c`` (a number or a schedule): the gradients of every trained leaf
+      clipped to global norm ``c`` first, as ``optax.clip_by_global_norm`` but leaving the
+      frozen leaves out.
 
   Returns:
     One ``optax.GradientTransformation`` (an ``optax.chain``); its ``update`` needs
@@ -672,7 +840,17 @@ def regularize(
         f"{refused}"
       )
   by_stage: dict[str, list[optax.GradientTransformation]] = {s: [] for s in STAGES}
-  by_stage["optimizer"].append(optimizer)
+  frozen = [table.mask(i) for i, rule in enumerate(table.rules) if "freeze" in rule.settings]
+  trained = _NoneOf(frozen) if frozen else None
+  # The optimizer sees the trained leaves only (no state for frozen ones), as optax.masked.
+  by_stage["optimizer"].append(optimizer if trained is None else optax.masked(optimizer, trained))
+  if clip_global_norm is not None:
+    try:
+      by_stage["clip"].append(
+        clip_group_global_norm(value_from_data("", clip_global_norm), mask=trained)
+      )
+    except ValueError as error:
+      raise ValueError(f"regularize(..., clip_global_norm=...): {error}") from None
   for name, setting in SETTINGS.items():
     for i, rule in enumerate(table.rules):
       if name not in rule.settings:
@@ -721,13 +899,9 @@ def regularize(
 # --- describe_rules --------------------------------------------------------------------------
 
 
-def _layout_cells(
-  settings: Mapping[str, Any], layout: Layout, shape: tuple[int, ...]
-) -> tuple[str, str, str, str]:
-  """The stack, reduced axes, units and what the layout-reading settings make of a leaf: the
-  spectral matrix, the N:M blocks, the sparsity budget (all per layer)."""
-  layers, units = layout.layers(shape), layout.units(shape)
-  units_text = f"{layers} layers × {units}" if layout.stack else str(units)
+def _layout_reads(settings: Mapping[str, Any], layout: Layout, shape: tuple[int, ...]) -> str:
+  """What the layout-reading settings make of a leaf: the spectral matrix, the N:M blocks, the
+  sparsity budget (all per layer)."""
   reads = []
   if "spectral_norm" in settings:
     rows, cols = layout.matrix(shape)
@@ -743,7 +917,7 @@ def _layout_cells(
     fraction = _number(settings["sparsity"])
     count = "⌊fraction·n⌋" if fraction is None else str(budget_count(fraction, size))
     reads.append(f"zero {count} of {size}")
-  return str(layout.stack) if layout.stack else "", str(layout.reduce), units_text, "; ".join(reads)
+  return "; ".join(reads)
 
 
 def _reads_layout(settings: Mapping[str, Any]) -> bool:
@@ -785,7 +959,7 @@ def _value_text(value: Any) -> str:
     return repr(value)
 
 
-def describe_rules(rules_or_tx: Any, params: Any) -> str:
+def describe_rules(rules_or_tx: Any, params: Any, *, as_data: bool = False) -> Any:
   """A table of what a rule table does to each leaf of `params`: one line per leaf.
 
   Columns: the path, the shape, the rule (index and selector) that took the leaf, its
@@ -796,12 +970,20 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
   axis, the sparsity budget. It runs the same checks as ``init`` (uncovered leaves, rules
   that match nothing, ambiguous layouts), so it is also the quickest way to debug a table.
 
+  With ``as_data=True`` it returns the same table as JSON-serializable data, what a training
+  loop logs once at start: one dict per leaf with ``path``, ``shape`` (a list), ``rule`` (the
+  index, ``None`` for a leaf that is not floating-point), ``match`` (the rule's selector),
+  ``settings`` (its data form, as ``rules_to_data`` writes it; a value without one, such as a
+  Python schedule, as its text) and ``axes``: ``{"stack", "reduce", "units", "reads"}`` where a
+  setting reads the layout, else ``None``.
+
   Args:
     rules_or_tx: the rules, or the transform ``regularize`` returned.
     params: the parameters (any pytree, e.g. ``nnx.state(model, nnx.Param)``).
+    as_data: return a list of dicts instead of the printed table.
 
   Returns:
-    The table as a string (print it).
+    The table as a string (print it), or as a list of dicts.
 
   Examples:
     >>> import jax.numpy as jnp, optax_norms as on
@@ -810,6 +992,9 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
     path          shape   rule           settings    stack  axes  units  reads
     dense/bias    (2,)    1 '**'         -
     dense/kernel  (3, 2)  0 '**/kernel'  max_norm=3         (0,)  2
+    >>> on.describe_rules([{"match": "**/kernel", "max_norm": 3}, {"match": "**"}], params,
+    ...                   as_data=True)[1]
+    {'path': 'dense/kernel', 'shape': [3, 2], 'rule': 0, 'match': '**/kernel', 'settings': {'max_norm': 3}, 'axes': {'stack': [], 'reduce': [0], 'units': 2, 'reads': ''}}
   """
   if hasattr(rules_or_tx, "init") and hasattr(rules_or_tx, "update"):
     table = getattr(rules_or_tx.init, "rule_table", None)
@@ -826,11 +1011,23 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
   _check_group_members(table, paths, leaves, owner)
   group_cells = _group_cells(table, paths, leaves)
   shapes = {p: tuple(np.shape(leaf)) for p, leaf in zip(paths, leaves) if leaf is not None}
-  rows = [("path", "shape", "rule", "settings", "stack", "axes", "units", "reads")]
+  records = []
   for path, leaf, index in zip(paths, leaves, owner):
     if leaf is None:
       continue
     shape = tuple(np.shape(leaf))
+    layout, reads = None, ""
+    if index is not None:
+      rule = table.rules[index]
+      if _reads_layout(rule.settings):
+        layout = resolve_layout(rule.settings.get("axis"), path, leaf, shapes=shapes)
+        reads = _layout_reads(rule.settings, layout, shape)
+      reads = "; ".join(c for c in (reads, group_cells.get(tuple(path), "")) if c)
+    records.append((path, shape, index, layout, reads))
+  if as_data:
+    return [_record_data(table, *record) for record in records]
+  rows = [("path", "shape", "rule", "settings", "stack", "axes", "units", "reads")]
+  for path, shape, index, layout, reads in records:
     if index is None:
       rows.append(
         (format_path(path), str(shape), "-", "(not floating-point: untouched)", "", "", "", "")
@@ -840,23 +1037,72 @@ def describe_rules(rules_or_tx: Any, params: Any) -> str:
     settings = " ".join(
       f"{k}={_value_text(rule.settings[k])}" for k in SETTINGS if k in rule.settings
     )
-    layout_cells = ("", "", "", "")
-    if _reads_layout(rule.settings):
-      layout = resolve_layout(rule.settings.get("axis"), path, leaf, shapes=shapes)
-      layout_cells = _layout_cells(rule.settings, layout, shape)
-    if tuple(path) in group_cells:
-      reads = "; ".join(c for c in (layout_cells[3], group_cells[tuple(path)]) if c)
-      layout_cells = (*layout_cells[:3], reads)
+    cells = ("", "", "")
+    if layout is not None:
+      layers, units = layout.layers(shape), layout.units(shape)
+      cells = (
+        str(layout.stack) if layout.stack else "",
+        str(layout.reduce),
+        f"{layers} layers × {units}" if layout.stack else str(units),
+      )
     rows.append(
       (
         format_path(path),
         str(shape),
         f"{index} {_selector_text(rule.selector)}",
         settings or "-",
-        *layout_cells,
+        *cells,
+        reads,
       )
     )
   widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
   return "\n".join(
     "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
   )
+
+
+def _data_or_text(key: str, value: Any) -> Any:
+  try:
+    return value_to_data(key, value)
+  except ValueError:
+    return _value_text(value)
+
+
+def _record_data(
+  table: _Table, path: Path, shape: tuple[int, ...], index: int | None, layout: Any, reads: str
+) -> dict[str, Any]:
+  """One leaf of ``describe_rules(..., as_data=True)``."""
+  if index is None:
+    return {
+      "path": format_path(path),
+      "shape": list(shape),
+      "rule": None,
+      "match": None,
+      "settings": {},
+      "axes": None,
+    }
+  rule = table.rules[index]
+  try:
+    match = selector_to_data(rule.selector)
+  except ValueError:
+    match = repr(rule.selector)
+  order = [*SETTINGS, *sorted(_MODIFIERS)]
+  settings = {k: _data_or_text(k, rule.settings[k]) for k in order if k in rule.settings}
+  axes = None
+  if layout is not None:
+    axes = {
+      "stack": list(layout.stack),
+      "reduce": list(layout.reduce),
+      "units": layout.units(shape),
+      "reads": reads,
+    }
+  elif reads:
+    axes = {"stack": [], "reduce": [], "units": None, "reads": reads}
+  return {
+    "path": format_path(path),
+    "shape": list(shape),
+    "rule": index,
+    "match": match,
+    "settings": settings,
+    "axes": axes,
+  }

@@ -32,6 +32,7 @@ __all__ = [
   "compile_mask",
   "path_labels",
   "path_mask",
+  "selector_mask",
   "weights_only",
 ]
 
@@ -266,6 +267,68 @@ def path_mask(
   exclude = _as_globs("exclude", exclude) + tuple(g[1:] for g in include if g.startswith("!"))
   include = tuple(g for g in include if not g.startswith("!"))
   return PathMask(include, exclude, regex, where)
+
+
+# --- rule selectors ----------------------------------------------------------------------
+
+REGEX_PREFIX = "re:"
+
+
+class _PatternMask(PathMask):
+  """Selects the leaves whose ``/``-joined path fully matches one of its patterns: globs, and
+  ``"re:<regex>"`` Python regular expressions (``re.fullmatch``, as big_vision's rules)."""
+
+  def __init__(self, patterns: tuple[str, ...]):
+    super().__init__()
+    self.patterns = patterns
+    self._compiled = []
+    for pattern in patterns:
+      if not pattern.startswith(REGEX_PREFIX):
+        self._compiled.append(compile_glob(pattern))
+        continue
+      try:
+        self._compiled.append(re.compile(pattern[len(REGEX_PREFIX) :], re.DOTALL))
+      except re.error as error:
+        raise ValueError(
+          f"The selector {pattern!r} is not a valid regular expression: {error}."
+        ) from None
+
+  def select(self, tree, paths, leaves, check=True):
+    del tree
+    texts = check_unambiguous(paths)
+    selected = [any(p.fullmatch(t) for p in self._compiled) for t in texts]
+    real = [t for t, leaf in zip(texts, leaves) if leaf is not None]
+    if check and real:
+      for pattern, compiled in zip(self.patterns, self._compiled):
+        if not any(compiled.fullmatch(t) for t in real):
+          what = "The regex" if pattern.startswith(REGEX_PREFIX) else "The glob"
+          raise _nothing_matched(f"{what} {pattern!r}", real)
+    return selected
+
+  def __repr__(self) -> str:
+    return f"selector_mask({list(self.patterns)!r})"
+
+
+def selector_mask(selector: str | Sequence[str]) -> PathMask:
+  """The mask of a rule's selector: a glob, ``"re:<regex>"`` (the regex must match the whole
+  ``/``-joined path) or a list of them (a leaf is selected when one matches). Each glob and
+  regex must match a parameter (checked when the mask is applied).
+
+  Examples:
+    >>> from optax_norms._masks import selector_mask
+    >>> mask = selector_mask(["re:.*/(query|key)/kernel", "head/*"])
+    >>> mask({"attn": {"query": {"kernel": 1.0}, "out": {"kernel": 1.0}}, "head": {"w": 1.0}})
+    {'attn': {'out': {'kernel': False}, 'query': {'kernel': True}}, 'head': {'w': True}}
+  """
+  patterns = _as_globs("selector", selector)
+  if not any(p.startswith(REGEX_PREFIX) for p in patterns):
+    return path_mask(patterns)
+  if any(p.startswith("!") for p in patterns):
+    raise ValueError(
+      f"The selector {list(patterns)!r} mixes a '!' exclusion with 're:' regexes: write the "
+      "exclusion into the regex (e.g. 're:(?!head/).*kernel'), or use globs only."
+    )
+  return _PatternMask(patterns)
 
 
 # --- weights_only ----------------------------------------------------------------------------
