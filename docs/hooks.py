@@ -39,9 +39,10 @@ _CODE_SPAN = re.compile(r"(?<!\[)`([A-Za-z_]\w*)((?:\([^`]*)?)`")
 
 
 def readme_section(title: str, readme: str | None = None) -> str:
-  """The body of the README's ``## <title>`` section, up to its next heading."""
+  """The body of the README's ``## <title>`` (or ``### <title>``) section, up to its next
+  heading."""
   text = (ROOT / "README.md").read_text() if readme is None else readme
-  match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^#{{2,3}} |\Z)", text, re.M | re.S)
+  match = re.search(rf"^###? {re.escape(title)}\n(.*?)(?=^#{{2,3}} |\Z)", text, re.M | re.S)
   if match is None:
     raise ValueError(f"README.md has no section '## {title}'")
   return match.group(1).strip("\n")

@@ -107,6 +107,12 @@ class DataSchedule:
   def __call__(self, count: Any) -> Any:
     return self._schedule(count)
 
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, DataSchedule) and self.data == other.data
+
+  def __hash__(self) -> int:
+    return hash(repr(self))
+
   def __repr__(self) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
     return f"{self.name}({args})"

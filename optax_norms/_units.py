@@ -387,6 +387,15 @@ class UnitAxes:
   def __repr__(self) -> str:
     return f"unit_axes({self.layout_name!r}, stacked={list(self.stacked)!r})"
 
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, UnitAxes) and (self.layout_name, self.stacked) == (
+      other.layout_name,
+      other.stacked,
+    )
+
+  def __hash__(self) -> int:
+    return hash((UnitAxes, self.layout_name, self.stacked))
+
   def is_stacked(self, path: Path) -> bool:
     """Whether the leaf at `path` carries a leading layer axis (matches a `stacked` glob)."""
     text = format_path(path)
