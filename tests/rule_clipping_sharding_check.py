@@ -60,7 +60,7 @@ def main() -> int:
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
   all_ok = True
   for layout, spec in LAYOUTS.items():
-    shardings = jax.tree.map(lambda _: NamedSharding(mesh, spec), params)
+    shardings = jax.tree.map(lambda _, spec=spec: NamedSharding(mesh, spec), params)
     sharded = jax.device_put(params, shardings)
     out, step = run(sharded, grads, shardings)
     problems = []
