@@ -730,7 +730,7 @@ def _check_stacked_globs(table: _Table, paths: list[Path]) -> None:
 
 def regularize(
   optimizer: optax.GradientTransformation,
-  rules: Sequence[tuple[Any, Mapping[str, Any] | None]],
+  rules: Sequence[tuple[Any, Mapping[str, Any] | None] | Mapping[str, Any]],
   *,
   learning_rate: ScalarOrSchedule | None = None,
   peak_learning_rate: Any = None,

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import optax_norms as on  # noqa: E402
 
-RULES = [
+RULES: list[dict] = [
   {"match": "a/*", "clip_adaptive": {"z": 1.0, "decay": 0.9, "warmup": 2}, "clip_global_norm": 0.3},
   {"match": "frozen/*", "freeze": True},
   {"match": "**"},
@@ -34,7 +34,7 @@ COLLECTIVE = re.compile(
 def main() -> int:
   rng = np.random.default_rng(0)
   names = [("a", "w1"), ("a", "w2"), ("b", "w"), ("frozen", "w")]
-  params = {m: {} for m, _ in names}
+  params: dict[str, dict[str, np.ndarray]] = {m: {} for m, _ in names}
   for m, leaf in names:
     params[m][leaf] = rng.normal(size=(16, 8)).astype(np.float32)
   grads = [
@@ -91,7 +91,7 @@ def main() -> int:
     if not found:
       problems.append("no all-reduce at all: the global norm is not global")
     cell = {"layout": layout, "ok": not problems, "collectives": len(found), "problems": problems}
-    all_ok &= cell["ok"]
+    all_ok = all_ok and not problems
     print("RESULT " + json.dumps(cell), flush=True)
   print("ALL_OK" if all_ok else "SOME_FAILED")
   return 0 if all_ok else 1
