@@ -34,6 +34,10 @@ OPTIMIZERS = ("sgd", "adam")
 # with adam its compile time is ~5x longer on CPU for the same information, so sgd only.
 TREE_OPTIMIZERS = {"big": OPTIMIZERS, "transformer": OPTIMIZERS, "many": ("sgd",)}
 MASK = "**/kernel"
+# regularize's clip and freeze rows of the MLP bench: a global norm every step exceeds, half
+# the layers frozen.
+GLOBAL_NORM = 1e-3
+FROZEN = "Dense_[0-3]/**"
 _PROG = "python -m optax_norms bench"
 
 # Hyperparameters: small enough that training stays sane, large enough that clips and
@@ -777,6 +781,15 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
     "cpr": optax.chain(
       adam(), on.cpr(kappa_init_method="warm_start", kappa_init_param=10, mask=MASK)
     ),
+    # regularize's clips and freeze against the optax chains that do the same.
+    "gclip_ours": on.regularize(adam(), [("**", None)], clip_global_norm=GLOBAL_NORM),
+    "gclip_hand": optax.chain(optax.clip_by_global_norm(GLOBAL_NORM), adam()),
+    "zclip_ours": on.regularize(adam(), [("**", {"clip_adaptive": True})]),
+    "freeze_ours": on.regularize(adam(), [(FROZEN, {"freeze": True}), ("**", None)]),
+    "freeze_hand": optax.multi_transform(
+      {"train": adam(), "frozen": optax.set_to_zero()},
+      on.path_labels({"frozen": FROZEN}, default="train"),
+    ),
   }
   variants = {name: loop(tx) for name, tx in txs.items()}
   times = _time(variants, args.repeats)
@@ -800,7 +813,7 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
     )
   diffs = {
     group: _max_diff(variants[f"{group}_ours"].output[0], variants[f"{group}_hand"].output[0])
-    for group in ("l2", "maxnorm", "clip", "all")
+    for group in ("l2", "maxnorm", "clip", "all", "gclip", "freeze")
   }
   diffs["l2_optax"] = _max_diff(variants["l2_ours"].output[0], variants["l2_optax"].output[0])
   diffs["decay_lr_adamw"] = _max_diff(variants["decay_lr"].output[0], variants["adamw"].output[0])
