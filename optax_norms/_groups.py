@@ -41,6 +41,7 @@ from optax_norms._rule_clipping import (
   zero_updates,
 )
 from optax_norms._rules_data import (
+  DataSchedule,
   as_plain,
   selector_from_data,
   selector_to_data,
@@ -945,6 +946,8 @@ def _group_cells(table: _Table, paths: list[Path], leaves: list[Any]) -> dict[Pa
 
 
 def _value_text(value: Any) -> str:
+  if isinstance(value, DataSchedule):
+    return value.name
   if is_schedule(value):
     return "schedule"
   if isinstance(value, (UnitAxes, str, bool)):
