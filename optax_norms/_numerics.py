@@ -10,7 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["abs_zero_subgradient", "compute_dtype", "safe_unit_norm", "unit_norm"]
+__all__ = [
+  "ONE_PASS_MIN_SIZE",
+  "abs_zero_subgradient",
+  "compute_dtype",
+  "safe_unit_norm",
+  "unit_norm",
+]
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -58,6 +64,16 @@ def _norm_scales(dtype: Any) -> tuple[float, float, float]:
   return 2.0 ** (emax // 4 - 1), 2.0 ** -(emax // 2), 2.0 ** (emax - 2)
 
 
+# Leaves of at least this many entries take one pass on XLA:CPU (see _unit_norm_value); below
+# it a conditional costs more than the second pass over a small leaf.
+ONE_PASS_MIN_SIZE = 1 << 16
+
+
+def _sum_sq(wide: jax.Array, scale: float, axes: tuple[int, ...]) -> jax.Array:
+  scaled = wide * lax.full((), scale, wide.dtype)
+  return lax.expand_dims(lax.reduce_sum(lax.square(scaled), axes), axes)
+
+
 def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Per-unit l2 norm, dims kept, in the compute dtype, without overflow or underflow.
 
@@ -65,22 +81,40 @@ def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   float32), used unless it overflows, and scaled down (by 2^-64), used for units with values
   beyond ~1e7. Scaling by a power of two commutes with rounding, so on ordinary values the
   result is bit for bit ``sqrt(Σx²)``; units of ~1e19 (whose squares overflow float32) and of
-  ~1e-20 (whose squares underflow) get their true norm. The two sums read the same input: on
-  a GPU they fuse into one pass.
+  ~1e-20 (whose squares underflow) get their true norm.
+
+  The two sums read the same input: XLA:GPU fuses them into one pass, XLA:CPU runs two. So on
+  the CPU a leaf of ``ONE_PASS_MIN_SIZE`` entries or more computes the scaled-up sum alone, and
+  the scaled-down one under a ``lax.cond`` only when some unit's scaled-up sum overflows (a
+  norm beyond ~4e9 in float32): the same values, bit for bit, in one pass in every ordinary
+  step.
   """
   wide = lax.convert_element_type(x, compute_dtype(x.dtype))
   dtype = wide.dtype
   up, down, high = _norm_scales(dtype)
 
-  def sum_sq(scale):
-    scaled = wide * lax.full((), scale, dtype)
-    return lax.expand_dims(lax.reduce_sum(lax.square(scaled), axes), axes)
+  def select(small: jax.Array, large: jax.Array) -> jax.Array:
+    use_large = ~(small < lax.full_like(small, high))  # also when the sum is inf or NaN.
+    small_norm = lax.sqrt(small) * lax.full_like(small, 1 / up)
+    large_norm = lax.sqrt(large) * lax.full_like(large, 1 / down)
+    return lax.select(use_large, large_norm, small_norm)
 
-  small, large = sum_sq(up), sum_sq(down)
-  use_large = ~(small < lax.full_like(small, high))  # also when the sum is inf or NaN.
-  small_norm = lax.sqrt(small) * lax.full_like(small, 1 / up)
-  large_norm = lax.sqrt(large) * lax.full_like(large, 1 / down)
-  return lax.select(use_large, large_norm, small_norm)
+  def two_passes() -> jax.Array:
+    return select(_sum_sq(wide, up, axes), _sum_sq(wide, down, axes))
+
+  if x.size < ONE_PASS_MIN_SIZE:
+    return two_passes()
+
+  def one_pass() -> jax.Array:
+    small = _sum_sq(wide, up, axes)
+    overflow = ~(small < lax.full_like(small, high)) & ~lax.ne(small, small)  # not NaN
+    return lax.cond(
+      jnp.any(overflow),
+      lambda: select(small, _sum_sq(wide, down, axes)),
+      lambda: select(small, small),
+    )
+
+  return lax.platform_dependent(cpu=one_pass, default=two_passes)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
