@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
@@ -75,13 +76,29 @@ def _toward_zero(x, leaf_dtype):
   nearest = _rounded(x, leaf_dtype)
   outward = jnp.abs(nearest) > jnp.abs(x)
   nearest = nearest.astype(leaf_dtype)  # Exact: `nearest` is on the leaf's grid.
-  return jnp.where(outward, _one_ulp(nearest, jnp.zeros_like(nearest)), nearest)
+  return jnp.where(outward, _one_ulp(nearest, jnp.ones_like(outward)), nearest)
 
 
-def _one_ulp(x, direction):
-  """``nextafter(x, direction)``, differentiated as the identity (a rounding correction)."""
-  fixed = lax.stop_gradient(x)
-  return x + (jnp.nextafter(fixed, direction) - fixed)
+@jax.custom_jvp
+def _one_ulp(x, toward_zero):
+  """`x` moved one ulp: towards zero where `toward_zero`, away from it elsewhere; differentiated
+  as the identity (a rounding correction).
+
+  An integer step on the bit pattern (sign and magnitude: the magnitude's bits are ±1 away),
+  a few integer operations where ``jnp.nextafter`` expands to a dozen on XLA:CPU. Callers use
+  it on finite nonzero `x` only (a zero, an inf or a NaN is never selected afterwards).
+  """
+  bits = lax.bitcast_convert_type(x, _SAME_WIDTH_INT[jnp.dtype(x.dtype).itemsize])
+  one = lax.full_like(bits, 1)
+  return lax.bitcast_convert_type(lax.select(toward_zero, bits - one, bits + one), x.dtype)
+
+
+@_one_ulp.defjvp
+def _one_ulp_jvp(primals, tangents):
+  return _one_ulp(*primals), tangents[0]
+
+
+_SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
 
 
 def _stored(w, u, leaf_dtype):
@@ -107,8 +124,8 @@ def _exact_update(w, target, leaf_dtype):
   first = _rounded(target - w, leaf_dtype)
   stored = _rounded(w + first, leaf_dtype)
   outward = jnp.abs(stored) > jnp.abs(target)
-  inward = jnp.where(target > 0, -jnp.inf, jnp.inf).astype(leaf_dtype)
-  moved = _one_ulp(first.astype(leaf_dtype), inward).astype(w.dtype)
+  # One ulp towards −sign(target): a smaller magnitude where `first` has the sign of `target`.
+  moved = _one_ulp(first.astype(leaf_dtype), (first > 0) == (target > 0)).astype(w.dtype)
   return jnp.where(outward, moved, first)
 
 
