@@ -38,7 +38,15 @@ from optax_norms._layout import Axis
 from optax_norms._masks import Mask
 from optax_norms._transform import leafwise_transform
 
-__all__ = ["constrain_max_abs", "constrain_row_norm"]
+__all__ = [
+  "constrain_max_abs",
+  "constrain_row_norm",
+  "exact_update",
+  "radius_factor",
+  "round_to_leaf",
+  "round_toward_zero",
+  "stored_sum",
+]
 
 
 def radius_factor(units: int) -> float:
@@ -46,7 +54,7 @@ def radius_factor(units: int) -> float:
   return 1 - (2 * math.sqrt(units) + 8) * 2.0**-24
 
 
-def _rounded(x, leaf_dtype):
+def round_to_leaf(x, leaf_dtype):
   """`x` rounded to the nearest value of `leaf_dtype` (ties to even), kept in ``x.dtype``.
 
   ``x.astype(leaf_dtype).astype(x.dtype)`` is not reliable inside ``jax.jit``: within a fusion
@@ -69,11 +77,11 @@ def _rounded(x, leaf_dtype):
   return out
 
 
-def _toward_zero(x, leaf_dtype):
+def round_toward_zero(x, leaf_dtype):
   """`x` (compute dtype) rounded to `leaf_dtype` towards zero, returned in the leaf dtype."""
   if x.dtype == leaf_dtype:  # Nothing to round (float32 leaves): no ops traced.
     return x
-  nearest = _rounded(x, leaf_dtype)
+  nearest = round_to_leaf(x, leaf_dtype)
   outward = jnp.abs(nearest) > jnp.abs(x)
   nearest = nearest.astype(leaf_dtype)  # Exact: `nearest` is on the leaf's grid.
   return jnp.where(outward, _one_ulp(nearest, jnp.ones_like(outward)), nearest)
@@ -101,28 +109,28 @@ def _one_ulp_jvp(primals, tangents):
 _SAME_WIDTH_INT = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
 
 
-def _stored(w, u, leaf_dtype):
+def stored_sum(w, u, leaf_dtype):
   """What ``optax.apply_updates`` stores for ``w + u``, in the leaf dtype: the addition of
   ``w`` and ``u`` as the leaf dtype holds them, rounded to the leaf dtype (exactly).
 
-  Rules return ``_rounded(u, leaf_dtype)`` (not `u`) where they keep the update, so that the
+  Rules return ``round_to_leaf(u, leaf_dtype)`` (not `u`) where they keep the update, so that the
   stored addition sees the same ``u`` as this one even where XLA keeps `u` in float32.
   """
-  return _rounded(w + _rounded(u, leaf_dtype), leaf_dtype).astype(leaf_dtype)
+  return round_to_leaf(w + round_to_leaf(u, leaf_dtype), leaf_dtype).astype(leaf_dtype)
 
 
-def _exact_update(w, target, leaf_dtype):
+def exact_update(w, target, leaf_dtype):
   """``u'`` in the compute dtype such that ``w + u'`` stored in `leaf_dtype` is `target`
   (representable in the leaf dtype) or lies between 0 and `target`.
 
   ``u' = q − w`` rounded once; where the stored sum would land outside ``q`` (only when
   ``|w|`` is not small next to ``|q|``), ``u'`` moves one ulp towards the inside, which
   lands it on ``q`` or inside (the rounding error of ``q − w`` is at most half that ulp).
-  Every rounding is a ``_rounded``, so the sum compared is the one stored, also in a fused
+  Every rounding is a ``round_to_leaf``, so the sum compared is the one stored, also in a fused
   ``jax.jit`` step.
   """
-  first = _rounded(target - w, leaf_dtype)
-  stored = _rounded(w + first, leaf_dtype)
+  first = round_to_leaf(target - w, leaf_dtype)
+  stored = round_to_leaf(w + first, leaf_dtype)
   outward = jnp.abs(stored) > jnp.abs(target)
   # One ulp towards −sign(target): a smaller magnitude where `first` has the sign of `target`.
   moved = _one_ulp(first.astype(leaf_dtype), (first > 0) == (target > 0)).astype(w.dtype)
@@ -157,11 +165,11 @@ def constrain_max_abs(
   """
 
   def rule(u, w, *, max_abs, leaf_dtype):
-    bound = _toward_zero(max_abs, leaf_dtype).astype(w.dtype)
-    v = _stored(w, u, leaf_dtype).astype(w.dtype)
+    bound = round_toward_zero(max_abs, leaf_dtype).astype(w.dtype)
+    v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
     inside = jnp.abs(v) <= bound
-    target = _toward_zero(jnp.clip(v, -bound, bound), leaf_dtype).astype(w.dtype)
-    return jnp.where(inside, _rounded(u, leaf_dtype), _exact_update(w, target, leaf_dtype))
+    target = round_toward_zero(jnp.clip(v, -bound, bound), leaf_dtype).astype(w.dtype)
+    return jnp.where(inside, round_to_leaf(u, leaf_dtype), exact_update(w, target, leaf_dtype))
 
   return leafwise_transform(
     "constrain_max_abs",
@@ -216,11 +224,11 @@ def constrain_row_norm(
     units = math.prod(w.shape[a] for a in axes)
     radius = max_norm * radius_factor(units)
     # v: what apply_updates would store without the constraint (w + u in the leaf dtype).
-    v = _stored(w, u, leaf_dtype).astype(w.dtype)
+    v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
     scale = unit_scale(v, radius, axes)
     # Inside the ball return u itself, so apply_updates stores exactly w + u.
-    target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(scale < 1, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
+    target = round_toward_zero(v * scale, leaf_dtype).astype(w.dtype)
+    return jnp.where(scale < 1, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_row_norm",

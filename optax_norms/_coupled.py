@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from optax_norms._masks import compile_glob
-from optax_norms._numerics import _is_int, compute_dtype
+from optax_norms._numerics import compute_dtype, is_int
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
 from optax_norms._transform import selected_leaves
 
@@ -160,7 +160,7 @@ def coupled_groups(
         f"coupled_groups({anchor!r}): the member {rel!r} must be a non-empty '/'-joined "
         "relative path such as 'query/kernel'."
       )
-    if not _is_int(axis):
+    if not is_int(axis):
       raise ValueError(
         f"coupled_groups({anchor!r}): the axis of the member {rel!r} must be an int, got {axis!r}."
       )

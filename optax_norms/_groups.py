@@ -55,7 +55,7 @@ from optax_norms._sparsity import (
   constrain_sparsity,
 )
 from optax_norms._spectral import constrain_spectral_norm
-from optax_norms._transform import _leaf_kind, leafwise_transform
+from optax_norms._transform import leaf_kind, leafwise_transform
 from optax_norms._units import UnitAxes, resolve_layout
 from optax_norms._weight_decay import add_decoupled_weight_decay
 
@@ -586,7 +586,7 @@ def _assign(
   raises for an uncovered floating-point leaf and for a rule that matches no leaf."""
   check_unambiguous(paths)
   floating = [
-    leaf is not None and _leaf_kind(path, leaf) == "float" for path, leaf in zip(paths, leaves)
+    leaf is not None and leaf_kind(path, leaf) == "float" for path, leaf in zip(paths, leaves)
   ]
   owner: list[int | None] = [None] * len(leaves)
   matched: list[list[int]] = []

@@ -20,11 +20,11 @@ import optax
 from jax import lax
 
 from optax_norms._constraints import (
-  _exact_update,
-  _rounded,
-  _stored,
-  _toward_zero,
+  exact_update,
   radius_factor,
+  round_to_leaf,
+  round_toward_zero,
+  stored_sum,
 )
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
 from optax_norms._layout import Axis
@@ -81,14 +81,14 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
 
   def rule(u, w, *, axes, leaf_dtype):
     units = math.prod(w.shape[a] for a in axes)
-    v = _stored(w, u, leaf_dtype).astype(w.dtype)
+    v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
     norm = unit_norm(v, axes)
     nonzero = norm > 0
     one = lax.full_like(norm, 1)
     radius = lax.full_like(norm, radius_factor(units))
     scale = radius / lax.select(nonzero, norm, one)
-    target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(nonzero, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
+    target = round_toward_zero(v * scale, leaf_dtype).astype(w.dtype)
+    return jnp.where(nonzero, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_unit_norm",
@@ -154,7 +154,7 @@ def constrain_min_max_norm(
 
   def rule(u, w, *, min_norm, max_norm, rate, axes, leaf_dtype):
     units = math.prod(w.shape[a] for a in axes)
-    v = _stored(w, u, leaf_dtype).astype(w.dtype)
+    v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
     norm = unit_norm(v, axes)
     radius = max_norm * radius_factor(units)
     clipped = jnp.minimum(jnp.maximum(norm, min_norm), radius)
@@ -162,8 +162,8 @@ def constrain_min_max_norm(
     change = ((norm > max_norm) | (norm < min_norm)) & (norm > 0) & (rate > 0)
     one = lax.full_like(norm, 1)
     scale = lax.select(change, desired, one) / lax.select(change, norm, one)
-    target = _toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(change, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
+    target = round_toward_zero(v * scale, leaf_dtype).astype(w.dtype)
+    return jnp.where(change, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_min_max_norm",
@@ -204,8 +204,8 @@ def constrain_non_negative(*, mask: Mask = None) -> optax.GradientTransformation
   """
 
   def rule(u, w, *, leaf_dtype):
-    negative = _stored(w, u, leaf_dtype) < 0
-    return jnp.where(negative, -w, _rounded(u, leaf_dtype))
+    negative = stored_sum(w, u, leaf_dtype) < 0
+    return jnp.where(negative, -w, round_to_leaf(u, leaf_dtype))
 
   return leafwise_transform(
     "constrain_non_negative",

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from optax_norms._numerics import _is_int
+from optax_norms._numerics import is_int
 from optax_norms._paths import Path, format_path
 
 __all__ = ["Axis", "Layout", "check_axis_spec", "checked_layout", "role_block_axis"]
@@ -78,11 +78,11 @@ def check_axis_spec(axis: Any) -> None:
   A traced axis (``optax.inject_hyperparams`` without ``static_args``) is reported when the
   layouts are resolved, with the fix.
   """
-  if axis is None or callable(axis) or _is_int(axis) or isinstance(axis, jax.core.Tracer):
+  if axis is None or callable(axis) or is_int(axis) or isinstance(axis, jax.core.Tracer):
     return
   if isinstance(axis, Layout):
     return
-  if isinstance(axis, (tuple, list)) and all(_is_int(a) for a in axis):
+  if isinstance(axis, (tuple, list)) and all(is_int(a) for a in axis):
     return
   raise ValueError(
     "`axis` must be None, an int, a tuple of ints, an optax_norms.Layout or a callable "
@@ -96,7 +96,7 @@ def _normalized(what: str, axes: Any, path: Path, shape: tuple[int, ...]) -> tup
   axes = (axes,) if not isinstance(axes, (tuple, list)) else tuple(axes)
   resolved = []
   for a in axes:
-    if not _is_int(a):
+    if not is_int(a):
       raise ValueError(f"`{what}` must be ints, got {a!r} for {format_path(path)!r}.")
     a = int(a)
     if not -ndim <= a < ndim:

@@ -29,6 +29,7 @@ __all__ = [
   "Mask",
   "PathMask",
   "Selector",
+  "as_globs",
   "compile_mask",
   "path_labels",
   "path_mask",
@@ -125,7 +126,7 @@ def compile_glob(glob: str) -> re.Pattern[str]:
   return re.compile(regex, re.DOTALL)
 
 
-def _as_globs(name: str, globs: Any) -> tuple[str, ...]:
+def as_globs(name: str, globs: Any) -> tuple[str, ...]:
   if isinstance(globs, str):
     globs = (globs,)
   try:
@@ -175,8 +176,8 @@ class PathMask:
     regex: str | None = None,
     where: Callable[[Path, Any], bool] | None = None,
   ):
-    self.include = _as_globs("include", include)
-    self.exclude = _as_globs("exclude", exclude)
+    self.include = as_globs("include", include)
+    self.exclude = as_globs("exclude", exclude)
     self._include = [compile_glob(g) for g in self.include]
     self._exclude = [compile_glob(g) for g in self.exclude]
     if regex is not None and not isinstance(regex, str):
@@ -263,8 +264,8 @@ def path_mask(
     >>> mask({"body": {"kernel": jnp.ones(2)}, "head": {"kernel": jnp.ones(2)}})
     {'body': {'kernel': True}, 'head': {'kernel': False}}
   """
-  include = _as_globs("include", include)
-  exclude = _as_globs("exclude", exclude) + tuple(g[1:] for g in include if g.startswith("!"))
+  include = as_globs("include", include)
+  exclude = as_globs("exclude", exclude) + tuple(g[1:] for g in include if g.startswith("!"))
   include = tuple(g for g in include if not g.startswith("!"))
   return PathMask(include, exclude, regex, where)
 
@@ -320,7 +321,7 @@ def selector_mask(selector: str | Sequence[str]) -> PathMask:
     >>> mask({"attn": {"query": {"kernel": 1.0}, "out": {"kernel": 1.0}}, "head": {"w": 1.0}})
     {'attn': {'out': {'kernel': False}, 'query': {'kernel': True}}, 'head': {'w': True}}
   """
-  patterns = _as_globs("selector", selector)
+  patterns = as_globs("selector", selector)
   if not any(p.startswith(REGEX_PREFIX) for p in patterns):
     return path_mask(patterns)
   if any(p.startswith("!") for p in patterns):

@@ -14,6 +14,7 @@ __all__ = [
   "ONE_PASS_MIN_SIZE",
   "abs_zero_subgradient",
   "compute_dtype",
+  "is_int",
   "safe_unit_norm",
   "unit_norm",
 ]
@@ -27,7 +28,7 @@ def compute_dtype(dtype: Any) -> Any:
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
   """A Python or NumPy integer, or a 0-d integer array (never a float that has
   ``__index__``, never a bool)."""
   if isinstance(value, (bool, np.bool_)):

@@ -24,7 +24,7 @@ from optax_norms._masks import Mask, compile_mask
 from optax_norms._numerics import compute_dtype, unit_norm
 from optax_norms._paths import flatten, format_path
 from optax_norms._prox import soft_threshold
-from optax_norms._transform import _aligned_params, _leaf_kind, selected_leaves
+from optax_norms._transform import aligned_params, leaf_kind, selected_leaves
 from optax_norms._units import resolve_axes
 
 __all__ = ["ProxAdamState", "prox_adam"]
@@ -210,7 +210,7 @@ def prox_adam(
     if group_list is not None:
       member_selection("prox_adam", selector, params, instances_of(params))
     moments = [
-      jnp.zeros_like(leaf) if _leaf_kind(path, leaf) == "float" else optax.MaskedNode()
+      jnp.zeros_like(leaf) if leaf_kind(path, leaf) == "float" else optax.MaskedNode()
       for path, leaf in zip(paths, leaves)
     ]
     tree = jax.tree_util.tree_unflatten(treedef, moments)
@@ -231,13 +231,13 @@ def prox_adam(
         ok = jnp.asarray(values[name]) < 1
         bad = ok if bad is None else bad & ok
     paths, u_leaves, treedef = flatten(updates)
-    p_leaves = _aligned_params(paths, params)
+    p_leaves = aligned_params(paths, params)
     _, _, _, prox_on = selected_leaves(selector, params, check=False)
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
     count = optax.safe_increment(state.count)
     # Pass 1: Adam's moments of every floating-point leaf, in the compute dtype.
-    floats = [g is not None and _leaf_kind(path, g) == "float" for path, g in zip(paths, u_leaves)]
+    floats = [g is not None and leaf_kind(path, g) == "float" for path, g in zip(paths, u_leaves)]
     moments, cts, hps = {}, {}, {}
     for i, (path, g, w, mu, nu) in enumerate(zip(paths, u_leaves, p_leaves, mu_leaves, nu_leaves)):
       if not floats[i]:

@@ -32,7 +32,7 @@ from optax_norms._coupled import (
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule, is_schedule
 from optax_norms._layout import Axis
 from optax_norms._masks import Mask, compile_mask
-from optax_norms._numerics import _is_int
+from optax_norms._numerics import is_int
 from optax_norms._paths import flatten, format_path
 from optax_norms._sharding import explicit_spec, reshard, reshard_to, shard_count
 from optax_norms._transform import flatten_with_params, leafwise_transform
@@ -70,7 +70,7 @@ _STATIC_HINT = (
 
 
 def _step_number(name: str, value: Any, low: int) -> int:
-  if not _is_int(value):
+  if not is_int(value):
     hint = _STATIC_HINT if isinstance(value, jax.core.Tracer) else ""
     raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.{hint}")
   if int(value) < low:
@@ -383,7 +383,7 @@ def constrain_n_of_m(
     N:M sparsity; A. Zhou et al., "Learning N:M fine-grained structured sparse neural
     networks from scratch", ICLR 2021.
   """
-  if not _is_int(m) or int(m) < 1:
+  if not is_int(m) or int(m) < 1:
     raise ValueError(f"`m` must be an int >= 1 (the block length), got {m!r}.")
   m = int(m)
   _check_block_axis(block_axis)

@@ -28,11 +28,11 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_norms._constraints import _exact_update, _rounded, _stored, _toward_zero
+from optax_norms._constraints import exact_update, round_to_leaf, round_toward_zero, stored_sum
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._layout import Axis, Layout, check_axis_spec
 from optax_norms._masks import Mask
-from optax_norms._numerics import _is_int, compute_dtype, unit_norm
+from optax_norms._numerics import compute_dtype, is_int, unit_norm
 from optax_norms._paths import Path, format_path
 from optax_norms._sharding import reshard_to
 from optax_norms._transform import leafwise_transform, selected_leaves
@@ -46,14 +46,14 @@ def _check_n_iter(n_iter: Any) -> None:
     if not jnp.issubdtype(n_iter.dtype, jnp.integer) or n_iter.shape:
       raise ValueError(f"`n_iter` must be an integer scalar, got {n_iter.dtype}{n_iter.shape}.")
     return
-  if not _is_int(n_iter) or int(n_iter) < 1:
+  if not is_int(n_iter) or int(n_iter) < 1:
     raise ValueError(f"`n_iter` must be an int >= 1, got {n_iter!r}.")
 
 
 def _check_seed(seed: Any) -> None:
   if isinstance(seed, jax.core.Tracer):
     return
-  if not _is_int(seed):
+  if not is_int(seed):
     raise ValueError(f"`seed` must be an int, got {seed!r}.")
 
 
@@ -295,7 +295,7 @@ def constrain_spectral_norm(
 
   def rule(u, w, *, max_norm, state, layout, leaf_dtype):
     axes, kept = layout.reduce, layout.kept(w.ndim)
-    v = _stored(w, u, leaf_dtype).astype(w.dtype)
+    v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
     x = lax.expand_dims(state.astype(w.dtype), axes)
     sigma, x, a = _power_pair(v, x, axes, kept, n_iter)
     delta = _margin(
@@ -305,8 +305,8 @@ def constrain_spectral_norm(
       projected, outside = _scale_target(v, sigma, max_norm, delta)
     else:
       projected, outside = _clip_target(v, sigma, x, a, axes, kept, max_norm, delta)
-    target = _toward_zero(projected, leaf_dtype).astype(w.dtype)
-    new = jnp.where(outside, _exact_update(w, target, leaf_dtype), _rounded(u, leaf_dtype))
+    target = round_toward_zero(projected, leaf_dtype).astype(w.dtype)
+    new = jnp.where(outside, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
     # The new vector keeps the state's sharding (explicit mesh axes: the rounds shard it
     # like the kept axes of `w`, and a step must return the state type it was given).
     return new, reshard_to(lax.stop_gradient(lax.squeeze(x, axes)).astype(state.dtype), state)

@@ -43,7 +43,14 @@ from optax_norms._numerics import compute_dtype
 from optax_norms._paths import Path, flatten, format_path, shown_paths
 from optax_norms._units import resolve_layout
 
-__all__ = ["LeafwiseState", "flatten_with_params", "leafwise_transform", "selected_leaves"]
+__all__ = [
+  "LeafwiseState",
+  "aligned_params",
+  "flatten_with_params",
+  "leaf_kind",
+  "leafwise_transform",
+  "selected_leaves",
+]
 
 _STATIC_ARGS_HINT = (
   " If this transform is inside optax.inject_hyperparams, a callable `mask` was called "
@@ -64,7 +71,7 @@ class LeafwiseState(NamedTuple):
   leaves: Any
 
 
-def _leaf_kind(path: Path, leaf: Any) -> str:
+def leaf_kind(path: Path, leaf: Any) -> str:
   """'float' (transformed), 'skip' (None, integer, bool: passed through) or raises."""
   if leaf is None:
     return "skip"
@@ -95,7 +102,7 @@ def selected_leaves(
   paths, leaves, treedef = flatten(tree)
   selection = selector.select(tree, paths, leaves, check)
   active = [
-    keep and _leaf_kind(path, leaf) == "float" for keep, path, leaf in zip(selection, paths, leaves)
+    keep and leaf_kind(path, leaf) == "float" for keep, path, leaf in zip(selection, paths, leaves)
   ]
   if (
     check
@@ -123,7 +130,7 @@ def _cast(x: Any, dtype: Any) -> jax.Array:
   return x if getattr(x, "dtype", None) == dtype else lax.convert_element_type(x, dtype)
 
 
-def _aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
+def aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   p_paths, p_leaves, _ = flatten(params)
   if p_paths != u_paths:
     padded = max(len(u_paths), len(p_paths))
@@ -155,7 +162,7 @@ def flatten_with_params(
   if params is None:
     raise _missing_params(name)
   u_paths, u_leaves, treedef = flatten(updates)
-  return u_paths, u_leaves, treedef, _aligned_params(u_paths, params)
+  return u_paths, u_leaves, treedef, aligned_params(u_paths, params)
 
 
 _OPTIONAL_ARGUMENTS = frozenset({"count", "leaf_dtype", "layout"})
@@ -262,7 +269,7 @@ def leafwise_transform(
     values = hparams.at(state)
     valid = hparams.valid(values)
     u_paths, u_leaves, treedef = flatten(updates)
-    p_leaves = _aligned_params(u_paths, params) if params is not None else [None] * len(u_leaves)
+    p_leaves = aligned_params(u_paths, params) if params is not None else [None] * len(u_leaves)
     reference = updates if params is None else params
     _, ref_leaves, _, active = selected_leaves(selector, reference, check=False)
     leaf_layouts = layouts(u_paths, ref_leaves, active)

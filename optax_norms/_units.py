@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from optax_norms._layout import Axis, Layout, check_axis_spec, checked_layout, role_block_axis
-from optax_norms._masks import _as_globs, compile_glob
+from optax_norms._masks import as_globs, compile_glob
 from optax_norms._paths import Path, format_path, shown_paths
 
 __all__ = [
@@ -487,7 +487,7 @@ def unit_axes(layout: str = "flax", *, stacked: str | Iterable[str] | None = Non
   """
   if layout not in _LAYOUTS:
     raise ValueError(f"`layout` must be one of {list(_LAYOUTS)}, got {layout!r}.")
-  return UnitAxes(layout, _as_globs("stacked", () if stacked is None else stacked))
+  return UnitAxes(layout, as_globs("stacked", () if stacked is None else stacked))
 
 
 def resolve_layout(
