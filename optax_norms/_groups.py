@@ -31,6 +31,7 @@ from optax_norms._keras_constraints import (
 )
 from optax_norms._layout import Layout, check_axis_spec
 from optax_norms._masks import PathMask, selector_mask
+from optax_norms._messages import missing_params
 from optax_norms._paths import Path, check_unambiguous, flatten, format_path, shown_paths
 from optax_norms._penalties import add_l1_decay, add_l2_decay
 from optax_norms._prox import prox_group_l2, prox_l1
@@ -887,9 +888,7 @@ def regularize(
 
   def update_fn(updates: Any, state: optax.OptState, params: Any = None, **extra_args: Any):
     if params is None:
-      raise ValueError(
-        "regularize(...) reads the current parameters: call tx.update(updates, state, params)."
-      )
+      raise missing_params("regularize")
     return chain.update(updates, state, params, **extra_args)
 
   # describe_rules reads the table back from the transform (no registry of tables).

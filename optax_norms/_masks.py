@@ -16,6 +16,7 @@ from typing import Any, Union
 import jax
 import numpy as np
 
+from optax_norms._messages import static_args_hint
 from optax_norms._paths import (
   Path,
   check_unambiguous,
@@ -39,10 +40,7 @@ __all__ = [
 
 Mask = Union[None, str, Sequence[str], "PathMask", Any, Callable[[Any], Any]]
 
-_STATIC_ARGS_HINT = (
-  "Under optax.inject_hyperparams every callable argument is called as a schedule: "
-  "pass static_args=('mask',) (and 'axis' for a callable axis)."
-)
+_STATIC_ARGS_HINT = static_args_hint("mask")
 
 
 # --- globs ---------------------------------------------------------------------------------

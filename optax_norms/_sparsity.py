@@ -32,6 +32,7 @@ from optax_norms._coupled import (
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule, is_schedule
 from optax_norms._layout import Axis
 from optax_norms._masks import Mask, compile_mask
+from optax_norms._messages import static_args_hint
 from optax_norms._numerics import is_int
 from optax_norms._paths import flatten, format_path
 from optax_norms._sharding import explicit_spec, reshard, reshard_to, shard_count
@@ -64,9 +65,7 @@ class _Period(NamedTuple):
     return chosen
 
 
-_STATIC_HINT = (
-  " Under optax.inject_hyperparams pass static_args=('update_every', 'update_start', 'update_end')."
-)
+_STATIC_HINT = " " + static_args_hint("update_every", "update_start", "update_end")
 
 
 def _step_number(name: str, value: Any, low: int) -> int:

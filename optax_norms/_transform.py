@@ -39,6 +39,7 @@ from jax import lax
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
 from optax_norms._layout import Axis, Layout, check_axis_spec
 from optax_norms._masks import Mask, Selector, compile_mask
+from optax_norms._messages import missing_params, static_args_hint
 from optax_norms._numerics import compute_dtype
 from optax_norms._paths import Path, flatten, format_path, shown_paths
 from optax_norms._units import resolve_layout
@@ -52,10 +53,7 @@ __all__ = [
   "selected_leaves",
 ]
 
-_STATIC_ARGS_HINT = (
-  " If this transform is inside optax.inject_hyperparams, a callable `mask` was called "
-  "as a schedule: pass static_args=('mask',)."
-)
+_STATIC_ARGS_HINT = " " + static_args_hint("mask")
 
 
 class LeafwiseState(NamedTuple):
@@ -147,20 +145,13 @@ def aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
   return p_leaves
 
 
-def _missing_params(name: str) -> ValueError:
-  return ValueError(
-    f"`{name}` reads the current parameters, but `params` was not passed: call "
-    "`tx.update(updates, state, params)`."
-  )
-
-
 def flatten_with_params(
   name: str, updates: Any, params: Any
 ) -> tuple[list[Path], list[Any], Any, list[Any]]:
   """The updates flattened (paths, leaves, treedef) and the parameters aligned with them, for
   transforms that read every leaf at once; raises when `params` is missing or differs."""
   if params is None:
-    raise _missing_params(name)
+    raise missing_params(name)
   u_paths, u_leaves, treedef = flatten(updates)
   return u_paths, u_leaves, treedef, aligned_params(u_paths, params)
 
@@ -265,7 +256,7 @@ def leafwise_transform(
     if updates is None:  # As optax's transforms: no updates, nothing to do.
       return None, state
     if needs_params and params is None:
-      raise _missing_params(name)
+      raise missing_params(name)
     values = hparams.at(state)
     valid = hparams.valid(values)
     u_paths, u_leaves, treedef = flatten(updates)

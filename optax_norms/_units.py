@@ -20,6 +20,7 @@ import numpy as np
 
 from optax_norms._layout import Axis, Layout, check_axis_spec, checked_layout, role_block_axis
 from optax_norms._masks import as_globs, compile_glob
+from optax_norms._messages import static_args_hint
 from optax_norms._paths import Path, format_path, shown_paths
 
 __all__ = [
@@ -430,9 +431,8 @@ class UnitAxes:
   def __call__(self, *args: Any) -> Layout:
     if _is_step_count(args):
       raise ValueError(
-        "optax_norms.unit_axes(...) was called with a step count, as a schedule: inside "
-        "optax.inject_hyperparams pass static_args=('axis',) (and 'mask' for a callable "
-        "mask)."
+        "optax_norms.unit_axes(...) was called with a step count, as a schedule. "
+        + static_args_hint("axis")
       )
     if len(args) != 2:
       raise TypeError(f"{self!r} takes (path, leaf), got {len(args)} arguments.")
@@ -515,10 +515,7 @@ def resolve_layout(
   if axis is None:
     return default_layout(path, shape, shapes)
   if isinstance(axis, jax.core.Tracer):
-    raise ValueError(
-      "`axis` is traced. Under optax.inject_hyperparams pass "
-      "static_args=('axis',) so the axis stays a Python int."
-    )
+    raise ValueError("`axis` is traced. " + static_args_hint("axis"))
   layout = axis if isinstance(axis, Layout) else Layout((), axis)  # type: ignore[arg-type]
   return checked_layout(layout, path, shape, torch=is_torch_name(path))
 

@@ -1,7 +1,8 @@
 """The package boundary, by AST: no module of optax_norms imports another module's private
 (underscore) name (a name shared between modules is a plain name in its private module, listed
-in its ``__all__``), and the bottom layer, ``_numerics`` (pure math), imports no other module of
-the package. Tests may reach into private names; the package may not."""
+in its ``__all__``), and the modules form three layers, each importing only its own layer and
+those below; the bottom one (pure math, values, messages) imports nothing of the package.
+Tests may reach into private names; the package may not."""
 
 from __future__ import annotations
 
@@ -77,5 +78,40 @@ def test_the_checker_sees_both_forms_and_allows_modules():
   ]
 
 
-def test_the_math_layer_imports_nothing_of_the_package():
-  assert _package_imports((PACKAGE / "_numerics.py").read_text()) == set()
+# The three layers: pure math, values and messages at the bottom; paths, globs, layouts and
+# units in the middle; the factory, the transforms and `regularize` on top (every other module).
+BOTTOM = {"_numerics", "_messages", "_hyperparams", "_sharding"}
+MIDDLE = {"_paths", "_masks", "_layout", "_units"}
+
+
+def _layer(module: str) -> int:
+  name = module.rpartition(".")[2]
+  return 0 if name in BOTTOM else 1 if name in MIDDLE else 2
+
+
+def layering_violations(modules: dict[str, set[str]]) -> list[str]:
+  """``"a -> b"`` for each import of `modules` (module name -> the package modules it
+  imports) that reaches a higher layer, or any import of the package from the bottom layer."""
+  found = []
+  for name, imports in sorted(modules.items()):
+    for target in sorted(imports):
+      if _layer(name) == 0 or _layer(target) > _layer(name):
+        found.append(f"{name} -> {target}")
+  return found
+
+
+def test_each_layer_imports_only_the_layers_below():
+  for name in BOTTOM | MIDDLE:
+    assert (PACKAGE / f"{name}.py").exists(), f"{name} is named in a layer but does not exist"
+  modules = {path.stem: _package_imports(path.read_text()) for path in PACKAGE.glob("_*.py")}
+  assert not layering_violations(modules), "\n".join(layering_violations(modules))
+
+
+def test_the_layering_check_can_fail():
+  assert layering_violations(
+    {
+      "_numerics": {"optax_norms._paths"},
+      "_units": {"optax_norms._transform"},
+      "_prox": {"optax_norms._units"},
+    }
+  ) == ["_numerics -> optax_norms._paths", "_units -> optax_norms._transform"]
