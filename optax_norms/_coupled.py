@@ -149,14 +149,14 @@ def coupled_groups(
   glob = compile_glob(anchor) if isinstance(anchor, str) else None
   del glob  # Compiled here so a malformed glob fails at construction.
   if not isinstance(members, Mapping) or not members:
-    raise ValueError(
+    raise (ValueError if isinstance(members, Mapping) else TypeError)(
       f"coupled_groups({anchor!r}): `members` must be a non-empty dict relative path -> "
       f"group axis, got {members!r}."
     )
   checked = []
   for rel, axis in members.items():
     if not isinstance(rel, str) or not rel or rel.strip("/") != rel or "//" in rel:
-      raise ValueError(
+      raise (ValueError if isinstance(rel, str) else TypeError)(
         f"coupled_groups({anchor!r}): the member {rel!r} must be a non-empty '/'-joined "
         "relative path such as 'query/kernel'."
       )
@@ -166,7 +166,7 @@ def coupled_groups(
       )
     checked.append((rel, int(axis)))
   if not isinstance(stacked, bool):
-    raise ValueError(f"coupled_groups({anchor!r}): `stacked` must be a bool, got {stacked!r}.")
+    raise TypeError(f"coupled_groups({anchor!r}): `stacked` must be a bool, got {stacked!r}.")
   return CoupledGroups(anchor, tuple(checked), stacked)
 
 
@@ -174,13 +174,14 @@ def as_group_list(groups: Any, name: str) -> tuple[CoupledGroups, ...]:
   """`groups` (one ``CoupledGroups`` or a sequence of them) as a non-empty tuple."""
   items = (groups,) if isinstance(groups, CoupledGroups) else groups
   if not isinstance(items, Sequence) or isinstance(items, str) or not items:
-    raise ValueError(
+    wrong_type = not isinstance(items, Sequence) or isinstance(items, str)
+    raise (TypeError if wrong_type else ValueError)(
       f"`{name}`: `groups` must be a CoupledGroups (from optax_norms.coupled_groups) or a "
       f"non-empty list of them, got {groups!r}."
     )
   for item in items:
     if not isinstance(item, CoupledGroups):
-      raise ValueError(
+      raise TypeError(
         f"`{name}`: `groups` must hold CoupledGroups (from optax_norms.coupled_groups), got "
         f"{item!r}."
       )

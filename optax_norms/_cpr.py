@@ -178,11 +178,9 @@ def cpr(
   if reg_function not in _REG_FUNCTIONS:
     raise ValueError(f"`reg_function` must be one of {_REG_FUNCTIONS}, got {reg_function!r}.")
   if not isinstance(reg_by_lr, (bool, np.bool_)):
-    raise ValueError(f"`reg_by_lr` must be True or False, got {reg_by_lr!r}.")
+    raise TypeError(f"`reg_by_lr` must be True or False, got {reg_by_lr!r}.")
   if is_schedule(kappa_init_param):
-    raise ValueError(
-      "`kappa_init_param` must be a number (it sets the bound once), not a schedule."
-    )
+    raise TypeError("`kappa_init_param` must be a number (it sets the bound once), not a schedule.")
   # Concrete values are checked here; optax.inject_hyperparams passes arrays (traced in
   # `update`, where only the warm-up length is read, by comparisons that take arrays).
   concrete = not isinstance(kappa_init_param, jax.core.Tracer)

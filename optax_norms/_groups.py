@@ -311,13 +311,15 @@ def _flag_error(name: str, value: Any):
 
 def _as_kwargs(name: str, value: Any, keys: tuple[str, ...]) -> dict[str, Any]:
   if not isinstance(value, Mapping) or not set(value) <= set(keys):
-    raise ValueError(f"`{name}` takes a dict with keys among {keys}, got {value!r}.")
+    raise (ValueError if isinstance(value, Mapping) else TypeError)(
+      f"`{name}` takes a dict with keys among {keys}, got {value!r}."
+    )
   return dict(value)
 
 
 def _as_pair(name: str, value: Any) -> tuple[Any, Any]:
   if not isinstance(value, (tuple, list)) or len(value) != 2:
-    raise ValueError(
+    raise (ValueError if isinstance(value, (tuple, list)) else TypeError)(
       f"`{name}` takes a pair (n, m), e.g. (2, 4), or a dict with 'n', 'm' and "
       f"'block_axis', got {value!r}."
     )
@@ -457,7 +459,7 @@ def _as_pair_rule(i: int, rule: Any) -> tuple[Any, Any]:
     settings = {k: v for k, v in rule.items() if k != "match"}
     return rule["match"], settings or None
   if not isinstance(rule, (tuple, list)) or len(rule) != 2:
-    raise ValueError(
+    raise (ValueError if isinstance(rule, (tuple, list)) else TypeError)(
       f"Rule {i} must be a (selector, settings) pair or a dict {{'match': selector, "
       f"**settings}}, got {rule!r}."
     )
@@ -467,7 +469,8 @@ def _as_pair_rule(i: int, rule: Any) -> tuple[Any, Any]:
 def _parse_rules(rules: Any) -> list[_Rule]:
   rules = as_plain(rules)
   if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence) or not rules:
-    raise ValueError(
+    wrong_type = isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence)
+    raise (TypeError if wrong_type else ValueError)(
       "`rules` must be a non-empty list of (selector, settings) pairs or of data rules "
       "{'match': selector, **settings}, e.g. [('**/kernel', {'l2': 1e-4}), ('**', None)]."
     )
@@ -477,8 +480,8 @@ def _parse_rules(rules: Any) -> list[_Rule]:
     where = f"Rule {i} ({_selector_text(selector)})"
     try:
       selector = selector_from_data(selector)
-    except ValueError as error:
-      raise ValueError(f"{where}: {error}") from None
+    except (TypeError, ValueError) as error:
+      raise type(error)(f"{where}: {error}") from None
     if isinstance(selector, PathMask):
       mask = selector
     elif isinstance(selector, str) or (
@@ -486,8 +489,8 @@ def _parse_rules(rules: Any) -> list[_Rule]:
     ):
       try:
         mask = selector_mask(selector)
-      except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+      except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
     else:
       raise ValueError(
         f"{where}: the selector must be a glob, 're:<regex>', a list of them or a "
@@ -496,7 +499,7 @@ def _parse_rules(rules: Any) -> list[_Rule]:
     if settings is None:
       settings = {}
     if not isinstance(settings, Mapping):
-      raise ValueError(f"{where}: settings must be a dict or None, got {type(settings).__name__}.")
+      raise TypeError(f"{where}: settings must be a dict or None, got {type(settings).__name__}.")
     converted = {}
     for key, value in settings.items():
       if key not in _KEYS:
@@ -505,13 +508,13 @@ def _parse_rules(rules: Any) -> list[_Rule]:
         continue
       try:
         converted[key] = value_from_data(key, value)
-      except ValueError as error:
-        raise ValueError(f"{where}, setting {key!r}: {error}") from None
+      except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}, setting {key!r}: {error}") from None
     if "axis" in converted:
       try:
         check_axis_spec(converted["axis"])
-      except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+      except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
     parsed.append(_Rule(selector, mask, converted))
   return parsed
 
@@ -569,13 +572,13 @@ def rules_to_data(rules: Sequence[Any]) -> list[dict[str, Any]]:
     where = f"Rule {i} ({_selector_text(rule.selector)})"
     try:
       entry = {"match": selector_to_data(rule.selector)}
-    except ValueError as error:
-      raise ValueError(f"{where}, key 'match': {error}") from None
+    except (TypeError, ValueError) as error:
+      raise type(error)(f"{where}, key 'match': {error}") from None
     for key, value in rule.settings.items():
       try:
         entry[key] = value_to_data(key, value)
-      except ValueError as error:
-        raise ValueError(f"{where}, setting {key!r}: {error}") from None
+      except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}, setting {key!r}: {error}") from None
     data.append(entry)
   return data
 
@@ -594,8 +597,8 @@ def _assign(
   for i, rule in enumerate(rules):
     try:
       selection = rule.mask.select(tree, paths, leaves, check=True)
-    except ValueError as error:
-      raise ValueError(f"Rule {i} ({_selector_text(rule.selector)}): {error}") from None
+    except (TypeError, ValueError) as error:
+      raise type(error)(f"Rule {i} ({_selector_text(rule.selector)}): {error}") from None
     hits = [k for k, (keep, fl) in enumerate(zip(selection, floating)) if keep and fl]
     matched.append(hits)
     for k in hits:
@@ -704,8 +707,8 @@ def _check_group_members(
     where = f"Rule {i} ({_selector_text(rule.selector)})"
     try:
       instances = _rule_instances(rule, paths, leaves)
-    except ValueError as error:
-      raise ValueError(f"{where}, setting 'groups': {error}") from None
+    except (TypeError, ValueError) as error:
+      raise type(error)(f"{where}, setting 'groups': {error}") from None
     for instance in instances:
       for member in instance.members:
         taker = owner[member.position]
@@ -851,8 +854,8 @@ def regularize(
       by_stage["clip"].append(
         clip_group_global_norm(value_from_data("", clip_global_norm), mask=trained)
       )
-    except ValueError as error:
-      raise ValueError(f"regularize(..., clip_global_norm=...): {error}") from None
+    except (TypeError, ValueError) as error:
+      raise type(error)(f"regularize(..., clip_global_norm=...): {error}") from None
   for name, setting in SETTINGS.items():
     for i, rule in enumerate(table.rules):
       if name not in rule.settings:
@@ -875,8 +878,8 @@ def regularize(
           lr_scale=lr_scale,
           groups=rule.settings.get("groups"),
         )
-      except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
+      except (TypeError, ValueError) as error:
+        raise type(error)(f"{where}: {error}") from None
       by_stage[setting.stage].append(transform)
   chain = optax.chain(*(t for stage in STAGES for t in by_stage[stage]))
 
@@ -1066,7 +1069,7 @@ def describe_rules(rules_or_tx: Any, params: Any, *, as_data: bool = False) -> A
 def _data_or_text(key: str, value: Any) -> Any:
   try:
     return value_to_data(key, value)
-  except ValueError:
+  except (TypeError, ValueError):
     return _value_text(value)
 
 
@@ -1086,7 +1089,7 @@ def _record_data(
   rule = table.rules[index]
   try:
     match = selector_to_data(rule.selector)
-  except ValueError:
+  except (TypeError, ValueError):
     match = repr(rule.selector)
   order = [*SETTINGS, *sorted(_MODIFIERS)]
   settings = {k: _data_or_text(k, rule.settings[k]) for k in order if k in rule.settings}

@@ -74,7 +74,7 @@ def is_schedule(value: Any) -> bool:
 def _check_static(name: str, value: Any, what: str) -> None:
   """The checks that hold for traced values too: a real scalar."""
   if isinstance(value, (bool, np.bool_, str)) or value is None:
-    raise ValueError(
+    raise TypeError(
       f"`{name}` must be a non-negative real number or a schedule, got {value!r}{what}."
     )
   shape = np.shape(value) if not hasattr(value, "shape") else tuple(value.shape)
@@ -88,7 +88,7 @@ def _check_static(name: str, value: Any, what: str) -> None:
     try:
       dtype = np.asarray(value).dtype
     except Exception as error:
-      raise ValueError(f"`{name}` must be a scalar, got {type(value).__name__}{what}.") from error
+      raise TypeError(f"`{name}` must be a scalar, got {type(value).__name__}{what}.") from error
   if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
     raise ValueError(f"`{name}` must be a real number, got dtype {dtype}{what}.")
 

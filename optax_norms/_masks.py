@@ -100,7 +100,7 @@ def compile_glob(glob: str) -> re.Pattern[str]:
   character (``\\!x`` selects a key that starts with ``!``).
   """
   if not isinstance(glob, str) or not glob or glob.strip("/") != glob or "//" in glob:
-    raise ValueError(
+    raise (ValueError if isinstance(glob, str) else TypeError)(
       f"Malformed glob {glob!r}: it must be a non-empty string, without leading, trailing "
       "or doubled '/'. Example: '**/kernel'."
     )
@@ -133,7 +133,7 @@ def as_globs(name: str, globs: Any) -> tuple[str, ...]:
     raise ValueError(f"`{name}` must be a glob string or a list of them, got {globs!r}.") from None
   for glob in globs:
     if not isinstance(glob, str):
-      raise ValueError(f"`{name}` must contain glob strings, got {glob!r}.")
+      raise TypeError(f"`{name}` must contain glob strings, got {glob!r}.")
   return globs
 
 
@@ -179,13 +179,13 @@ class PathMask:
     self._include = [compile_glob(g) for g in self.include]
     self._exclude = [compile_glob(g) for g in self.exclude]
     if regex is not None and not isinstance(regex, str):
-      raise ValueError(f"`regex` must be a string, got {type(regex).__name__}.")
+      raise TypeError(f"`regex` must be a string, got {type(regex).__name__}.")
     try:
       self.regex = None if regex is None else re.compile(regex)
     except re.error as error:
       raise ValueError(f"`regex` {regex!r} is not a valid regular expression: {error}.") from None
     if where is not None and not callable(where):
-      raise ValueError(f"`where` must be a callable (path, leaf) -> bool, got {where!r}.")
+      raise TypeError(f"`where` must be a callable (path, leaf) -> bool, got {where!r}.")
     self.where = where
 
   def __repr__(self) -> str:
@@ -496,7 +496,7 @@ def compile_mask(mask: Mask) -> Selector:
     and any(isinstance(g, str) for g in mask)
   ):
     bad = next(g for g in mask if not isinstance(g, str))
-    raise ValueError(f"`mask` is a list of globs, but it contains {bad!r}, not a string.")
+    raise TypeError(f"`mask` is a list of globs, but it contains {bad!r}, not a string.")
   return Selector(mask)
 
 
@@ -523,7 +523,9 @@ def path_labels(rules: Mapping[str, Mask], default: str | None = None) -> Callab
     ...     labels)
   """
   if not isinstance(rules, Mapping) or not rules:
-    raise ValueError("`rules` must be a non-empty dict label -> glob(s) or PathMask.")
+    raise (ValueError if isinstance(rules, Mapping) else TypeError)(
+      "`rules` must be a non-empty dict label -> glob(s) or PathMask."
+    )
   masks: dict[str, PathMask] = {}
   for label, rule in rules.items():
     compiled = _as_path_mask(rule)

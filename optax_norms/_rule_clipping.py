@@ -106,15 +106,23 @@ class ClipAdaptiveState(NamedTuple):
 
 
 def check_adaptive(z: Any, decay: Any, warmup: Any) -> None:
-  """ValueError naming the argument for a bad ``clip_adaptive`` setting."""
-  if isinstance(z, bool) or not isinstance(z, (int, float)) or not math.isfinite(z) or z < 0:
+  """TypeError or ValueError naming the argument for a bad ``clip_adaptive`` setting."""
+  for name, value, kinds in (
+    ("z", z, (int, float)),
+    ("decay", decay, (int, float)),
+    ("warmup", warmup, int),
+  ):
+    if isinstance(value, bool) or not isinstance(value, kinds):
+      wanted = "an int" if kinds is int else "a number"
+      raise TypeError(f"`{name}` must be {wanted}, got {value!r}.")
+  if not math.isfinite(z) or z < 0:
     raise ValueError(f"`z` (the spike threshold in standard deviations) must be >= 0, got {z!r}.")
-  if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
+  if not 0 <= decay <= 1:
     raise ValueError(f"`decay` (of the running statistics) must be in [0, 1], got {decay!r}.")
-  if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+  if warmup < 1:
     raise ValueError(
-      f"`warmup` (the steps whose norms give the starting mean and variance) must be an int "
-      f">= 1, got {warmup!r}."
+      f"`warmup` (the steps whose norms give the starting mean and variance) must be >= 1, "
+      f"got {warmup!r}."
     )
 
 

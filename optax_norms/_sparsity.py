@@ -856,7 +856,7 @@ def polynomial_sparsity_schedule(
   """
   for name, value in (("final", final), ("initial", initial)):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-      raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+      raise TypeError(f"`{name}` must be a number in [0, 1], got {value!r}.")
     if not 0 <= float(value) <= 1:
       raise ValueError(f"`{name}` must be in [0, 1], got {value!r}.")
   begin = _step_number("begin_step", begin_step, 0)

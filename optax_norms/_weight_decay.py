@@ -132,7 +132,7 @@ def add_decoupled_weight_decay(
   """
   _check_convention(convention)
   if not isinstance(cautious, (bool, np.bool_)):
-    raise ValueError(f"`cautious` must be True or False, got {cautious!r}.")
+    raise TypeError(f"`cautious` must be True or False, got {cautious!r}.")
   peak = _peak(convention, learning_rate, peak_learning_rate)
   hyperparams: dict[str, ScalarOrSchedule] = {
     "weight_decay": weight_decay,
@@ -223,7 +223,7 @@ def decay_from_timescale(
     if not number > 0 or math.isinf(number):
       raise ValueError(f"`{name}` must be positive and finite, got {value!r}.")
   if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, (int, np.integer)):
-    raise ValueError(f"`steps_per_epoch` must be a positive integer, got {steps_per_epoch!r}.")
+    raise TypeError(f"`steps_per_epoch` must be a positive integer, got {steps_per_epoch!r}.")
   if steps_per_epoch < 1:
     raise ValueError(f"`steps_per_epoch` must be a positive integer, got {steps_per_epoch!r}.")
   iterations = float(timescale) * int(steps_per_epoch)

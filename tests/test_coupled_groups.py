@@ -218,7 +218,7 @@ def test_errors_come_at_init():
     tx.init(_tree())
   with pytest.raises(ValueError, match="`axis` is not read with `groups`"):
     on.prox_group_l2(1.0, 0.1, groups=on.coupled_groups("**/attn", HEADS), axis=0)
-  with pytest.raises(ValueError, match="must be a CoupledGroups"):
+  with pytest.raises(TypeError, match="must be a CoupledGroups"):
     on.prox_group_l2(1.0, 0.1, groups="**/attn")
 
 

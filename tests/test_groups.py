@@ -407,11 +407,11 @@ def test_error_bad_values_and_tables():
     on.regularize(optax.sgd(0.1), [("**/kernel", {"l2": -1.0}), ("**", None)])
   with pytest.raises(ValueError, match=r"Rule 0 \('\*\*/kernel'\): `axis` must be"):
     on.regularize(optax.sgd(0.1), [("**/kernel", {"max_norm": 1.0, "axis": 1.5}), ("**", None)])
-  with pytest.raises(ValueError, match="non-empty list of"):
+  with pytest.raises(TypeError, match="non-empty list of"):
     on.regularize(optax.sgd(0.1), {"**": None})
-  with pytest.raises(ValueError, match=r"Rule 0 must be a \(selector, settings\) pair"):
+  with pytest.raises(TypeError, match=r"Rule 0 must be a \(selector, settings\) pair"):
     on.regularize(optax.sgd(0.1), ["**"])
-  with pytest.raises(ValueError, match="settings must be a dict or None"):
+  with pytest.raises(TypeError, match="settings must be a dict or None"):
     on.regularize(optax.sgd(0.1), [("**", 1e-4)])
   with pytest.raises(ValueError, match="Malformed glob"):
     on.regularize(optax.sgd(0.1), [("a//b", None)])

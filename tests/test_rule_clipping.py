@@ -257,7 +257,8 @@ def test_adaptive_and_global_clips_keep_the_dtype(dtype):
   ],
 )
 def test_bad_clip_values_name_the_rule_and_argument(settings, message):
-  with pytest.raises(ValueError, match=message):
+  wrong_type = settings.get("clip_adaptive", {}).get("warmup") == 2.5
+  with pytest.raises(TypeError if wrong_type else ValueError, match=message):
     on.regularize(optax.sgd(1.0), [("**", settings)])
 
 

@@ -180,7 +180,7 @@ def test_unit_axes_under_inject_hyperparams_needs_static_args():
 def test_unit_axes_bad_arguments():
   with pytest.raises(ValueError, match="`layout`"):
     on.unit_axes("jax")
-  with pytest.raises(ValueError, match="glob strings"):
+  with pytest.raises(TypeError, match="glob strings"):
     on.unit_axes(stacked=[1])
   with pytest.raises(ValueError, match="Malformed glob"):
     on.unit_axes(stacked="a//b")

@@ -194,7 +194,8 @@ def test_a_constant_learning_rate_is_its_own_peak():
   ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, name):
-  with pytest.raises(ValueError, match=f"`{name}`"):
+  error = TypeError if name == "cautious" else ValueError  # A wrong type, not a wrong value.
+  with pytest.raises(error, match=f"`{name}`"):
     on.add_decoupled_weight_decay(0.1, 0.01, **kwargs)
 
 
