@@ -21,6 +21,7 @@ from optax_norms._coupled import (
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule, is_schedule
 from optax_norms._layout import Axis, check_axis_spec
 from optax_norms._masks import Mask, compile_mask
+from optax_norms._messages import missing_params
 from optax_norms._numerics import compute_dtype, unit_norm
 from optax_norms._paths import flatten, format_path
 from optax_norms._prox import soft_threshold
@@ -220,10 +221,7 @@ def prox_adam(
     if updates is None:  # As optax's transforms: no updates, nothing to do.
       return None, state
     if params is None:
-      raise ValueError(
-        "`prox_adam` reads the current parameters, but `params` was not passed: call "
-        "`tx.update(updates, state, params)`."
-      )
+      raise missing_params("prox_adam")
     values = hparams.at(ProxAdamState(state.count, None, None))
     bad = hparams.valid(values)
     for name in ("b1", "b2"):
