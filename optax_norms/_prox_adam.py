@@ -117,8 +117,9 @@ def prox_adam(
   ``a = d + 2·lr·l2`` and ``λ = lr·group``: the unit is exactly zero when ``‖z‖ ≤ λ``, else
   ``x = z·t/(a·t + λ)`` where ``t = ‖x‖`` is the root of ``Σ z²/(a·t + λ)² = 1`` (one
   decreasing scalar equation per unit), solved with 12 monotone Newton steps to float32
-  precision. The update is ``x − w``. With ``l1 = l2 = group = 0`` the update is exactly
-  ``optax.adam``'s (bit for bit in float32).
+  precision. The update is ``x − w``. Adam's step is ``optax.scale_by_adam``'s own (this
+  transform reuses it and reads the metric from its second moment), so with
+  ``l1 = l2 = group = 0`` the update is exactly ``optax.adam``'s (bit for bit in float32).
 
   **Coupled groups.** With ``groups`` (from ``coupled_groups``: heads or neurons spread over
   several leaves), the group term is ``group·Σ_g √p_g·‖w_g‖₂`` over the coupled groups (as
@@ -233,109 +234,103 @@ def prox_adam(
     _, _, _, prox_on = selected_leaves(selector, params, check=False)
     mu_leaves = treedef.flatten_up_to(state.mu)
     nu_leaves = treedef.flatten_up_to(state.nu)
-    count = optax.safe_increment(state.count)
-    # Pass 1: Adam's moments of every floating-point leaf, in the compute dtype.
-    floats = [g is not None and leaf_kind(path, g) == "float" for path, g in zip(paths, u_leaves)]
-    moments, cts, hps = {}, {}, {}
-    for i, (path, g, w, mu, nu) in enumerate(zip(paths, u_leaves, p_leaves, mu_leaves, nu_leaves)):
-      if not floats[i]:
-        continue
-      if jnp.shape(w) != jnp.shape(g):
+    order = [
+      i
+      for i, (path, g) in enumerate(zip(paths, u_leaves))
+      if g is not None and leaf_kind(path, g) == "float"
+    ]
+    for i in order:
+      if jnp.shape(p_leaves[i]) != jnp.shape(u_leaves[i]):
         raise ValueError(
-          f"The update and the parameter {format_path(path)!r} differ in shape: "
-          f"{jnp.shape(g)} vs {jnp.shape(w)}."
+          f"The update and the parameter {format_path(paths[i])!r} differ in shape: "
+          f"{jnp.shape(u_leaves[i])} vs {jnp.shape(p_leaves[i])}."
         )
-      ct = compute_dtype(max(g.dtype, w.dtype, key=lambda t: jnp.dtype(t).itemsize))
-      if ct not in hps:
-        hps[ct] = _in_dtype(values, ct)
-      hp, gc = hps[ct], g.astype(ct)
-      # optax.adam's arithmetic, operation for operation (bit-identical in float32).
-      m = hp["one_minus_b1"] * gc + hp["b1"] * mu.astype(ct)
-      v = hp["one_minus_b2"] * (gc * gc) + hp["b2"] * nu.astype(ct)
-      moments[i], cts[i] = (m, v), ct
-    # Pass 2: the bias correction over all leaves at once, through optax's own function: XLA
-    # turns a division by a scalar shared by several leaves into a multiplication by its
-    # reciprocal, so the same call on the same leaves is what keeps optax's bits.
-    order = sorted(moments)
-    m_hat = _bias_correction([moments[i][0] for i in order], values["b1"], count)
-    v_hat = _bias_correction([moments[i][1] for i in order], values["b2"], count)
+    # Adam itself: optax's own transformation on the floating-point leaves, in at least
+    # float32 (in half precision, eps = 1e-8 rounds to 0 and g² underflows).
+    cts = {
+      i: compute_dtype(max(u_leaves[i].dtype, p_leaves[i].dtype, key=lambda t: t.itemsize))
+      for i in order
+    }
+    steps, adam_state = _adam_steps(
+      [u_leaves[i].astype(cts[i]) for i in order],
+      optax.ScaleByAdamState(
+        count=state.count,
+        mu=[mu_leaves[i].astype(cts[i]) for i in order],
+        nu=[nu_leaves[i].astype(cts[i]) for i in order],
+      ),
+      values,
+    )
     new_u, new_mu, new_nu = list(u_leaves), list(mu_leaves), list(nu_leaves)
     instances = instances_of(params)
-    members = {m.position for inst in instances for m in inst.members}
+    members = {m.position for inst in instances for m in inst.members} if has_group else set()
     per_unit_group = has_group and group_list is None
     coupled: dict[int, tuple[Any, Any, Any]] = {}
-    for j, i in enumerate(order):
-      path, g, w, ct = paths[i], u_leaves[i], p_leaves[i], cts[i]
-      hp = hps[ct]
-      d = jnp.sqrt(v_hat[j]) + hp["eps"]
-      step = -hp["learning_rate"] * (m_hat[j] / d)
-      if i in members and has_group:
-        coupled[i] = (w.astype(ct), step, d)  # Solved per coupled group below.
+    for i, step, mu, nu in zip(order, steps, adam_state.mu, adam_state.nu):
+      new_u[i] = step
+      new_mu[i], new_nu[i] = mu.astype(mu_leaves[i].dtype), nu.astype(nu_leaves[i].dtype)
+      if not (prox_on[i] or i in members):
         continue
-      if prox_on[i]:
-        axes = resolve_axes(axis, path, w) if per_unit_group else ()
-        out = _prox(w.astype(ct), step, d, hp, axes, per_unit_group)
+      w, ct = p_leaves[i], cts[i]
+      hp = hparams.in_dtype(values, ct)
+      point = (w.astype(ct), step, _metric(nu, hp, adam_state.count))
+      if i in members:
+        coupled[i] = point  # Solved per coupled group below.
       else:
-        out = step
-      new_u[i] = out
-    for inst in instances:
-      if not has_group:
-        break
+        axes = resolve_axes(axis, paths[i], w) if per_unit_group else ()
+        new_u[i] = _prox(*point, hp, axes, per_unit_group)
+    for inst in instances if has_group else ():
       positions = [m.position for m in inst.members]
       if any(i not in coupled for i in positions):
         raise ValueError(
           f"`prox_adam`: the update of a member of {inst.anchor!r} is None or not "
           "floating-point; a coupled group needs the updates of all its members."
         )
-      ct = max((cts[i] for i in positions), key=lambda t: jnp.dtype(t).itemsize)
-      outs = _coupled_prox(
-        inst,
-        [tuple(x.astype(ct) for x in coupled[i]) for i in positions],
-        hps[ct],
-      )
-      for i, out in zip(positions, outs):
+      ct = max((coupled[i][0].dtype for i in positions), key=lambda t: jnp.dtype(t).itemsize)
+      points = [tuple(x.astype(ct) for x in coupled[i]) for i in positions]
+      for i, out in zip(positions, _coupled_prox(inst, points, hparams.in_dtype(values, ct))):
         new_u[i] = out
     for i in order:
       out = new_u[i]
       if bad is not None:
         out = jnp.where(bad, out, jnp.full((), jnp.nan, out.dtype))
       new_u[i] = out.astype(u_leaves[i].dtype)
-      new_mu[i] = moments[i][0].astype(mu_leaves[i].dtype)
-      new_nu[i] = moments[i][1].astype(nu_leaves[i].dtype)
     unflat = lambda leaves: jax.tree_util.tree_unflatten(treedef, leaves)
-    return unflat(new_u), ProxAdamState(count=count, mu=unflat(new_mu), nu=unflat(new_nu))
+    new_state = ProxAdamState(count=adam_state.count, mu=unflat(new_mu), nu=unflat(new_nu))
+    return unflat(new_u), new_state
 
   # `regularize` refuses a prox setting on top of this optimizer, which already takes one.
   update_fn.takes_prox = True  # type: ignore[attr-defined]
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _bias_correction(leaves, decay, count):
-  """``optax.tree.bias_correction`` (``t / (1 − decay**count)``, jitted inline)."""
-  if not isinstance(decay, jax.Array):
-    decay = float(decay)  # A Python float, as optax.adam receives it.
-  tree = getattr(optax, "tree", None)  # optax >= 0.2.5; older: optax.tree_utils.
-  correct = tree.bias_correction if tree is not None else optax.tree_utils.tree_bias_correction
-  with jax.numpy_dtype_promotion("standard"):  # optax's `decay**count` promotes implicitly.
-    return correct(leaves, decay, count)
+def _adam_steps(grads, adam_state, values):
+  """``optax.adam``'s updates of `grads` and its new state, by reuse: ``optax.scale_by_adam``,
+  then the step ``−lr·u`` as ``optax.scale_by_learning_rate`` takes it.
+
+  Constant hyperparameters go in as Python floats, as ``optax.adam`` receives them, so the
+  bits are optax's; arrays (schedules, ``inject_hyperparams``) go in as they are, and the
+  steps keep the dtypes of `grads` (the caller casts the moments back to their own).
+  """
+  b1, b2, eps, lr = (
+    float(v) if isinstance(v, np.floating) else v
+    for v in (values["b1"], values["b2"], values["eps"], values["learning_rate"])
+  )
+  # optax's bias correction raises a Python float to the int32 count, a promotion that the
+  # strict mode refuses; optax runs it under the default mode.
+  with jax.numpy_dtype_promotion("standard"):
+    u, adam_state = optax.scale_by_adam(b1, b2, eps).update(grads, adam_state)
+  if isinstance(lr, float):
+    steps = [(-lr) * x for x in u]
+  else:
+    steps = [jnp.asarray(-lr, x.dtype) * x for x in u]
+  return [x.astype(g.dtype) for x, g in zip(steps, grads)], adam_state
 
 
-def _in_dtype(values, dtype):
-  """Hyperparameters in the compute dtype; ``1 − b`` of a constant ``b`` is formed in
-  float64 and rounded once, as optax's Python-float arithmetic does."""
-  out = {}
-  for name, value in values.items():
-    out[name] = (
-      jnp.asarray(value, dtype)
-      if isinstance(value, np.floating)
-      else (jax.lax.convert_element_type(value, dtype))
-    )
-  for name in ("b1", "b2"):
-    value = values[name]
-    out["one_minus_" + name] = (
-      jnp.asarray(np.float64(1) - value, dtype) if isinstance(value, np.floating) else 1 - out[name]
-    )
-  return out
+def _metric(nu, hp, count):
+  """Adam's diagonal metric ``d = √v̂ + eps`` of one leaf, read from its new second moment
+  (``v̂ = nu/(1 − b2^count)``), in the dtype of `hp`."""
+  dtype = hp["eps"].dtype
+  return jnp.sqrt(nu.astype(dtype) / (1 - hp["b2"] ** count.astype(dtype))) + hp["eps"]
 
 
 def _prox(w, step, d, hp, axes, has_group):
