@@ -54,8 +54,9 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
   ``ε`` the unit roundoff of the leaf dtype, ``2⁻²⁴`` in float32). The ``2ε·‖w_unit‖`` term
   is the update form's: ``w + u'`` is rounded near ``|w|``, so float32 weights uniform in
   ±50 (units of 16, norm ≈ 115) land up to ≈ 1e-5 below 1, where Keras's own test wants 1e-6
-  (a direct float32 projection is within ≈ 1e-7). A zero unit stays zero (no NaN); a NaN or
-  inf stays inside its unit. Keras's ``w/(1e-7 + ‖w‖)`` differs by the epsilon only.
+  (a direct float32 projection is within ≈ 1e-7). A zero unit stays zero (no NaN); so does a
+  float32 unit whose entries are all below ~5e-29 (its scaled squares are subnormal, which
+  XLA:CPU flushes to zero); a NaN or inf stays inside its unit. Keras's ``w/(1e-7 + ‖w‖)`` differs by the epsilon only.
 
   Args:
     axis: the reduced axes of a unit (default all but the last for rank ≥ 2, the whole

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,13 +56,26 @@ def _abs_jvp(primals, tangents):
   return jnp.abs(x), jnp.sign(x) * t
 
 
-def _norm_scales(dtype: Any) -> tuple[float, float, float]:
-  """(up scale, down scale, overflow threshold) for `dtype`: powers of two.
+class _NormScales(NamedTuple):
+  """Powers of two for the overflow- and underflow-free unit norm (float32 values)."""
 
-  float32 (emax 128): up 2^31, down 2^-64, threshold 2^126.
-  """
+  up: float  # 2^31: the ordinary sum, exact for norms ~2^-61 … 2^32.
+  down: float  # 2^-64: units whose scaled-up sum overflows (norms beyond ~4e9).
+  tiny: float  # 2^92: units whose scaled-up sum is below `low` (norms below ~4e-19).
+  high: float  # 2^126: the scaled-up sum's overflow threshold.
+  low: float  # 2^-60: below it, squares of the unit's entries may have been flushed.
+
+
+def _norm_scales(dtype: Any) -> _NormScales:
   emax = int(jnp.finfo(dtype).maxexp)  # 128 for float32, 1024 for float64.
-  return 2.0 ** (emax // 4 - 1), 2.0 ** -(emax // 2), 2.0 ** (emax - 2)
+  up = 2.0 ** (emax // 4 - 1)
+  return _NormScales(
+    up=up,
+    down=2.0 ** -(emax // 2),
+    tiny=up * 2.0 ** (emax // 2 - 3),
+    high=2.0 ** (emax - 2),
+    low=2.0 ** -(emax // 2 - 4),
+  )
 
 
 # Leaves of at least this many entries take one pass on XLA:CPU (see _unit_norm_value); below
@@ -78,44 +91,49 @@ def _sum_sq(wide: jax.Array, scale: float, axes: tuple[int, ...]) -> jax.Array:
 def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Per-unit l2 norm, dims kept, in the compute dtype, without overflow or underflow.
 
-  Two sums of squares of ``x`` scaled by powers of two (exact): scaled up (by 2^31 for
-  float32), used unless it overflows, and scaled down (by 2^-64), used for units with values
-  beyond ~1e7. Scaling by a power of two commutes with rounding, so on ordinary values the
-  result is bit for bit ``sqrt(Σx²)``; units of ~1e19 (whose squares overflow float32) and of
-  ~1e-20 (whose squares underflow) get their true norm.
+  Sums of squares of ``x`` scaled by powers of two (exact): scaled up (by 2^31 for float32),
+  used for ordinary units; scaled down (by 2^-64) for units whose scaled-up sum overflows
+  (norms beyond ~4e9); scaled further up (by 2^92) for units whose scaled-up sum is below
+  2^-60 but not zero (norms below ~4e-19, where the squares of the smallest entries may be
+  subnormal, which XLA:CPU flushes to zero). Scaling by a power of two commutes with rounding,
+  so on ordinary values the result is bit for bit ``sqrt(Σx²)``, and every unit of normal
+  float32 entries gets its true norm within float32 rounding. A unit whose scaled-up squares
+  are all flushed (entries all below ~5e-29 in float32) counts as a zero unit.
 
-  The two sums read the same input: XLA:GPU fuses them into one pass, XLA:CPU runs two. So on
-  the CPU a leaf of ``ONE_PASS_MIN_SIZE`` entries or more computes the scaled-up sum alone, and
-  the scaled-down one under a ``lax.cond`` only when some unit's scaled-up sum overflows (a
-  norm beyond ~4e9 in float32): the same values, bit for bit, in one pass in every ordinary
-  step.
+  The sums read the same input: XLA:GPU fuses them into one pass, XLA:CPU runs one pass each.
+  So on the CPU a leaf of ``ONE_PASS_MIN_SIZE`` entries or more takes the scaled-up sum alone,
+  and all three under a ``lax.cond`` only when some unit needs another (smaller leaves take the
+  three sums, cheaper there than a cond, and one all-reduce of the three norm vectors when the
+  unit axis is sharded): the same values, bit for bit, in one pass in every ordinary step.
   """
   wide = lax.convert_element_type(x, compute_dtype(x.dtype))
-  dtype = wide.dtype
-  up, down, high = _norm_scales(dtype)
+  scales = _norm_scales(wide.dtype)
 
-  def select(small: jax.Array, large: jax.Array) -> jax.Array:
-    use_large = ~(small < lax.full_like(small, high))  # also when the sum is inf or NaN.
-    small_norm = lax.sqrt(small) * lax.full_like(small, 1 / up)
-    large_norm = lax.sqrt(large) * lax.full_like(large, 1 / down)
-    return lax.select(use_large, large_norm, small_norm)
+  def select(small: jax.Array, large: jax.Array, tiny: jax.Array) -> jax.Array:
+    use_large = ~(small < lax.full_like(small, scales.high))  # also when the sum is inf or NaN.
+    use_tiny = needs_tiny(small)
+    small_norm = lax.sqrt(small) * lax.full_like(small, 1 / scales.up)
+    large_norm = lax.sqrt(large) * lax.full_like(large, 1 / scales.down)
+    tiny_norm = lax.sqrt(tiny) * lax.full_like(tiny, 1 / scales.tiny)
+    return lax.select(use_large, large_norm, lax.select(use_tiny, tiny_norm, small_norm))
 
-  def two_passes() -> jax.Array:
-    return select(_sum_sq(wide, up, axes), _sum_sq(wide, down, axes))
+  def needs_tiny(small: jax.Array) -> jax.Array:
+    zero = lax.full_like(small, 0)
+    return (small > zero) & (small < lax.full_like(small, scales.low))
 
-  if x.size < ONE_PASS_MIN_SIZE:
-    return two_passes()
+  def three_passes() -> jax.Array:
+    return select(*(_sum_sq(wide, s, axes) for s in (scales.up, scales.down, scales.tiny)))
+
+  if x.size < ONE_PASS_MIN_SIZE:  # A small leaf: extra passes cost less than a cond.
+    return three_passes()
 
   def one_pass() -> jax.Array:
-    small = _sum_sq(wide, up, axes)
-    overflow = ~(small < lax.full_like(small, high)) & ~lax.ne(small, small)  # not NaN
-    return lax.cond(
-      jnp.any(overflow),
-      lambda: select(small, _sum_sq(wide, down, axes)),
-      lambda: select(small, small),
-    )
+    small = _sum_sq(wide, scales.up, axes)
+    overflow = ~(small < lax.full_like(small, scales.high)) & ~lax.ne(small, small)  # not NaN
+    rare = overflow | needs_tiny(small)
+    return lax.cond(jnp.any(rare), three_passes, lambda: select(small, small, small))
 
-  return lax.platform_dependent(cpu=one_pass, default=two_passes)
+  return lax.platform_dependent(cpu=one_pass, default=three_passes)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
