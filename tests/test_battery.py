@@ -62,6 +62,7 @@ def _assert_close(actual, expected, rtol=1e-5, atol=1e-6):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_matches_float64_oracle_jit_and_nojit(case):
   params, tx = _params(), case.make()
@@ -81,6 +82,7 @@ def test_matches_float64_oracle_jit_and_nojit(case):
   assert int(eager["step"]) == int(grads["step"])  # integer leaves untouched
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("optimizer", [optax.sgd(0.1), optax.adam(0.01)], ids=["sgd", "adam"])
@@ -144,6 +146,7 @@ def test_dtypes_kept_and_no_promotion_from_float64_hyperparameters(case, dtype):
   _assert_close(updates, _oracle_tree(case, grads, params, case.hyperparams), rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_state_structure_stable_and_schedule_advances(case):
   if case.placement == "optimizer":
@@ -261,6 +264,7 @@ def test_missing_params(case):
     _assert_close(updates, _oracle_tree(case, grads, params, case.hyperparams))
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
@@ -282,6 +286,7 @@ def test_inject_hyperparams_with_half_precision_params(case, dtype):
   _assert_close(updates, _oracle_tree(case, grads, params, hp), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_update_inside_lax_cond(case):
   """``lax.cond`` around ``update`` itself (optax's own tests do this): both branches must

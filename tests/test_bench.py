@@ -78,6 +78,7 @@ def tiny_run(tmp_path_factory):
   return proc, json.loads(path.read_text()) if path.exists() else None
 
 
+@pytest.mark.slow
 def test_tiny_run_exits_zero_and_prints_every_transform(tiny_run):
   proc, _ = tiny_run
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -89,6 +90,7 @@ def test_tiny_run_exits_zero_and_prints_every_transform(tiny_run):
   assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_json_has_rows_for_every_transform_and_optimizer(tiny_run):
   _, results = tiny_run
   assert set(results) >= {"meta", "trees", "mlp", "state_bytes", "targets"}
@@ -109,6 +111,7 @@ def test_json_has_rows_for_every_transform_and_optimizer(tiny_run):
   assert results["trees"]["big"]["copy"]["gb_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_hand_written_baselines_compute_the_same_math(tiny_run):
   # The ratios only mean something if ours, the hand-written version and the same-math optax
   # peer end at the same parameters after the timed loop.
@@ -131,6 +134,7 @@ def test_hand_written_baselines_compute_the_same_math(tiny_run):
   assert {"prox_ours", "budget_ours", "budget_every100", "prox_adam"} <= variants
 
 
+@pytest.mark.slow
 def test_state_bytes_are_zero_without_schedules_and_one_int32_count_with_one(tiny_run):
   _, results = tiny_run
   assert set(results["state_bytes"]) == set(TRANSFORMS)
@@ -213,6 +217,7 @@ def test_invalid_flags_exit_nonzero_with_one_line_and_no_traceback(argv, message
   assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_invalid_flag_in_a_subprocess_has_no_traceback():
   proc = subprocess.run(
     [

@@ -89,6 +89,7 @@ def _assert_trees_identical(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduled", [False, True], ids=["constant", "schedule"])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_state_of_every_transform_round_trips(tmp_path, name, scheduled):
@@ -112,6 +113,7 @@ def test_state_of_every_transform_round_trips(tmp_path, name, scheduled):
   assert type(restored) is type(state)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_is_bit_identical(tmp_path):
   steps = 20
   params0 = _params()
@@ -144,6 +146,7 @@ def test_resume_from_checkpoint_is_bit_identical(tmp_path):
   )
 
 
+@pytest.mark.slow
 def test_resume_without_restoring_counts_differs(tmp_path):
   # Control: resuming with a fresh (count 0) state is NOT identical, so the test above
   # really depends on the restored ScheduleState counts.

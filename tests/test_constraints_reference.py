@@ -207,6 +207,7 @@ def _train(tx, steps=100, seed=0):
   return run(params, state)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_row_norm_bound_holds_through_training():
   c = 2.0
@@ -223,6 +224,7 @@ def test_row_norm_bound_holds_through_training():
     assert np.max(free_norms) > 2 * c  # ...and unconstrained training goes far past it.
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_max_abs_bound_holds_through_training():
   c = 0.7
@@ -234,6 +236,7 @@ def test_max_abs_bound_holds_through_training():
     assert np.mean(np.abs(k[-1]) >= c * (1 - 1e-6)) > 0.2  # Many weights sit on the bound.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "make, w",
   [

@@ -225,6 +225,7 @@ def test_errors_come_at_init():
 # --- the prox --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["flat", "stacked"])
 def test_prox_matches_float64_reference_across_leaves(stacked):
   layers = 2 if stacked else None
@@ -257,6 +258,7 @@ def test_prox_matches_float64_reference_across_leaves(stacked):
   )
 
 
+@pytest.mark.slow
 def test_sqrt_p_scaling_kills_groups_by_their_size():
   """Two instances whose groups have equal norm per entry: the √p_g threshold treats them the
   same (the unscaled one would kill the small group first)."""
@@ -293,6 +295,7 @@ def test_dead_groups_store_exact_zeros_after_apply_updates():
   assert int(report["zero_groups"]) == int(dead.sum())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
 def test_half_precision_dtype_kept(dtype):
   params = _spread(_tree(dtype=dtype))
@@ -311,6 +314,7 @@ def test_half_precision_dtype_kept(dtype):
     np.testing.assert_allclose(_np_leaf(updates, f"block/mlp/{rel}"), exp, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_schedules_and_inject_hyperparams():
   params = _tree()
@@ -335,6 +339,7 @@ def test_schedules_and_inject_hyperparams():
     np.testing.assert_allclose(_np_leaf(updates, f"block/attn/{rel}"), exp, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_negative_runtime_alpha_gives_nan_and_params_required():
   params, grads = _tree(), _grads(_tree())
   heads = on.coupled_groups("**/attn", HEADS)
@@ -355,6 +360,7 @@ def test_mask_must_select_every_member():
   on.prox_group_l2(1.0, 0.1, groups=heads, mask="**/attn/**").init(params)
 
 
+@pytest.mark.slow
 def test_without_groups_unchanged():
   """groups=None is the per-unit prox of before (same numbers, same state)."""
   params = {"kernel": jnp.array([[3.0, 0.5], [4.0, 0.5]])}
@@ -369,6 +375,7 @@ def test_without_groups_unchanged():
 # --- group_report ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["flat", "stacked"])
 def test_group_report_matches_reference(stacked):
   params = _tree(layers=2 if stacked else None)
@@ -442,6 +449,7 @@ def _ref_prox_adam_first_step(grads, params, anchor, members, hp, stacked, eps=1
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["flat", "stacked"])
 def test_prox_adam_coupled_groups_match_brentq_reference(stacked):
   params = _spread(_tree(layers=2 if stacked else None), stacked)
@@ -482,6 +490,7 @@ def test_prox_adam_coupled_groups_match_brentq_reference(stacked):
   np.testing.assert_allclose(_np_leaf(eager, "block/ln/scale"), x - w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_prox_adam_groups_exact_zeros_and_errors():
   params = _spread(_tree())
   grads = _grads(params)

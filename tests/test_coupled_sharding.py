@@ -26,6 +26,7 @@ def cells():
   return proc, found
 
 
+@pytest.mark.slow
 def test_every_cell_equals_one_device_and_keeps_its_shardings(cells):
   proc, found = cells
   assert len(found) == 2 * 4, proc.stderr[-3000:]
@@ -34,6 +35,7 @@ def test_every_cell_equals_one_device_and_keeps_its_shardings(cells):
   assert proc.returncode == 0 and "ALL_OK" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_budget_prunes_half_the_groups_of_every_module_and_layer(cells):
   _, found = cells
   for cell in found:
@@ -41,6 +43,7 @@ def test_the_budget_prunes_half_the_groups_of_every_module_and_layer(cells):
       assert cell["zero_groups"] == {"blocks/attn": [4, 4], "blocks/mlp": [8, 8]}, cell
 
 
+@pytest.mark.slow
 def test_the_prox_cells_prune_some_groups_so_the_comparison_is_not_vacuous(cells):
   _, found = cells
   for cell in found:

@@ -213,6 +213,7 @@ def _leaf(tree, path):
   return tree
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax's adam
 @pytest.mark.parametrize("reg_function", ["l2", "l1", "std", "huber"])
 @pytest.mark.parametrize(
@@ -229,6 +230,7 @@ def test_matches_the_reference_step_by_step(reg_function, method, init_param):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_reg_by_lr_with_a_schedule_and_a_kappa_update():
   schedule = optax.warmup_cosine_decay_schedule(0.0, 0.1, warmup_steps=4, decay_steps=STEPS)
@@ -243,6 +245,7 @@ def test_reg_by_lr_with_a_schedule_and_a_kappa_update():
   )
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("reg_function", ["l2", "std"])
 @pytest.mark.parametrize("method, init_param", [("warm_start", 8), ("dependent", 1.1)])
@@ -258,6 +261,7 @@ def test_a_stacked_leaf_has_one_bound_per_layer_as_separate_tensors(
   assert state[1].leaves["dense"]["kernel"].kappa.shape == ()
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_the_bound_holds_after_training():
   """After warm start the multiplier keeps R near its bound although the loss pulls away."""
@@ -322,6 +326,7 @@ def test_state_checkpoints_as_plain_arrays_and_is_stable_under_jit():
   np.testing.assert_allclose(float(state.leaves["dense"]["kernel"].kappa), 0.5 * 6.0)
 
 
+@pytest.mark.slow
 def test_a_nan_reaches_its_own_matrix_only():
   params = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.ones((3, 2))}}
   updates = {

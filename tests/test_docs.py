@@ -31,6 +31,7 @@ def test_api_reference_documents_only_public_names():
   assert not stale, f"docs/api.md documents names that are not in optax_norms.__all__: {stale}"
 
 
+@pytest.mark.slow
 def test_site_builds_strict(tmp_path):
   for module in ("mkdocs", "material", "mkdocstrings_handlers.python", "mkdocs_jupyter"):
     pytest.importorskip(module)

@@ -32,6 +32,7 @@ MODULES = sorted(
 NO_EXAMPLE_NEEDED = frozenset({"DecayResolution", "LeafDecayResolution"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["optax_norms", *MODULES])
 def test_module_doctests_pass(name):
   module = importlib.import_module(name)

@@ -49,6 +49,7 @@ def _ista(z, y, tx_factory, steps=20_000):
   return np.asarray(run(params, tx.init(params))["w"], np.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax.sgd
 def test_elastic_net_grouping_bound_holds_where_the_lasso_split_is_arbitrary():
   sklearn = pytest.importorskip("sklearn.linear_model")

@@ -69,6 +69,7 @@ def _near_bound(dtype, seed):
   return params, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
@@ -107,6 +108,7 @@ def _regression(dtype, seed):
   return params, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
 def test_bound_holds_through_fused_half_training(name, dtype):

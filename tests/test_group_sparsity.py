@@ -115,6 +115,7 @@ def _grads(tree, seed):
   return jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), tree)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True], ids=["flat", "stacked"])
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.75, 1.0])
 def test_exact_budget_per_instance_matches_reference(stacked, fraction):
@@ -140,6 +141,7 @@ def test_exact_budget_per_instance_matches_reference(stacked, fraction):
     np.testing.assert_array_equal(zeros, math.floor(fraction * groups_count))
 
 
+@pytest.mark.slow
 def test_ties_keep_the_lower_index_and_nan_is_kept():
   params = {"mlp": {"w_in": jnp.ones((2, 5)), "w_out": jnp.ones((5, 3))}}
   mlp = on.coupled_groups("mlp", {"w_in": 1, "w_out": 0})
@@ -156,6 +158,7 @@ def test_ties_keep_the_lower_index_and_nan_is_kept():
   assert row == [1.0, 0.0, 1.0, 1.0, 0.0]  # NaN group 0 kept; group 1 smallest; tie: 4 goes
 
 
+@pytest.mark.slow
 def test_leaves_outside_groups_and_dtype_kept():
   params = _tree(dtype=jnp.bfloat16)
   grads = _grads(params, 1)
@@ -186,6 +189,7 @@ def _run(tx, params, steps, lr=0.1):
   return history, state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "every, start, end, chosen",
   [
@@ -215,6 +219,7 @@ def test_periodic_mask_chosen_at_update_steps_only(every, start, end, chosen):
   np.testing.assert_array_equal(np.asarray(state.keep[0]), keep["block/attn"][0])
 
 
+@pytest.mark.slow
 def test_schedule_budget_of_the_choosing_step_and_inject_hyperparams():
   params = _tree()
   groups, member_map = _groups(False)
@@ -268,6 +273,7 @@ def test_group_errors_at_init_and_params_required():
     tx.update(params, tx.init(params))
 
 
+@pytest.mark.slow
 def test_state_is_plain_arrays_that_round_trip():
   """The state is a NamedTuple of plain arrays: it survives a host round trip (what a
   checkpoint does) and the restored state gives the same updates."""

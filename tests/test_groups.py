@@ -70,6 +70,7 @@ def _linen_setup():
   return params, loss
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax's adam and schedules
 def test_regularize_equals_hand_written_chain_linen_mlp_3_groups_20_adam_steps():
   params, loss = _linen_setup()
@@ -214,6 +215,7 @@ def _nnx_functional():
   return model, params, loss
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax's adam
 def test_regularize_equals_hand_written_chain_nnx_transformer_stacked_3_groups_20_adam_steps():
   _, params, loss = _nnx_functional()
@@ -231,6 +233,7 @@ def test_regularize_equals_hand_written_chain_nnx_transformer_stacked_3_groups_2
   assert np.max(np.linalg.norm(emb, axis=1)) <= 0.2 and np.max(np.abs(emb)) <= 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_regularize_inside_nnx_optimizer_equals_functional_run():
   model, params, loss = _nnx_functional()
@@ -253,6 +256,7 @@ def test_regularize_inside_nnx_optimizer_equals_functional_run():
   _assert_close(nnx.state(model, nnx.Param), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_regularize_state_round_trips_with_orbax_and_resumes_bit_identical(tmp_path):
   params, loss = _linen_setup()
@@ -289,6 +293,7 @@ def test_regularize_state_round_trips_with_orbax_and_resumes_bit_identical(tmp_p
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_regularize_schedules_in_settings_follow_the_step():
   # lr_scale as a schedule: 0 for the first step, then 1: the group moves from step 2 only.
@@ -305,6 +310,7 @@ def test_regularize_schedules_in_settings_follow_the_step():
   np.testing.assert_allclose(first["b"]["kernel"], -0.1)
 
 
+@pytest.mark.slow
 def test_describe_rules_of_the_nnx_transformer():
   _, params, _ = _nnx_functional()
   tx = on.regularize(optax.sgd(LR), _transformer_rules(), learning_rate=LR)
@@ -370,6 +376,7 @@ def test_error_unknown_setting_names_key_and_lists_valid_ones():
   assert f"Valid settings: {valid}." in message and "clip_max_abs, clip_unit_norm" in message
 
 
+@pytest.mark.slow
 def test_error_ambiguous_unit_of_a_stacked_kernel_with_default_axis():
   _, params, _ = _nnx_functional()
   tx = on.regularize(optax.sgd(0.1), _transformer_rules(axis=None), learning_rate=0.1)
@@ -424,6 +431,7 @@ def test_error_bad_values_and_tables():
     on.describe_rules(optax.chain(tx), PARAMS)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_path_mask_selectors_and_none_settings_leave_leaves_alone():
   params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
@@ -440,6 +448,7 @@ def test_path_mask_selectors_and_none_settings_leave_leaves_alone():
   np.testing.assert_array_equal(new["dense"]["bias"], 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_readme_transformer_example_runs_and_prints_the_table_shown(capsys):
   import pathlib
@@ -455,6 +464,7 @@ def test_readme_transformer_example_runs_and_prints_the_table_shown(capsys):
   assert per_layer.shape == (2,) and np.all(per_layer <= 2.0)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_regularize_under_jit_with_named_sharding_keeps_shardings():
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
@@ -475,6 +485,7 @@ def test_regularize_under_jit_with_named_sharding_keeps_shardings():
   assert np.max(np.linalg.norm(np.asarray(new["dense"]["kernel"]), axis=0)) <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # prox_adam's bias correction follows optax (not strict-clean).
 def test_newer_transforms_are_reachable_from_rules_with_prox_adam_as_the_optimizer():
   """spectral_norm, min_max_norm, n_of_m, sparsity and non_negative settings, around

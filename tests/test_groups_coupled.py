@@ -65,6 +65,7 @@ def _neuron_slices(tree, layer, neuron):
   ]
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax.sgd
 def test_prox_group_over_heads_and_neurons_matches_the_float64_group_prox():
   alpha = 0.6
@@ -126,6 +127,7 @@ def test_group_sparsity_zeroes_exactly_the_budget_of_smallest_groups_per_layer(f
           np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_a_periodic_sparsity_rule_keeps_its_mask_between_updates():
   params = {

@@ -79,6 +79,7 @@ def test_each_convention_from_a_rule_matches_numpy_steps(convention, cautious, l
     params = new
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_cpr_from_a_rule_is_per_layer_of_a_stacked_leaf_and_equals_the_transform():
   rng = np.random.default_rng(1)

@@ -47,6 +47,7 @@ def _step(tx, u, w):
   return jax.jit(lambda u, w: tx.update(u, state, w)[0])(u, w)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_half_leaves_keep_their_dtype_and_match_float64(name, dtype):
@@ -126,6 +127,7 @@ HAND = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_no_float32_copy_of_a_leaf_beyond_a_pure_half_step(name, dtype):
@@ -210,6 +212,7 @@ def _unchanged_after_decay(params, alpha, lr):
   }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha, lr", [(0.05, 1e-3), (0.5, 0.1), (0.75, 2e-3), (1e-6, 1e-4)])
 def test_decay_resolution_report_agrees_with_applying_the_step(alpha, lr):
   params = _bf16_params()

@@ -28,6 +28,7 @@ class MLP(nn.Module):
     return nn.Dense(3)(x)
 
 
+@pytest.mark.slow
 def test_linen_elastic_chain_equals_grad_of_loss_plus_penalty():
   model = MLP()
   params = model.init(jax.random.key(0), X)["params"]
@@ -75,6 +76,7 @@ class NNXModel(nnx.Module):
     return self.out(self.norm(nnx.relu(self.linear(x))))
 
 
+@pytest.mark.slow
 def test_nnx_optimizer_with_adam_updates_exactly_the_selected_leaves():
   model = NNXModel(nnx.Rngs(0))
   before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -118,6 +120,7 @@ def test_nnx_unknown_glob_raises_inside_optimizer():
     raise AssertionError("expected ValueError")
 
 
+@pytest.mark.slow
 def test_equinox_with_the_same_mask_strings():
   model = eqx.nn.MLP(6, 3, 8, 2, key=jax.random.key(0))
   params = eqx.filter(model, eqx.is_array)

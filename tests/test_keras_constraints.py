@@ -182,6 +182,7 @@ def test_non_negative_keeps_nan_and_masks():
   assert out["kernel"].tolist() == [1.0, 0.0] and out["bias"].tolist() == [0.0, 0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(5))
 def test_unit_norm_update_form_limit_is_measured(seed):
   # Keras's own UnitNorm test: weights uniform in ±50, unit norms 1 within 1e-6. The update

@@ -49,6 +49,7 @@ def _sigma(matrix):
 # --- 1. spectral per layer of a stack ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_1_spectral_in_a_rule_is_per_layer_of_a_stack():
   scales = np.asarray([0.16, 3.0, 2.3])[:, None, None]
   base = RNG.normal(size=(3, 6, 5))
@@ -73,6 +74,7 @@ def test_1_spectral_in_a_rule_is_per_layer_of_a_stack():
 # --- 2. spectral reads the same role rule describe_rules prints ---------------------------------
 
 
+@pytest.mark.slow
 def test_2_spectral_default_axis_uses_the_role_rule_of_an_attention_kernel():
   w = jnp.asarray(RNG.normal(size=(16, 2, 8)), jnp.float32)
   params = {"attn": {"query": {"kernel": w}}}
@@ -91,6 +93,7 @@ def test_2_spectral_default_axis_uses_the_role_rule_of_an_attention_kernel():
 # --- 3. budget counts: the fraction as written --------------------------------------------------
 
 
+@pytest.mark.slow
 def test_3_budget_of_0_57_of_100_is_57_constant_and_schedule():
   w = jnp.asarray(RNG.permutation(100) + 1.0, jnp.float32)
   zero = {"w": jnp.zeros(100)}
@@ -123,6 +126,7 @@ def test_3_traced_budget_count_is_exact_beyond_2_24(size):
   assert [budget_count(float(f), size) for f in fractions32[-6:]] == want[-6:]
 
 
+@pytest.mark.slow
 def test_3_sparsity_budget_is_per_layer_of_a_stack():
   w = jnp.asarray(RNG.normal(size=(3, 10, 10)) * np.asarray([0.01, 1.0, 100.0])[:, None, None])
   w = w.astype(jnp.float32)
@@ -170,6 +174,7 @@ def _draw(seed):
   return (rng.normal(size=(8, 6)) * np.asarray([1e-3, 0.1, 0.5, 1.0, 3.0, 30.0])).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", list(itertools.combinations(CONSTRAINTS, 2)), ids=str)
 def test_4_every_pair_of_constraints_in_one_rule_holds_or_is_refused(pair):
   settings = {name: CONSTRAINTS[name][0] for name in pair}
@@ -246,6 +251,7 @@ def test_5_an_unstacked_conv_kernel_with_its_bias_reads_as_a_conv():
 # --- 6. N:M blocks along the input axis of each layer, settable from a rule ----------------------
 
 
+@pytest.mark.slow
 def test_6_n_of_m_in_a_rule_blocks_along_the_input_axis_of_a_stacked_attention_kernel():
   w = jnp.asarray(RNG.normal(size=(2, 8, 4, 3)), jnp.float32)  # (layers, in, heads, dim)
   params = {"blocks": {"attn": {"query": {"kernel": w}}}}
@@ -321,6 +327,7 @@ def test_9_dense_general_with_two_output_axes_is_not_read_silently_by_unit_axes(
     assert (0,) in readings  # the (in, heads, dim) reading is offered, with its fix
 
 
+@pytest.mark.slow
 def test_15_torch_weights_read_as_out_in():
   w = jnp.asarray(RNG.normal(size=(6, 10)) * 3, jnp.float32)  # an Equinox Linear (out, in)
   params = {"linear": {"weight": w}}
@@ -436,6 +443,7 @@ def _moved_entries(step, state, params, base, path, index):
   return [tuple(i) for i in np.argwhere(changed)]
 
 
+@pytest.mark.slow
 def test_describe_rules_layouts_are_what_the_transforms_read():
   params = _transformer()
   printed = _printed(on.describe_rules(RULES, params))

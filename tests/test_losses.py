@@ -40,6 +40,7 @@ def _unit_norms(w):
   return np.sqrt(np.sum(w * w, axis=axes))
 
 
+@pytest.mark.slow
 def test_penalties_match_float64_formulas():
   params = _params()
   ws = _float_leaves(params)
@@ -91,6 +92,7 @@ PAIRS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, make_tx, penalty", PAIRS, ids=[p[0] for p in PAIRS])
 @pytest.mark.parametrize("zero", [False, True], ids=["w", "w=0"])
 @pytest.mark.parametrize("mask", [None, "**/kernel"], ids=["all", "kernels"])
@@ -111,6 +113,7 @@ def test_update_equals_gradient_plus_grad_of_penalty(name, make_tx, penalty, zer
     np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6, err_msg=path)
 
 
+@pytest.mark.slow
 def test_l1_gradient_at_zero_is_zero_unlike_jax_abs():
   w = {"k": jnp.zeros(3)}
   np.testing.assert_array_equal(jax.grad(on.l1_penalty)(w, 1.0)["k"], 0.0)
@@ -129,6 +132,7 @@ def test_penalty_bad_hyperparameters():
     on.l1_penalty(_params(), lambda step: 0.1)
 
 
+@pytest.mark.slow
 def test_penalties_are_jittable_and_keep_float32():
   params = _params()
   value = jax.jit(on.elastic_penalty, static_argnames="mask")(params, 0.1, 0.2, mask="**/kernel")

@@ -94,6 +94,7 @@ def _clean():
   return u, w, u2, w2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("where", ["update", "param"])
 @pytest.mark.parametrize("name", sorted(PER_UNIT))
@@ -180,6 +181,7 @@ def test_zero_hyperparameters_and_zero_units_never_give_nan(setting):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PER_UNIT))
 def test_all_zero_leaves_give_finite_zero_updates(name):
   tx = PER_UNIT[name][0]()
@@ -189,6 +191,7 @@ def test_all_zero_leaves_give_finite_zero_updates(name):
     np.testing.assert_array_equal(np.asarray(leaf), 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PER_UNIT))
 def test_gradients_through_zero_units_are_finite(name):
   # Differentiating through the transform (meta-learning) at a zero unit must not give NaN.

@@ -27,6 +27,7 @@ class Pair(NamedTuple):
   bias: jax.Array
 
 
+@pytest.mark.slow
 def test_paths_of_every_container_kind():
   assert on.tree_paths(_linen_params()) == [
     "layers_0/bias",
@@ -126,6 +127,7 @@ def test_weights_only_does_not_rely_on_ndim():
   assert got == {"embed/embedding", "blocks/attn/kernel", "head/kernel"}
 
 
+@pytest.mark.slow
 def test_weights_only_on_equinox_excludes_norm_modules():
   class Block(eqx.Module):
     linear: eqx.nn.Linear
@@ -144,6 +146,7 @@ def test_weights_only_on_equinox_excludes_norm_modules():
   np.testing.assert_array_equal(updates.linear.bias, 0.0)
 
 
+@pytest.mark.slow
 def test_bool_tree_mask_may_be_a_prefix_and_frozendict_matches_dict():
   params = FrozenDict(_linen_params())
   mask = {"layers_0": True, "layers_1": False, "layers_2": {"kernel": True, "bias": False}}
@@ -167,6 +170,7 @@ def test_mask_structure_mismatch_names_the_first_path():
     ).init(params)
 
 
+@pytest.mark.slow
 def test_equinox_module_as_a_mask_is_a_tree_not_a_function():
   # optax #913: Equinox modules are callable pytrees; optax.masked would call them.
   model = eqx.filter(eqx.nn.Linear(3, 2, key=jax.random.key(0)), eqx.is_array)
@@ -178,6 +182,7 @@ def test_equinox_module_as_a_mask_is_a_tree_not_a_function():
   np.testing.assert_array_equal(updates.bias, 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_path_mask_is_a_valid_optax_mask():
   params = _linen_params()

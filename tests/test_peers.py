@@ -35,6 +35,7 @@ def test_add_l2_decay_is_optax_add_decayed_weights_of_two_alpha(alpha):
   jax.tree.map(np.testing.assert_array_equal, a, b)  # bit for bit
 
 
+@pytest.mark.slow
 def test_clip_by_max_abs_is_optax_clip():
   grads = jax.tree.map(lambda x: 3 * x, _tree())
   a, _ = on.clip_by_max_abs(0.7).update(grads, optax.EmptyState())
@@ -66,6 +67,7 @@ def test_clip_by_row_norm_matches_tf_clip_by_norm(shape, axis, tf_axes):
   np.testing.assert_allclose(ours["w"], _tf_clip_by_norm(u, c, tf_axes), rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_clip_by_row_norm_stacked_layers_with_callable_axis():
   params = {
     "stacked": {"kernel": jnp.asarray(RNG.normal(size=(3, 4, 5)) * 2, jnp.float32)},
@@ -102,6 +104,7 @@ def test_unit_inside_the_ball_is_unchanged_bit_for_bit():
   )
 
 
+@pytest.mark.slow
 def test_clip_by_row_norm_differs_from_optax_adaptive_grad_clip_on_1_by_n_kernels():
   # optax.unitwise_norm squeezes a (1, n) kernel into one whole-array norm; our default
   # axis keeps n units (peer-semantics.md §5.2).

@@ -87,6 +87,7 @@ def _simulate(tx, keep_fn, chosen, steps, lr=0.1, dtype=jnp.float32):
   return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "every, start, end, chosen",
   [(3, None, None, {0, 3, 6}), (2, None, 3, {0, 2}), (2, 3, None, {3, 5}), (1, 2, 4, {2, 3})],
@@ -121,12 +122,14 @@ def test_block_axis_given_periodic():
   np.testing.assert_array_equal(stored, np.where(_n_of_m_keep(v, 1), v, 0.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
 def test_half_precision_periodic_keeps_dtype_and_exact_zeros(dtype):
   tx = on.constrain_sparsity(0.5, update_every=2)
   _simulate(tx, lambda v: _sparsity_keep(v, 0.5), {0, 2, 4}, 5, dtype=dtype)
 
 
+@pytest.mark.slow
 def test_schedule_budget_taken_at_the_choosing_step():
   schedule = on.polynomial_sparsity_schedule(0.75, begin_step=0, end_step=4)
   tx = on.constrain_sparsity(schedule, update_every=2, update_end=4)
@@ -155,6 +158,7 @@ def test_defaults_keep_the_stateless_transform():
   assert isinstance(periodic.leaves["step"], optax.MaskedNode)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_inject_hyperparams_with_static_period():
   params, grads = _params(), _grads(_params(), 1)
@@ -189,6 +193,7 @@ def test_bad_period_arguments_name_them(kwargs, match):
     on.constrain_n_of_m(2, 4, **kwargs)
 
 
+@pytest.mark.slow
 def test_ranking_skipped_off_update_steps_but_state_carried_under_vmap():
   """Under vmap over independent runs (unbatched step count) the mask state stays per run."""
   tx = on.constrain_sparsity(0.5, update_every=2)
@@ -202,6 +207,7 @@ def test_ranking_skipped_off_update_steps_but_state_carried_under_vmap():
     np.testing.assert_array_equal(stored, np.where(_sparsity_keep(v, 0.5), v, 0.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["sparsity", "n_of_m", "group"])
 def test_mask_state_round_trips_through_orbax(tmp_path, which):
   ocp = pytest.importorskip("orbax.checkpoint")
@@ -236,6 +242,7 @@ def test_mask_state_round_trips_through_orbax(tmp_path, which):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_the_documented_freeze_of_a_polynomial_ramp_reaches_the_final_budget():
   """``update_end=end_step + 1`` (the docstring's recipe): the last mask is chosen at
   ``end_step`` with the budget ⌊final·G⌋; ``update_end=end_step`` stops one period short."""

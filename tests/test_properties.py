@@ -116,6 +116,7 @@ PAIRS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 @given(tree=trees(("float32", "bfloat16")), a=hyper, b=hyper, c=positive)
 def test_transform_equals_gradient_of_penalty(pair, tree, a, b, c):
@@ -144,6 +145,7 @@ def test_transform_equals_gradient_of_penalty(pair, tree, a, b, c):
 # --- projections: inside the bound, and idempotent ------------------------------------
 
 
+@pytest.mark.slow
 @given(w=arrays(), data=st.data(), c=positive, dtype=dtypes)
 def test_constrain_row_norm_lands_inside_and_is_idempotent(w, data, c, dtype):
   u = data.draw(arrays(w.shape))
@@ -163,6 +165,7 @@ def test_constrain_row_norm_lands_inside_and_is_idempotent(w, data, c, dtype):
   assert np.all(np.abs(np.asarray(again, np.float64) - y) <= np.broadcast_to(slack, y.shape))
 
 
+@pytest.mark.slow
 @given(w=arrays(), data=st.data(), c=st.one_of(st.just(0.0), positive), dtype=dtypes)
 def test_constrain_max_abs_lands_inside_and_is_idempotent(w, data, c, dtype):
   u = data.draw(arrays(w.shape))
@@ -191,6 +194,7 @@ def _prox_point(tx, w, u):
   return y, v
 
 
+@pytest.mark.slow
 @given(w=arrays(), data=st.data(), alpha=hyper, lr=positive)
 def test_prox_l1_satisfies_optimality(w, data, alpha, lr):
   u = data.draw(arrays(w.shape))
@@ -202,6 +206,7 @@ def test_prox_l1_satisfies_optimality(w, data, alpha, lr):
   assert np.all(np.abs(v[~nz]) <= t + scale[~nz])
 
 
+@pytest.mark.slow
 @given(w=arrays(), data=st.data(), l1=hyper, l2=hyper, lr=positive)
 def test_prox_elastic_satisfies_optimality(w, data, l1, l2, lr):
   u = data.draw(arrays(w.shape))
@@ -213,6 +218,7 @@ def test_prox_elastic_satisfies_optimality(w, data, l1, l2, lr):
   assert np.all(np.abs(v[~nz]) <= lr * l1 + scale[~nz])
 
 
+@pytest.mark.slow
 @given(w=arrays(), data=st.data(), alpha=hyper, lr=positive)
 def test_prox_group_l2_satisfies_optimality_per_unit(w, data, alpha, lr):
   u = data.draw(arrays(w.shape))
@@ -234,6 +240,7 @@ def test_prox_group_l2_satisfies_optimality_per_unit(w, data, alpha, lr):
 # --- clipping bounds --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @given(u=arrays(low=-50, high=50), c=st.one_of(st.just(0.0), positive), dtype=dtypes)
 def test_clip_by_row_norm_bounds_units_and_keeps_small_ones(u, c, dtype):
   U = jnp.asarray(u, dtype)
@@ -251,6 +258,7 @@ def test_clip_by_row_norm_bounds_units_and_keeps_small_ones(u, c, dtype):
   assert np.all(x * x_in >= 0)
 
 
+@pytest.mark.slow
 @given(u=arrays(low=-50, high=50), c=st.one_of(st.just(0.0), positive), dtype=dtypes)
 def test_clip_by_max_abs_bounds_elements(u, c, dtype):
   U = jnp.asarray(u, dtype)

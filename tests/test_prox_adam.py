@@ -100,6 +100,7 @@ class _Reference:
         leaves[name] = new
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize(
   "penalties",
@@ -143,6 +144,7 @@ def test_prox_adam_matches_float64_reference_for_20_steps(penalties, scheduled):
   assert zeros > 0  # Exact zeros appear.
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize(
   "lr", [1e-3, optax.cosine_decay_schedule(1e-2, 30)], ids=["const", "schedule"]
@@ -165,6 +167,7 @@ def test_zero_penalties_equal_optax_adam_bit_for_bit(lr, jit, mask):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_unselected_leaves_take_plain_adam_steps_bit_for_bit():
   params = _params()
@@ -182,6 +185,7 @@ def test_unselected_leaves_take_plain_adam_steps_bit_for_bit():
   assert not np.array_equal(np.asarray(p1["dense"]["kernel"]), np.asarray(p2["dense"]["kernel"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(6))
 def test_group_prox_equals_scipy_argmin_of_the_weighted_objective(seed):
   rng = np.random.default_rng(seed)
@@ -242,6 +246,7 @@ def test_group_radius_newton_reaches_float32_precision(spread):
     np.testing.assert_allclose(t[0, j], root, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_state_holds_moments_for_float_leaves_and_count_advances():
   params = {**_params(), "step": jnp.asarray(3, jnp.int32), "frozen": None}
   tx = on.prox_adam(optax.constant_schedule(0.01), l1=0.1, mask="**/kernel")
@@ -269,6 +274,7 @@ def test_mask_that_matches_nothing_raises_at_init():
     on.prox_adam(0.1, l1=0.1, mask="**/kernal").init(_params())
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_state_round_trips_through_orbax(tmp_path):
   pytest.importorskip("orbax.checkpoint")
@@ -285,6 +291,7 @@ def test_state_round_trips_through_orbax(tmp_path):
   assert type(restored) is on.ProxAdamState and int(restored.count) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 def test_non_finite_gradient_stays_inside_its_unit(bad):
   rng = np.random.default_rng(0)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import optax
+import pytest
 from _registry import REGISTRY
 
 import optax_norms
@@ -50,6 +51,7 @@ def test_every_transform_is_registered_and_public():
   assert not unregistered, f"public transforms missing from the registry: {unregistered}"
 
 
+@pytest.mark.slow
 def test_import_pulls_only_jax_and_optax():
   code = (
     "import sys, optax_norms; bad = [m for m in ('flax', 'equinox', 'sklearn', "

@@ -104,6 +104,7 @@ def test_readme_has_the_recipes():
     assert needle in sources, needle
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("line, source", BLOCKS, ids=[f"line{line}" for line, _ in BLOCKS])
 def test_readme_block_runs(line, source, tmp_path):
   name = f"readme_line{line}"
@@ -148,6 +149,7 @@ CLAIM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_readme_claim_add_l2_decay_vs_add_decayed_weights(tmp_path):
   result = _run(CLAIM, tmp_path, "claim", env={"JAX_ENABLE_X64": "1"})
   assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:]

@@ -49,6 +49,7 @@ def _count_traces(tx, steps=100):
   return len(traces), first, params, state
 
 
+@pytest.mark.slow
 def test_schedules_compile_once_over_100_steps():
   lr = optax.cosine_decay_schedule(0.1, 100)
   # Every registered transform, every hyperparameter on a schedule.
@@ -75,6 +76,7 @@ def test_schedules_compile_once_over_100_steps():
   )
 
 
+@pytest.mark.slow
 def test_injected_hyperparameters_compile_once():
   tx = optax.chain(
     optax.inject_hyperparams(on.add_l2_decay)(alpha=1e-3, mask="**/kernel"),

@@ -100,6 +100,7 @@ def test_2_clip_by_row_norm_of_huge_unit(dtype):
   np.testing.assert_allclose(np.asarray(out["w"], np.float64), [[0.6], [0.8]], rtol=1e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_2_constrain_row_norm_of_huge_unit(dtype):
   # w + u is the huge unit (an exploded step); w itself is ordinary, so one addition in
@@ -112,6 +113,7 @@ def test_2_constrain_row_norm_of_huge_unit(dtype):
   np.testing.assert_allclose(np.asarray(new, np.float64), [[0.6], [0.8]], rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_2_prox_group_and_max_norm_decay_and_penalty_are_finite_on_huge_units():
   w = {"w": jnp.asarray(BIG)}
   zeros = jax.tree.map(jnp.zeros_like, w)
@@ -147,6 +149,7 @@ def test_3_constrain_row_norm_projects_tiny_units_onto_a_tiny_ball():
   np.testing.assert_allclose(new, [[0.6e-30], [0.8e-30]], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_2_tiny_and_huge_norms_match_float64():
   rng = np.random.default_rng(0)
   for scale in (1e-30, 1e-20, 1.0, 1e20, 1e30):
@@ -197,6 +200,7 @@ def test_4_inside_units_stay_exactly_w_plus_u(dtype):
     np.testing.assert_array_equal(np.asarray(stored), np.asarray(w["w"] + u["w"]))
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax.adam's bias correction is not strict-clean.
 def test_4_repeated_adam_steps_keep_the_bound():
   rng = np.random.default_rng(4)
@@ -248,6 +252,7 @@ def test_5_uncalled_mask_factory_is_an_error(factory):
 # --- 6./7. bf16 hyperparameters, strict promotion -----------------------------------------
 
 
+@pytest.mark.slow
 def test_6_inject_hyperparams_with_bf16_params():
   params = {"w": jnp.ones((3, 2), jnp.bfloat16)}
   tx = optax.inject_hyperparams(on.add_l2_decay)(alpha=0.1)
@@ -257,6 +262,7 @@ def test_6_inject_hyperparams_with_bf16_params():
   np.testing.assert_allclose(np.asarray(out["w"], np.float32), 1.2, rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_6_bf16_hyperparam_dtype_and_schedule():
   params = {"w": jnp.ones((3, 2), jnp.float32)}
   tx = optax.inject_hyperparams(on.prox_l1, hyperparam_dtype=jnp.bfloat16)(0.1, 0.5)
@@ -265,6 +271,7 @@ def test_6_bf16_hyperparam_dtype_and_schedule():
   tx.update(params, tx.init(params), params)
 
 
+@pytest.mark.slow
 def test_7_strict_promotion_on_bf16_leaves():
   params = {"w": jnp.ones((3, 2), jnp.bfloat16)}
   with jax.numpy_dtype_promotion("strict"):
@@ -317,6 +324,7 @@ def test_9_none_update_for_a_frozen_parameter_follows_optax():
   np.testing.assert_array_equal(np.asarray(ours["a"]), np.asarray(theirs["a"]))
 
 
+@pytest.mark.slow
 def test_10_bool_mask_over_whole_equinox_module():
   eqx = pytest.importorskip("equinox")
   model = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jax.random.key(0))
@@ -393,6 +401,7 @@ def test_14_schedule_for_a_1000_step_run_is_accepted():
 # --- 16./18. claims --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_16_add_l2_decay_bit_identical_to_optax_in_f32_more_accurate_in_bf16():
   rng = np.random.default_rng(0)
   w32 = rng.normal(size=(256,)).astype(np.float32)

@@ -12,6 +12,7 @@ import pytest
 from optax_norms._constraints import _one_ulp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
 def test_one_ulp_equals_nextafter_towards_and_away_from_zero(dtype):
   info = ml_dtypes.finfo(dtype)

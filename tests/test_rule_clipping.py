@@ -36,6 +36,7 @@ def _norm(leaves):
   return np.sqrt(sum(float(np.sum(x * x)) for x in leaves))
 
 
+@pytest.mark.slow
 def test_global_norm_per_rule_and_model_wide_equal_numpy_and_leave_frozen_leaves_out():
   grads = _tree(1, scale=3.0)
   grads["f"]["w"] = grads["f"]["w"] * 1e6  # a frozen leaf's huge gradient must not count
@@ -70,6 +71,7 @@ def test_global_norm_per_rule_and_model_wide_equal_numpy_and_leave_frozen_leaves
   assert np.max(np.abs(whole["b"]["w"])) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_norm_inside_the_bound_and_a_zero_or_nan_norm_are_left_bit_identical():
   params = _tree(2)
   tx = on.regularize(optax.sgd(1.0), [("**", {"clip_global_norm": 1e6})], clip_global_norm=1e6)
@@ -94,6 +96,7 @@ def test_clips_run_before_the_coupled_penalty_so_its_gradient_is_never_clipped()
     np.testing.assert_allclose(np.asarray(u), e, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax's adamw
 def test_freeze_keeps_parameters_bit_identical_holds_no_state_and_hides_gradients():
   params = _tree(2)
@@ -184,6 +187,7 @@ def _adaptive_run(norms, z=2.0, decay=0.9, warmup=5, jit=True, dtype=jnp.float32
   return out, stats
 
 
+@pytest.mark.slow
 def test_adaptive_clip_leaves_a_run_of_constant_norm_untouched():
   steps, _ = _adaptive_run([3.0] * 40)
   for grads, updates in steps:
@@ -191,6 +195,7 @@ def test_adaptive_clip_leaves_a_run_of_constant_norm_untouched():
       np.testing.assert_array_equal(np.asarray(u), -np.asarray(g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [True, False])
 def test_adaptive_clip_scales_a_100x_spike_to_mean_plus_z_sigma_as_the_numpy_recursion(jit):
   rng = np.random.default_rng(0)
@@ -216,6 +221,7 @@ def test_adaptive_clip_scales_a_100x_spike_to_mean_plus_z_sigma_as_the_numpy_rec
   assert float(stats.var) == pytest.approx(var, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_adaptive_clip_passes_a_nan_norm_on_and_keeps_its_statistics():
   norms = [1.0, 1.2, 0.9, 1.1, 1.0, 1.05]
   steps, before = _adaptive_run(norms)
@@ -226,6 +232,7 @@ def test_adaptive_clip_passes_a_nan_norm_on_and_keeps_its_statistics():
   del steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_adaptive_and_global_clips_keep_the_dtype(dtype):
   steps, _ = _adaptive_run([1.0] * 6 + [50.0], dtype=dtype)

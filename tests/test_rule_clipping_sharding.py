@@ -11,9 +11,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).with_name("rule_clipping_sharding_check.py")
 
 
+@pytest.mark.slow
 def test_clips_and_freeze_under_sharding_equal_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run(

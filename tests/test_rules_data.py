@@ -124,6 +124,7 @@ def test_python_rules_go_to_data_and_back_to_the_same_data():
   json.dumps(data)
 
 
+@pytest.mark.slow
 def test_data_schedules_equal_the_optax_schedules_they_name():
   ((_, settings),) = on.rules_from_data(
     [
@@ -359,6 +360,7 @@ def _python_twin():
   ]
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax's adam and schedules
 def test_a_yaml_table_and_its_python_twin_give_identical_updates_over_10_adam_steps():
   from test_groups import LR, _nnx_functional, _train

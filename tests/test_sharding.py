@@ -61,6 +61,7 @@ def test_every_cell_matches_unsharded_keeps_sharding_and_collectives(report):
   assert proc.returncode == 0 and "ALL_OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_elementwise_transforms_have_no_collective(report):
   _, cells, _ = report
   for cell in cells:
@@ -68,6 +69,7 @@ def test_elementwise_transforms_have_no_collective(report):
       assert cell["collectives"] == [], cell
 
 
+@pytest.mark.slow
 def test_per_matrix_transforms_all_reduce_one_scalar_per_matrix_at_most(report):
   _, cells, _ = report
   for cell in cells:
@@ -79,6 +81,7 @@ def test_per_matrix_transforms_all_reduce_one_scalar_per_matrix_at_most(report):
         assert cell["collectives"] == [], cell
 
 
+@pytest.mark.slow
 def test_per_unit_over_a_sharded_axis_all_reduces_only_the_norm_vector(report):
   _, cells, _ = report
   for cell in cells:

@@ -43,6 +43,7 @@ def test_n_of_m_ties_keep_the_lower_index():
   assert out[:, 0].tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(4, 1), (4, 8), (4, 3, 4, 2), (7, 3), (32, 16)])
 def test_budgets_are_exact_when_the_update_is_computed_in_the_same_program(shape):
   # u = -0.1·g computed inside the jitted step (as any optimizer does). Unguarded, XLA:CPU
@@ -70,6 +71,7 @@ def test_budgets_are_exact_when_the_update_is_computed_in_the_same_program(shape
         assert int(np.sum(out == 0)) == zeros
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(4, 8), (8, 3), (64, 64)])
 def test_budgets_are_exact_under_vmap_of_a_jitted_step(shape):
   # Under vmap a batched guard would become a fused select and the FMA mismatch above would
@@ -97,6 +99,7 @@ def test_budgets_are_exact_under_vmap_of_a_jitted_step(shape):
     assert sum(bad_count(o) for o in out.reshape(-1, *shape)) == 0
 
 
+@pytest.mark.slow
 def test_budgets_can_be_differentiated_through():
   # The guard that materializes the magnitudes carries no derivative (they only rank): a
   # differentiated step sees the kept entries' identity and the pruned ones' zero.
@@ -146,6 +149,7 @@ def test_n_of_m_nan_is_kept_and_stays_in_its_block():
   np.testing.assert_array_equal(dirty[other], clean[other])
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_n_of_m_schedule_ramps_from_dense_to_2_of_4():
   w = np.random.default_rng(2).normal(size=(16, 4)).astype(np.float32)
@@ -159,6 +163,7 @@ def test_n_of_m_schedule_ramps_from_dense_to_2_of_4():
   assert counts == [64, 48, 32]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=str)
 def test_pruned_entries_are_exact_zeros_in_the_leaf_dtype(dtype):
   rng = np.random.default_rng(3)
@@ -185,6 +190,7 @@ def test_sparsity_zeroes_exactly_floor_fraction_size(fraction, shape):
     assert np.abs(w[out == 0]).max() <= np.abs(w[out != 0]).min()
 
 
+@pytest.mark.slow
 def test_sparsity_ties_keep_the_lower_index():
   w = np.array([3.0, 1.0, -1.0, 1.0, 0.5, 1.0], np.float32)  # Prune 3 of 6.
   out = _apply(on.constrain_sparsity(0.5), w)
@@ -193,6 +199,7 @@ def test_sparsity_ties_keep_the_lower_index():
   assert out.tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.9])
 @pytest.mark.parametrize("shape", [(13,), (6, 5), (2, 3, 4)])
 def test_sparsity_many_ties_match_a_stable_sort(fraction, shape):
@@ -209,12 +216,14 @@ def test_sparsity_many_ties_match_a_stable_sort(fraction, shape):
     np.testing.assert_array_equal(out.reshape(-1), want)
 
 
+@pytest.mark.slow
 def test_sparsity_nan_is_kept():
   w = np.array([0.1, np.nan, 2.0, 0.3], np.float32)
   out = _apply(on.constrain_sparsity(0.75), w)
   assert np.isnan(out[1]) and int(np.sum(out == 0)) == 3  # NaN ranks as the largest.
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_sparsity_gradual_pruning_schedule_counts():
   w = np.random.default_rng(5).normal(size=(20, 10)).astype(np.float32)
@@ -236,6 +245,7 @@ def test_sparsity_fraction_out_of_range_raises(bad):
     on.constrain_sparsity(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_n_of_m_scheduled_state_round_trips_through_orbax_and_resumes(tmp_path):
   # The shared checkpoint test's trees have axis lengths 5 and 6 (not multiples of 4).

@@ -90,6 +90,7 @@ def train_mlp(constrained, steps=60, lr=0.03, n_iter=1):
   return [_sigma(params[f"layer{i}"]["kernel"]) for i in range(len(SIZES) - 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_after_60_adam_steps_sigma_max_is_within_1_percent_of_the_bound():
   free = train_mlp(constrained=False)
@@ -116,6 +117,7 @@ def _with_singular_values(rng, shape, values):
   return jnp.asarray((left * np.asarray(values)) @ right.T, jnp.float32).reshape(shape)
 
 
+@pytest.mark.slow
 def test_one_step_with_50_iterations_is_the_exact_svd_projection():
   # The estimate converges like (σ₂/σ₁)^(2k): with σ₂/σ₁ = 2/3, 50 rounds reach float32
   # precision from any start (a random matrix with σ₂/σ₁ = 0.95 would need ~200).
@@ -142,6 +144,7 @@ def test_one_step_with_50_iterations_is_the_exact_svd_projection():
   np.testing.assert_array_equal(np.asarray(out["small"]), np.asarray(updates["small"]))
 
 
+@pytest.mark.slow
 def test_explicit_axis_pytorch_layout():
   # PyTorch (out, in) weight: rows are `in` (axis=1); the same singular values either way.
   rng = np.random.default_rng(3)
@@ -153,6 +156,7 @@ def test_explicit_axis_pytorch_layout():
   np.testing.assert_allclose(np.asarray(out["w"]), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rank_one_leaf_is_an_n_by_1_matrix():
   b = jnp.asarray([3.0, 4.0], jnp.float32)  # σ of the 2×1 matrix = ‖b‖ = 5: exact at once.
   out, state = _one_step(on.constrain_spectral_norm(2.5), {"b": b}, {"b": jnp.zeros(2)})
@@ -164,6 +168,7 @@ def test_rank_one_leaf_is_an_n_by_1_matrix():
 # --- Stacks: one matrix per layer ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stacked_layers_are_constrained_per_layer():
   rng = np.random.default_rng(1)
   scales = np.asarray([3.0, 0.05, 1.0])[:, None, None]  # Layer 1 lies inside the ball.
@@ -184,6 +189,7 @@ def test_stacked_layers_are_constrained_per_layer():
   assert not np.allclose(np.asarray(joint["stack"]), got)
 
 
+@pytest.mark.slow
 def test_spectral_norm_report_matches_numpy_svd():
   rng = np.random.default_rng(4)
   params = {
@@ -231,6 +237,7 @@ def _params():
   }
 
 
+@pytest.mark.slow
 def test_state_holds_one_unit_vector_per_matrix_and_masked_nodes():
   params = _params()
   tx = on.constrain_spectral_norm(1.0, mask="**/kernel")
@@ -255,6 +262,7 @@ def test_state_holds_one_unit_vector_per_matrix_and_masked_nodes():
   )
 
 
+@pytest.mark.slow
 def test_initial_vectors_are_deterministic_from_seed_and_path():
   params = _params()
   a = on.constrain_spectral_norm(1.0, seed=0).init(params)
@@ -273,6 +281,7 @@ def test_initial_vectors_are_deterministic_from_seed_and_path():
   assert not np.array_equal(np.asarray(same.leaves["x"]), np.asarray(same.leaves["y"]))
 
 
+@pytest.mark.slow
 def test_zero_matrices_give_no_nan_and_keep_their_vector():
   zeros = {"k": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
   tx = on.constrain_spectral_norm(1.0, n_iter=3)
@@ -302,6 +311,7 @@ def test_zero_matrices_give_no_nan_and_keep_their_vector():
 ocp = pytest.importorskip("orbax.checkpoint")
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 def test_state_survives_an_orbax_round_trip_and_the_resumed_run_is_identical(tmp_path):
   params = _params()

@@ -62,6 +62,7 @@ def _delta(shape):
 # --- (a) eye(2) pushed along σ₁: clip keeps σ₂, scale lets it decay ---------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_iter, sigma2_min", [(1, 0.9), (10, 0.98)])
 def test_eye_pushed_along_sigma1_for_500_steps_clip_keeps_sigma2_scale_decays(n_iter, sigma2_min):
   # u = 0.01·e1e1ᵀ each step (sgd(1) on a constant gradient): V = diag(1.01, 1). The
@@ -88,6 +89,7 @@ def test_eye_pushed_along_sigma1_for_500_steps_clip_keeps_sigma2_scale_decays(n_
 # --- (b) After enough steps: the float64 SVD clip --------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "shape, top, n_iter",
   [
@@ -125,6 +127,7 @@ def test_after_50_steps_the_stored_matrix_is_the_float64_svd_clip(shape, top, n_
   np.testing.assert_allclose(sigmas[len(top) :], _sigmas(w)[len(top) :], rtol=0, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_one_step_scale_is_the_float64_rescale():
   rng = np.random.default_rng(7)
   w = _with_singular_values(rng, (16, 8), [3.0, 2.0])
@@ -142,6 +145,7 @@ def test_one_step_scale_is_the_float64_rescale():
 # --- (c) Zero matrices, matrices inside the ball -----------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["clip", "scale"])
 def test_zero_matrix_stays_zero_and_inside_is_untouched(mode):
   rng = np.random.default_rng(3)
@@ -169,6 +173,7 @@ def test_zero_matrix_stays_zero_and_inside_is_untouched(mode):
 # --- Rounding margin (DEFECT 7) ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["clip", "scale"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_converged_estimate_puts_sigma_max_at_most_c_on_the_stored_values(mode, dtype):
@@ -213,6 +218,7 @@ def test_bad_mode_raises_naming_it_and_the_valid_values(mode):
     on.constrain_spectral_norm(C, mode=mode)
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion
 @pytest.mark.parametrize("mode", ["clip", "scale"])
 def test_mode_is_static_under_inject_hyperparams(mode):

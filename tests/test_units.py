@@ -66,6 +66,7 @@ def test_unit_axes_torch_layout_matches_hand_computed_axes(path, shape, axes):
   assert on.unit_axes("torch", stacked="layers/**")(path, jnp.ones(shape)).reduce == axes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout, cases", [("flax", FLAX_CASES), ("torch", TORCH_CASES)])
 def test_unit_axes_norms_match_float64_numpy_per_unit_norms(layout, cases):
   axis = on.unit_axes(layout, stacked=["blocks/**", "layers/**"])
@@ -85,6 +86,7 @@ def test_unit_axes_norms_match_float64_numpy_per_unit_norms(layout, cases):
     )
 
 
+@pytest.mark.slow
 def test_norm_report_stacked_is_per_layer_and_matches_numpy():
   w = _f32(3, 16, 2, 8)
   params = {"blocks": {"attn": {"query": {"kernel": w}}}, "head": {"kernel": _f32(16, 4)}}
@@ -190,6 +192,7 @@ def test_unit_axes_bad_arguments():
     on.unit_axes()(("Dense_0", "kernel"), jnp.ones((3, 4, 2)))
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # the regularize example runs optax.adam
 def test_docstring_examples_run():
   for module in (_units, on._groups, on._diagnostics):

@@ -85,6 +85,7 @@ def _assert_trajectories_close(ours, reference, rtol, atol):
       )
 
 
+@pytest.mark.slow
 @pytest.mark.standard_promotion  # optax's adam and its schedules
 @pytest.mark.parametrize("lr", [PEAK, SCHEDULE], ids=["constant", "schedule"])
 def test_lr_convention_equals_optax_adamw_to_float32_rounding(lr):
@@ -149,6 +150,7 @@ def test_conventions_differ_as_their_coefficients_under_a_schedule():
       )
 
 
+@pytest.mark.slow
 def test_cautious_decays_only_where_the_update_points_towards_zero():
   w = jnp.array([1.0, 1.0, -1.0, -1.0, 2.0, 0.0, 3.0])
   u = jnp.array([0.1, -0.1, 0.1, -0.1, 0.0, 0.5, 1e-30])
