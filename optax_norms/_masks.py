@@ -377,6 +377,10 @@ def weights_only() -> PathMask:
   scanned layers stay unselected. For Equinox trees, ``weight`` leaves inside a module
   whose class name contains ``Norm`` are excluded too.
 
+  Embedding tables are selected on purpose: they are weight matrices, and the common
+  ``ndim > 1`` mask for ``optax.adamw`` selects them too. levanter's default (decay by module
+  class) leaves them out; on a Flax tree ``path_mask("**/kernel")`` does the same.
+
   Returns:
     A ``PathMask``, usable as ``mask=`` here and in optax.
 

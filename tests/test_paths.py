@@ -125,6 +125,10 @@ def test_weights_only_does_not_rely_on_ndim():
   mask = on.weights_only()(params)
   got = {p for p, m in zip(on.tree_paths(params), jax.tree.leaves(mask)) if m}
   assert got == {"embed/embedding", "blocks/attn/kernel", "head/kernel"}
+  # The documented way to leave the embedding table out, as levanter's default does.
+  kernels = on.path_mask("**/kernel")(params)
+  got = {p for p, m in zip(on.tree_paths(params), jax.tree.leaves(kernels)) if m}
+  assert got == {"blocks/attn/kernel", "head/kernel"}
 
 
 @pytest.mark.slow
