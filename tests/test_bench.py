@@ -234,3 +234,28 @@ def test_invalid_flag_in_a_subprocess_has_no_traceback():
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr and "--repeats" in proc.stderr
   assert proc.stdout == ""
+
+
+def test_target_classes_follow_the_hand_written_math():
+  """A rule is in the bench's element-wise class exactly when changing one entry of (g, w)
+  leaves every other entry of its hand-written update unchanged: the budgets, CPR and the
+  per-unit rules read other entries and are held to the per-unit target instead."""
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(8, 4)) * 0.5, jnp.float32)
+  reads_others = {}
+  for entry in BENCH_TABLE:
+    if entry.hand_rule is None:
+      continue
+    rule = entry.hand_rule(entry.values(0.1), 0.1)
+    base = np.asarray(rule(g, w))
+    changed = False
+    for i, j in [(0, 0), (3, 1), (5, 2), (7, 3)]:
+      moved = np.asarray(rule(g.at[i, j].set(40.0), w.at[i, j].set(-30.0)))
+      others = np.ones(base.shape, bool)
+      others[i, j] = False
+      changed |= bool(np.any(moved[others] != base[others]))
+    reads_others[entry.name] = changed
+  elementwise = {name for name, reads in reads_others.items() if not reads}
+  assert elementwise == set(_bench.ELEMENTWISE) & set(reads_others)
+  assert set(reads_others) - elementwise == set(_bench.PER_UNIT) & set(reads_others)

@@ -26,8 +26,10 @@ from optax_norms.tools.bench_table import BENCH_TABLE, by_name
 __all__ = ["main"]
 
 TRANSFORMS = tuple(entry.name for entry in BENCH_TABLE)
-ELEMENTWISE = tuple(entry.name for entry in BENCH_TABLE if not entry.per_unit)
-PER_UNIT = tuple(entry.name for entry in BENCH_TABLE if entry.per_unit)
+# The targets' two classes: element-wise rules, and rules that reduce (over units, N:M blocks
+# or whole leaves).
+ELEMENTWISE = tuple(e.name for e in BENCH_TABLE if not (e.per_unit or e.reduces_leaf))
+PER_UNIT = tuple(e.name for e in BENCH_TABLE if e.per_unit or e.reduces_leaf)
 TREES = ("big", "transformer", "many", "mlp", "groups", "coupled")
 OPTIMIZERS = ("sgd", "adam")
 # The many-leaf tree measures per-leaf overheads (tracing, compile time, kernels per leaf);

@@ -35,6 +35,9 @@ class BenchEntry:
       steps), which the bench passes as the optimizer's own.
     options: non-hyperparameter keyword arguments (not given as schedules).
     per_unit: whether the rule reduces over units (an element-wise target does not apply).
+    reduces_leaf: whether the rule reduces over whole leaves or N:M blocks without taking an
+      ``axis`` (the budgets rank, CPR reads the leaf's norm): held, like a per-unit rule, to
+      the per-unit target against the hand-written version, not to the element-wise ones.
     stateful: whether the state holds per-leaf arrays beyond a schedule count (its state
       bytes are measured but not held to the zero-state targets).
     hand_rule: ``(hp, lr) -> (g, w) -> new g``: the math in plain ``jnp``, on float32 leaves
@@ -49,6 +52,7 @@ class BenchEntry:
   learning_rate: bool = False
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
   per_unit: bool = False
+  reduces_leaf: bool = False
   stateful: bool = False
   hand_rule: Callable[[dict[str, float], float], Callable[[Any, Any], Any]] | None = None
   peer: Callable[[dict[str, float], Any], tuple[Any, bool]] | None = None
@@ -126,7 +130,7 @@ def _hand_n_of_4(hp, lr):
     v = w + g
     blocks = jnp.moveaxis(v, -2, -1).reshape(*v.shape[:-2], v.shape[-1], -1, 4)
     rank = jnp.argsort(jnp.argsort(-jnp.abs(blocks), axis=-1, stable=True), axis=-1)
-    keep = jnp.moveaxis((rank < hp["n"]).reshape(*v.shape[:-2], v.shape[-1], -1), -1, -2)
+    keep = jnp.moveaxis((rank < int(hp["n"])).reshape(*v.shape[:-2], v.shape[-1], -1), -1, -2)
     return jnp.where(keep, g, -w)
 
   return rule
@@ -350,6 +354,7 @@ BENCH_TABLE: tuple[BenchEntry, ...] = (
     "after",
     {"kappa_update": 1.0},
     options={"kappa_init_method": "uniform", "kappa_init_param": 1.0},
+    reduces_leaf=True,
     stateful=True,
     hand_rule=_hand_cpr,
   ),
@@ -359,6 +364,7 @@ BENCH_TABLE: tuple[BenchEntry, ...] = (
     "after",
     {"n": 2.0},
     options={"m": 4},
+    reduces_leaf=True,
     hand_rule=_hand_n_of_4,
   ),
   BenchEntry(
@@ -366,6 +372,7 @@ BENCH_TABLE: tuple[BenchEntry, ...] = (
     on.constrain_sparsity,
     "after",
     {"fraction": 0.4},
+    reduces_leaf=True,
     hand_rule=_hand_sparsity,
   ),
 )
