@@ -88,6 +88,20 @@ def _sum_sq(wide: jax.Array, scale: float, axes: tuple[int, ...]) -> jax.Array:
   return lax.expand_dims(lax.reduce_sum(lax.square(scaled), axes), axes)
 
 
+def _sums_sq(wide: jax.Array, scales: tuple[float, ...], axes: tuple[int, ...]) -> list[jax.Array]:
+  """``_sum_sq`` for several scales, as one reduction over a stacked broadcast of `wide`.
+
+  XLA:CPU runs sibling reductions as one kernel each; this is one kernel for all of them,
+  with the same sums bit for bit (each is the same reduction of the same scaled squares).
+  """
+  shape = (len(scales), *wide.shape)
+  stacked = lax.broadcast_in_dim(wide, shape, tuple(range(1, wide.ndim + 1)))
+  factors = lax.broadcast_in_dim(jnp.asarray(scales, wide.dtype), shape, (0,))
+  inner = tuple(a + 1 for a in axes)
+  sums = lax.expand_dims(lax.reduce_sum(lax.square(stacked * factors), inner), inner)
+  return [sums[i] for i in range(len(scales))]
+
+
 def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Per-unit l2 norm, dims kept, in the compute dtype, without overflow or underflow.
 
@@ -100,11 +114,13 @@ def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   float32 entries gets its true norm within float32 rounding. A unit whose scaled-up squares
   are all flushed (entries all below ~5e-29 in float32) counts as a zero unit.
 
-  The sums read the same input: XLA:GPU fuses them into one pass, XLA:CPU runs one pass each.
-  So on the CPU a leaf of ``ONE_PASS_MIN_SIZE`` entries or more takes the scaled-up sum alone,
-  and all three under a ``lax.cond`` only when some unit needs another (smaller leaves take the
-  three sums, cheaper there than a cond, and one all-reduce of the three norm vectors when the
-  unit axis is sharded): the same values, bit for bit, in one pass in every ordinary step.
+  The sums read the same input. A leaf of fewer than ``ONE_PASS_MIN_SIZE`` entries takes them
+  as one reduction over a stacked broadcast of the input: one kernel on every backend (XLA:CPU
+  runs sibling reductions as one kernel each), the same sums bit for bit, and one all-reduce of
+  the three norm vectors where the unit axis is sharded. A larger leaf takes three sibling
+  reductions on XLA:GPU/TPU, fused into one pass over the leaf; on XLA:CPU, which would read
+  it three times, the scaled-up sum alone, and all three under a ``lax.cond`` only when some
+  unit needs another: the same values, bit for bit, in one pass in every ordinary step.
   """
   wide = lax.convert_element_type(x, compute_dtype(x.dtype))
   scales = _norm_scales(wide.dtype)
@@ -121,19 +137,22 @@ def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     zero = lax.full_like(small, 0)
     return (small > zero) & (small < lax.full_like(small, scales.low))
 
-  def three_passes() -> jax.Array:
+  def three_sums() -> jax.Array:  # Sibling reductions: one pass over a large leaf on XLA:GPU.
     return select(*(_sum_sq(wide, s, axes) for s in (scales.up, scales.down, scales.tiny)))
 
+  def stacked_sums() -> jax.Array:  # One kernel, also on XLA:CPU.
+    return select(*_sums_sq(wide, (scales.up, scales.down, scales.tiny), axes))
+
   if x.size < ONE_PASS_MIN_SIZE:  # A small leaf: extra passes cost less than a cond.
-    return three_passes()
+    return stacked_sums()
 
   def one_pass() -> jax.Array:
     small = _sum_sq(wide, scales.up, axes)
     overflow = ~(small < lax.full_like(small, scales.high)) & ~lax.ne(small, small)  # not NaN
     rare = overflow | needs_tiny(small)
-    return lax.cond(jnp.any(rare), three_passes, lambda: select(small, small, small))
+    return lax.cond(jnp.any(rare), stacked_sums, lambda: select(small, small, small))
 
-  return lax.platform_dependent(cpu=one_pass, default=three_passes)
+  return lax.platform_dependent(cpu=one_pass, default=three_sums)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))

@@ -252,17 +252,21 @@ def _reference(entry) -> dict:
 # 16 for the row-sharded kernel, 16/4 for the P("x", "y") kernel (its columns are split over
 # "y"), 1 for each of the two sharded biases (a rank-1 leaf is one unit). Column-sharded and
 # replicated kernels: none. Each such leaf all-reduces the same small number of vectors (the
-# scaled sums of squares that keep the norm free of overflow: 2 at the time of writing).
+# scaled sums of squares that keep the norm free of overflow and underflow: 3 at the time of
+# writing, stacked into one all-reduce), as separate all-reduces or as one of them stacked.
 NORM_UNITS = [16, 4, 1, 1]
 
 
 def _vectors_per_leaf(found) -> int | None:
-  """k if the collectives are exactly k all-reduced vectors per leaf of NORM_UNITS (k <= 3)."""
+  """k if the collectives are exactly k all-reduced vectors per leaf of NORM_UNITS (k <= 3):
+  k all-reduces of one vector each, or one all-reduce of the k vectors stacked."""
   if any(op != "all-reduce" for op, _ in found):
     return None
   vectors = sorted(n for _, sizes in found for n in sizes)
-  k = len(vectors) // len(NORM_UNITS)
-  return k if 1 <= k <= 3 and vectors == sorted(NORM_UNITS * k) else None
+  for k in (1, 2, 3):
+    if vectors in (sorted(NORM_UNITS * k), sorted(k * n for n in NORM_UNITS)):
+      return k
+  return None
 
 
 # Transforms that read more than one unit at a time (magnitude budgets, power iteration,

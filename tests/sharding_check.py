@@ -48,6 +48,9 @@ TRANSFORMS = {entry.name: (entry.make, entry.per_unit) for entry in REGISTRY}
 COMMUNICATES = {"constrain_sparsity", "constrain_n_of_m", "constrain_spectral_norm", "prox_adam"}
 # One statistic per matrix (CPR's R): its only communication is the all-reduce of that scalar.
 PER_MATRIX = {"cpr"}
+# The per-unit norm reduces three scaled sums of squares (overflow- and underflow-free), all-reduced
+# as one stacked vector where the unit axis is sharded.
+NORM_SUMS = 3
 # Known limitations on explicit mesh axes (jax.make_mesh): none at present. A transform that
 # fails there goes here (its cells are then reported, not failed), with its reason.
 KNOWN_EXPLICIT: set[str] = set()
@@ -161,10 +164,12 @@ def check_cell(mesh, layout: str, name: str, params_np, grads_np) -> dict:
       if op != "all-reduce" or any(s != 1 for s in sizes):
         problems.append(f"unexpected {op} of sizes {sizes} (one scalar per matrix)")
   elif per_unit:
-    allowed = {
+    units = {
       int(np.prod(_local_shape(mesh, (COLS,), kernel_spec[1:] if len(kernel_spec) > 1 else ()))),
       1,  # The bias is a single unit: its norm is a scalar.
     }
+    # The norm vector, or the unit norm's three scaled sums of squares stacked into one.
+    allowed = {k * n for n in units for k in (1, NORM_SUMS)}
     kernel_local = int(np.prod(_local_shape(mesh, (ROWS, COLS), kernel_spec)))
     for op, sizes in found:
       if op != "all-reduce" or any(s not in allowed or s >= kernel_local for s in sizes):

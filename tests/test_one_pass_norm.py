@@ -113,3 +113,22 @@ def test_the_max_norm_bound_is_exact_on_stored_values_of_a_large_leaf(dtype):
   # 2ε·(‖w‖/c + 2) of it, ‖w‖ ≈ 23 here).
   tolerance = 1e-5 if dtype == jnp.float32 else 2 * 2.0**-8 * (23 / 3 + 2)
   assert np.min(np.sqrt(np.sum(stored**2, axis=0))) > 3.0 * (1 - tolerance)
+
+
+@pytest.mark.parametrize(
+  "shape, axes", [((64, COLS), (0,)), ((COLS, 64), (1,)), ((4, 16, COLS), (0, 1))]
+)
+def test_stacked_sums_equal_the_sibling_sums_bit_for_bit(shape, axes):
+  """The small-leaf norm's one reduction over a stacked broadcast gives each scaled sum of
+  squares exactly as its own reduction does (the sibling sums a GPU fuses into one pass)."""
+  rng = np.random.default_rng(1)
+  units = np.linspace(-28, 30, COLS)
+  x = rng.normal(size=shape) * 10.0 ** (units if axes != (1,) else units[:, None])
+  x = x.astype(np.float32)
+  x.reshape(-1)[:3] = (0.0, np.nan, np.inf)
+  scales = tuple(_numerics._norm_scales(jnp.float32))[:3]
+  stacked = jax.jit(lambda v: _numerics._sums_sq(v, scales, axes))(jnp.asarray(x))
+  sibling = jax.jit(lambda v: [_numerics._sum_sq(v, s, axes) for s in scales])(jnp.asarray(x))
+  for got, want in zip(stacked, sibling):
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
