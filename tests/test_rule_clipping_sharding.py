@@ -1,6 +1,7 @@
 """regularize's global-norm clips (model-wide and per rule), clip_adaptive and freeze with the
 leaves sharded over 8 CPU devices: the one-device result, the input shardings kept, frozen
-leaves bit-identical, and only scalar all-reduces (a norm is global, no leaf is gathered).
+leaves bit-identical, and only all-reduces of scalars or of a leaf's three scaled sums (a norm
+is global, no leaf is gathered).
 
 Runs ``tests/rule_clipping_sharding_check.py`` in its own process (8 host devices must be
 requested before JAX initializes)."""
