@@ -259,3 +259,30 @@ def test_target_classes_follow_the_hand_written_math():
   elementwise = {name for name, reads in reads_others.items() if not reads}
   assert elementwise == set(_bench.ELEMENTWISE) & set(reads_others)
   assert set(reads_others) - elementwise == set(_bench.PER_UNIT) & set(reads_others)
+
+
+def test_periodic_rows_are_amortized_over_a_simulated_period():
+  """A period of `PERIOD` steps, one of them ranking (the every-step time) and the rest between
+  rankings, summed step by step against the base: the ratio the bench reports."""
+  period = _bench.PERIOD
+  times = {"every1": [6.0, 5.0, 7.0], "between": [1.1, 1.3, 1.0], "base": [1.0, 1.1, 0.9]}
+  per_repeat = []
+  for rank, between, base in zip(times["every1"], times["between"], times["base"]):
+    steps = [rank] + [between] * (period - 1)
+    per_repeat.append(sum(steps) / (period * base))
+  got = _bench._amortized_ratio(times, "every1", "between", "base", steps=10)
+  assert got == pytest.approx(sorted(per_repeat)[1], rel=1e-12)
+  # A window of a whole period already holds its ranking: then it is the plain ratio.
+  whole = _bench._amortized_ratio(times, "every1", "between", "base", steps=period)
+  assert whole == pytest.approx(sorted(b / a for b, a in zip(times["between"], times["base"]))[1])
+
+
+def test_periodic_rows_are_timed_from_after_the_first_ranking():
+  """The periodic budget's timed window starts at count 1, so it holds no ranking."""
+  params = {"w": jnp.arange(8.0).reshape(2, 4)}
+  tx = optax.chain(optax.sgd(0.1), on.constrain_sparsity(0.5, update_every=_bench.PERIOD))
+  run_one = _bench._tree_loop(tx, 1)
+  target = jax.tree.map(jnp.zeros_like, params)
+  new_params, state = _bench._after_first_step(run_one, params, tx.init(params), target)
+  assert int(optax.tree_utils.tree_get(state, "count")) == 1
+  assert int(jnp.sum(new_params["w"] == 0)) == 4  # The first step ranked: half are zero.
