@@ -1,8 +1,9 @@
 """regularize's clip_global_norm (model-wide and per rule), clip_adaptive and freeze on 8 CPU
 devices, the leaves sharded by rows, by columns or over both mesh axes: 5 steps give the
 one-device result and keep every leaf's sharding, and the global norms communicate scalars
-(or a leaf's three scaled sums) only: no leaf is gathered. Run by tests/test_rule_clipping_sharding.py in its own process.
-Prints one ``RESULT {json}`` line per layout."""
+(or a leaf's three scaled sums) only: no leaf is gathered. Run by
+tests/test_rule_clipping_sharding.py in its own process. Prints one ``RESULT {json}`` line per
+layout."""
 
 from __future__ import annotations
 

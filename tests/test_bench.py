@@ -270,10 +270,10 @@ def test_periodic_rows_are_amortized_over_a_simulated_period():
   for rank, between, base in zip(times["every1"], times["between"], times["base"]):
     steps = [rank] + [between] * (period - 1)
     per_repeat.append(sum(steps) / (period * base))
-  got = _bench._amortized_ratio(times, "every1", "between", "base", steps=10)
+  got, _ = _bench._ratio_over_period(times, "between", "base", 10, "every1")
   assert got == pytest.approx(sorted(per_repeat)[1], rel=1e-12)
   # A window of a whole period already holds its ranking: then it is the plain ratio.
-  whole = _bench._amortized_ratio(times, "every1", "between", "base", steps=period)
+  whole, _ = _bench._ratio_over_period(times, "between", "base", period, "every1")
   assert whole == pytest.approx(sorted(b / a for b, a in zip(times["between"], times["base"]))[1])
 
 

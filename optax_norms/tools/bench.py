@@ -354,24 +354,26 @@ def _ratio(times: dict[str, list[float]], a: str, b: str) -> float | None:
 PERIOD = 100
 
 
-def _amortized_ratio(
-  times: dict[str, list[float]], every1: str, between: str, base: str, steps: int
-) -> float | None:
-  """The per-step cost of ranking every `PERIOD` steps, paired per repeat against `base`.
+def _ratio_over_period(
+  times: dict[str, list[float]], name: str, base: str, steps: int, every1: str | None = None
+) -> tuple[float | None, float | None]:
+  """`name`'s paired ratio against `base`, and for a periodic budget row (`every1`: the row that
+  ranks every step) the ratio over a whole period with the ratio between rankings beside it.
 
-  `between` is timed from the state after the first (ranking) step, so with `steps` < `PERIOD`
-  its window holds no ranking: a run of `PERIOD` steps costs ``PERIOD − 1`` of those and one
-  ranking step, which costs what a step of `every1` (ranking every step) costs. With a longer
-  window the rankings inside it are already in its time, which is then the ratio.
+  A periodic row is timed from the state after the first (ranking) step, so with `steps` <
+  `PERIOD` its window holds no ranking: a run of `PERIOD` steps costs ``PERIOD − 1`` of those and
+  one ranking step, which costs what a step of `every1` costs. A longer window holds its
+  rankings already: its plain ratio is the one over a period.
   """
-  if not {every1, between, base} <= set(times):
-    return None
-  if steps >= PERIOD:
-    return _ratio(times, between, base)
-  return statistics.median(
-    ((PERIOD - 1) * nr + r) / (PERIOD * b)
-    for nr, r, b in zip(times[between], times[every1], times[base])
+  if every1 is None or steps >= PERIOD:
+    return _ratio(times, name, base), None
+  if not {every1, name, base} <= set(times):
+    return None, None
+  over_period = statistics.median(
+    ((PERIOD - 1) * between + rank) / (PERIOD * b)
+    for between, rank, b in zip(times[name], times[every1], times[base])
   )
+  return over_period, _ratio(times, name, base)
 
 
 def _after_first_step(run_one, params, state, *rest):
@@ -684,9 +686,11 @@ def _bench_coupled(config, args, progress) -> dict[str, Any]:
     "prox_adam": on.prox_adam(lr, group=alpha, groups=groups),
   }
 
+  every1 = {"budget_every100": "budget_ours"}  # The periodic row and its every-step twin.
+
   def start(name, tx):
     state = (params, tx.init(params))
-    if name == "budget_every100":
+    if name in every1:
       state = _after_first_step(_tree_loop(tx, 1), *state, target)
     return (*state, target)
 
@@ -697,19 +701,13 @@ def _bench_coupled(config, args, progress) -> dict[str, Any]:
   rows = []
   for name, variant in variants.items():
     hand = {"prox_ours": "prox_hand", "budget_ours": "budget_hand"}.get(name)
-    periodic = name == "budget_every100"
+    ratio, between = _ratio_over_period(times, name, "adam", args.steps, every1.get(name))
     rows.append(
       {
         "variant": name,
         "us_per_step": 1e6 * statistics.median(times[name]) / args.steps,
-        "ratio_vs_adam": (
-          _amortized_ratio(times, "budget_ours", name, "adam", args.steps)
-          if periodic
-          else _ratio(times, name, "adam")
-        ),
-        "ratio_between_rankings": (
-          _ratio(times, name, "adam") if periodic and args.steps < PERIOD else None
-        ),
+        "ratio_vs_adam": ratio,
+        "ratio_between_rankings": between,
         "ratio_vs_hand": _ratio(times, name, hand) if hand else None,
         "compile_s": variant.compile_s,
         "compile_vs_hand": (variant.compile_s / variants[hand].compile_s) if hand else None,
@@ -819,7 +817,7 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
       hand("clip_by_row_norm"), hand("add_l2_decay"), adam(), hand("constrain_row_norm")
     ),
     # The pruning budgets, ranking every step and every PERIOD steps (the periodic rows are
-    # timed between two rankings and reported amortized over a period: `_amortized_ratio`).
+    # timed between two rankings and reported over a period: `_ratio_over_period`).
     "sparsity_every1": optax.chain(adam(), on.constrain_sparsity(0.5, mask=MASK)),
     "sparsity_every100": optax.chain(
       adam(), on.constrain_sparsity(0.5, update_every=PERIOD, mask=MASK)
@@ -852,25 +850,19 @@ def _bench_mlp(config, args, progress) -> dict[str, Any]:
       on.path_labels({"frozen": FROZEN}, default="train"),
     ),
   }
-  variants = {
-    name: loop(tx, after_first_step=name.endswith("_every100")) for name, tx in txs.items()
-  }
+  # The periodic rows and their every-step twins.
+  every1 = {name: name.replace("every100", "every1") for name in txs if name.endswith("every100")}
+  variants = {name: loop(tx, after_first_step=name in every1) for name, tx in txs.items()}
   times = _time(variants, args.repeats)
   rows = []
   for name, v in variants.items():
-    periodic = name.endswith("_every100")
+    ratio, between = _ratio_over_period(times, name, "base", steps, every1.get(name))
     rows.append(
       {
         "variant": name,
         "us_per_step": 1e6 * statistics.median(times[name]) / steps,
-        "ratio_vs_base": (
-          _amortized_ratio(times, name.replace("every100", "every1"), name, "base", steps)
-          if periodic
-          else _ratio(times, name, "base")
-        ),
-        "ratio_between_rankings": (
-          _ratio(times, name, "base") if periodic and steps < PERIOD else None
-        ),
+        "ratio_vs_base": ratio,
+        "ratio_between_rankings": between,
         "ratio_vs_hand": (
           _ratio(times, name, name.rsplit("_", 1)[0] + "_hand") if name.endswith("_ours") else None
         ),
