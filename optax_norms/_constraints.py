@@ -1,8 +1,10 @@
 """Weight constraints (max norm on weights): project ``w + u`` back inside the bound.
 
 Place them **last** in the chain. The update becomes ``u' = proj(w + u) − w`` where the
-bound is violated and stays ``u`` elsewhere, so ``optax.apply_updates`` gives ``w + u``
-unchanged for elements/units already inside.
+bound is violated; elsewhere ``optax.apply_updates`` stores exactly the value it stores for
+``u``: the update there is ``u`` in bfloat16/float16 leaves and ``(w + u) − w`` rounded in
+float32/float64 leaves, which round-to-nearest adds back to the float ``w + u`` exactly (so
+the constraint need not read ``u`` again, nor XLA keep adam's update as a buffer for it).
 
 The bound is exact on the values ``optax.apply_updates`` stores, in the leaf's dtype:
 ``|w| ≤ c`` and ``‖w_unit‖ ≤ c`` hold when checked in float64. Three roundings could
@@ -42,6 +44,7 @@ __all__ = [
   "constrain_max_abs",
   "constrain_row_norm",
   "exact_update",
+  "projected_update",
   "radius_factor",
   "round_to_leaf",
   "round_toward_zero",
@@ -137,14 +140,31 @@ def exact_update(w, target, leaf_dtype):
   return jnp.where(outward, moved, first)
 
 
+def projected_update(u, w, target, moved, leaf_dtype):
+  """The update that stores `target` where `moved` and exactly ``w + u`` elsewhere.
+
+  Where `moved` is False the caller's `target` must be ``v``, the stored sum of ``w + u``
+  (its scale there is exactly 1). In a leaf of the compute dtype (float32, float64) that
+  needs no select and no read of `u`: ``exact_update(w, v)`` is ``(v − w)`` rounded, and in
+  binary round-to-nearest arithmetic ``w + ((w + u) − w)`` rounds back to the float ``w + u``
+  (``-0.0`` may come back ``+0.0``), so `u` need not be kept as a buffer for this select (after
+  adam, XLA would otherwise materialize adam's update). A bfloat16 or float16 leaf rounds
+  the sum twice (compute dtype, then leaf), where that identity fails: it keeps `u` there.
+  """
+  update = exact_update(w, target, leaf_dtype)
+  if w.dtype == leaf_dtype:
+    return update
+  return jnp.where(moved, update, round_to_leaf(u, leaf_dtype))
+
+
 def constrain_max_abs(
   max_abs: ScalarOrSchedule, *, mask: Mask = None
 ) -> optax.GradientTransformation:
   """Keeps every selected weight in ``[−c, c]``: a hard max-abs constraint.
 
   The new weights are the projection of ``v = w + u`` onto the box ``‖w‖_∞ ≤ c``:
-  ``w + u' = clip(v, −c, c)``, so ``u' = clip(v, −c, c) − w`` where the bound is violated and
-  ``u' = u`` elsewhere. The bound holds exactly on the values ``optax.apply_updates`` stores,
+  ``w + u' = clip(v, −c, c)``, so ``u' = clip(v, −c, c) − w`` where the bound is violated;
+  elsewhere the stored value is exactly ``w + u``. The bound holds exactly on the values ``optax.apply_updates`` stores,
   in the leaf's dtype (see the notes of this module).
 
   Args:
@@ -167,9 +187,8 @@ def constrain_max_abs(
   def rule(u, w, *, max_abs, leaf_dtype):
     bound = round_toward_zero(max_abs, leaf_dtype).astype(w.dtype)
     v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
-    inside = jnp.abs(v) <= bound
     target = round_toward_zero(jnp.clip(v, -bound, bound), leaf_dtype).astype(w.dtype)
-    return jnp.where(inside, round_to_leaf(u, leaf_dtype), exact_update(w, target, leaf_dtype))
+    return projected_update(u, w, target, ~(jnp.abs(v) <= bound), leaf_dtype)
 
   return leafwise_transform(
     "constrain_max_abs",
@@ -226,9 +245,9 @@ def constrain_row_norm(
     # v: what apply_updates would store without the constraint (w + u in the leaf dtype).
     v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
     scale = unit_scale(v, radius, axes)
-    # Inside the ball return u itself, so apply_updates stores exactly w + u.
+    # Inside the ball the scale is exactly 1, so apply_updates stores exactly w + u there.
     target = round_toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(scale < 1, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
+    return projected_update(u, w, target, scale < 1, leaf_dtype)
 
   return leafwise_transform(
     "constrain_row_norm",

@@ -20,7 +20,7 @@ import optax
 from jax import lax
 
 from optax_norms._constraints import (
-  exact_update,
+  projected_update,
   radius_factor,
   round_to_leaf,
   round_toward_zero,
@@ -87,9 +87,9 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
     nonzero = norm > 0
     one = lax.full_like(norm, 1)
     radius = lax.full_like(norm, radius_factor(units))
-    scale = radius / lax.select(nonzero, norm, one)
+    scale = lax.select(nonzero, radius, one) / lax.select(nonzero, norm, one)
     target = round_toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(nonzero, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
+    return projected_update(u, w, target, nonzero, leaf_dtype)
 
   return leafwise_transform(
     "constrain_unit_norm",
@@ -164,7 +164,7 @@ def constrain_min_max_norm(
     one = lax.full_like(norm, 1)
     scale = lax.select(change, desired, one) / lax.select(change, norm, one)
     target = round_toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return jnp.where(change, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
+    return projected_update(u, w, target, change, leaf_dtype)
 
   return leafwise_transform(
     "constrain_min_max_norm",

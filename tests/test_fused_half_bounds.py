@@ -6,7 +6,9 @@ rewrite drops ``f32 → bf16 → f32`` convert pairs), so a repeated ``apply_upd
 written as ``w.astype(bf16) + u.astype(bf16)`` is not rounded as the stored one is. Before the
 fix, units whose unrounded norm was just inside ``c·(1 − δ)`` were kept and then stored with
 norms up to ``c·(1 + 8e-4)`` (``constrain_row_norm``, ``constrain_min_max_norm`` in bf16).
-Every bound is checked here in float64 on the stored values.
+Every bound is checked here in float64 on the stored values. Float32 leaves are checked too:
+there the constraints return ``(w + u) − w`` for the elements they keep, and LLVM may contract
+sgd's ``w − lr·g`` into a fused multiply-add in one loop and not in another.
 """
 
 import jax
@@ -20,7 +22,7 @@ import optax_norms as on
 # optax's adam is not strict-promotion clean (see tests/conftest.py).
 pytestmark = pytest.mark.standard_promotion
 
-HALF = [jnp.bfloat16, jnp.float16]
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 C = 1.0  # The norm bound (representable in both dtypes).
 MAX_ABS = 0.05  # Not representable in bf16/f16: the box bound is rounded towards zero.
 
@@ -71,7 +73,7 @@ def _near_bound(dtype, seed):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
-@pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
 def test_bound_holds_on_units_a_rounding_away_in_a_fused_step(name, dtype, opt):
   # adam's eps must be representable in f16 (1e-8 is 0 there, and 0/0 makes NaN updates).
@@ -109,7 +111,7 @@ def _regression(dtype, seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", HALF, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 @pytest.mark.parametrize("name", sorted(CONSTRAINTS))
 def test_bound_holds_through_fused_half_training(name, dtype):
   tx = optax.chain(optax.adam(0.1, eps=1e-3), CONSTRAINTS[name]())
