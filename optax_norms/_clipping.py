@@ -24,11 +24,13 @@ def unit_scale(x, max_norm, axes):
   keeps tracing cheap on trees with many leaves.
   """
   norm = unit_norm(x, axes)
-  outside = norm > max_norm
+  outside = lax.gt(norm, lax.full_like(norm, max_norm))
   # full_like (not full/broadcast): the constants take the norm's sharding, which explicit
   # mesh axes (jax.set_mesh) require of select's operands.
   one = lax.full_like(norm, 1)
-  return lax.select(outside, lax.full_like(norm, max_norm), one) / lax.select(outside, norm, one)
+  return lax.div(
+    lax.select(outside, lax.full_like(norm, max_norm), one), lax.select(outside, norm, one)
+  )
 
 
 def clip_by_max_abs(

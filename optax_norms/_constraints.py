@@ -44,6 +44,7 @@ __all__ = [
   "constrain_max_abs",
   "constrain_row_norm",
   "exact_update",
+  "per_entry",
   "projected_update",
   "radius_factor",
   "round_to_leaf",
@@ -101,7 +102,9 @@ def _one_ulp(x, toward_zero):
   """
   bits = lax.bitcast_convert_type(x, _SAME_WIDTH_INT[jnp.dtype(x.dtype).itemsize])
   one = lax.full_like(bits, 1)
-  return lax.bitcast_convert_type(lax.select(toward_zero, bits - one, bits + one), x.dtype)
+  return lax.bitcast_convert_type(
+    lax.select(toward_zero, lax.sub(bits, one), lax.add(bits, one)), x.dtype
+  )
 
 
 @_one_ulp.defjvp
@@ -119,7 +122,7 @@ def stored_sum(w, u, leaf_dtype):
   Rules return ``round_to_leaf(u, leaf_dtype)`` (not `u`) where they keep the update, so that the
   stored addition sees the same ``u`` as this one even where XLA keeps `u` in float32.
   """
-  return round_to_leaf(w + round_to_leaf(u, leaf_dtype), leaf_dtype).astype(leaf_dtype)
+  return _cast(round_to_leaf(lax.add(w, round_to_leaf(u, leaf_dtype)), leaf_dtype), leaf_dtype)
 
 
 def exact_update(w, target, leaf_dtype):
@@ -132,12 +135,24 @@ def exact_update(w, target, leaf_dtype):
   Every rounding is a ``round_to_leaf``, so the sum compared is the one stored, also in a fused
   ``jax.jit`` step.
   """
-  first = round_to_leaf(target - w, leaf_dtype)
-  stored = round_to_leaf(w + first, leaf_dtype)
-  outward = jnp.abs(stored) > jnp.abs(target)
+  # lax, not operators: each jnp operator is a jit call to trace, per leaf and step.
+  first = round_to_leaf(lax.sub(target, w), leaf_dtype)
+  stored = round_to_leaf(lax.add(w, first), leaf_dtype)
+  outward = lax.gt(lax.abs(stored), lax.abs(target))
   # One ulp towards −sign(target): a smaller magnitude where `first` has the sign of `target`.
-  moved = _one_ulp(first.astype(leaf_dtype), (first > 0) == (target > 0)).astype(w.dtype)
-  return jnp.where(outward, moved, first)
+  zero = lax.full_like(first, 0)
+  toward_zero = lax.eq(lax.gt(first, zero), lax.gt(target, zero))
+  moved = _cast(_one_ulp(_cast(first, leaf_dtype), toward_zero), w.dtype)
+  return lax.select(outward, moved, first)
+
+
+def _cast(x, dtype):
+  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
+
+
+def per_entry(per_unit, like):
+  """A per-unit array (reduced dims kept) broadcast to the shape of `like`."""
+  return lax.broadcast_in_dim(per_unit, like.shape, tuple(range(like.ndim)))
 
 
 def projected_update(u, w, target, moved, leaf_dtype):
@@ -243,11 +258,11 @@ def constrain_row_norm(
     units = math.prod(w.shape[a] for a in axes)
     radius = max_norm * radius_factor(units)
     # v: what apply_updates would store without the constraint (w + u in the leaf dtype).
-    v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
+    v = _cast(stored_sum(w, u, leaf_dtype), w.dtype)
     scale = unit_scale(v, radius, axes)
     # Inside the ball the scale is exactly 1, so apply_updates stores exactly w + u there.
-    target = round_toward_zero(v * scale, leaf_dtype).astype(w.dtype)
-    return projected_update(u, w, target, scale < 1, leaf_dtype)
+    target = _cast(round_toward_zero(lax.mul(v, per_entry(scale, v)), leaf_dtype), w.dtype)
+    return projected_update(u, w, target, lax.lt(scale, lax.full_like(scale, 1)), leaf_dtype)
 
   return leafwise_transform(
     "constrain_row_norm",

@@ -98,7 +98,7 @@ def _sums_sq(wide: jax.Array, scales: tuple[float, ...], axes: tuple[int, ...]) 
   stacked = lax.broadcast_in_dim(wide, shape, tuple(range(1, wide.ndim + 1)))
   factors = lax.broadcast_in_dim(jnp.asarray(scales, wide.dtype), shape, (0,))
   inner = tuple(a + 1 for a in axes)
-  sums = lax.expand_dims(lax.reduce_sum(lax.square(stacked * factors), inner), inner)
+  sums = lax.expand_dims(lax.reduce_sum(lax.square(lax.mul(stacked, factors)), inner), inner)
   return [sums[i] for i in range(len(scales))]
 
 
@@ -126,16 +126,17 @@ def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   scales = _norm_scales(wide.dtype)
 
   def select(small: jax.Array, large: jax.Array, tiny: jax.Array) -> jax.Array:
-    use_large = ~(small < lax.full_like(small, scales.high))  # also when the sum is inf or NaN.
+    # lax, not operators: each jnp operator is a jit call to trace, per leaf and step.
+    use_large = lax.bitwise_not(lax.lt(small, lax.full_like(small, scales.high)))  # inf, NaN too
     use_tiny = needs_tiny(small)
-    small_norm = lax.sqrt(small) * lax.full_like(small, 1 / scales.up)
-    large_norm = lax.sqrt(large) * lax.full_like(large, 1 / scales.down)
-    tiny_norm = lax.sqrt(tiny) * lax.full_like(tiny, 1 / scales.tiny)
+    small_norm = lax.mul(lax.sqrt(small), lax.full_like(small, 1 / scales.up))
+    large_norm = lax.mul(lax.sqrt(large), lax.full_like(large, 1 / scales.down))
+    tiny_norm = lax.mul(lax.sqrt(tiny), lax.full_like(tiny, 1 / scales.tiny))
     return lax.select(use_large, large_norm, lax.select(use_tiny, tiny_norm, small_norm))
 
   def needs_tiny(small: jax.Array) -> jax.Array:
     zero = lax.full_like(small, 0)
-    return (small > zero) & (small < lax.full_like(small, scales.low))
+    return lax.bitwise_and(lax.gt(small, zero), lax.lt(small, lax.full_like(small, scales.low)))
 
   def three_sums() -> jax.Array:  # Sibling reductions: one pass over a large leaf on XLA:GPU.
     return select(*(_sum_sq(wide, s, axes) for s in (scales.up, scales.down, scales.tiny)))
