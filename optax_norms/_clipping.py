@@ -9,21 +9,19 @@ from jax import lax
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._layout import Axis
 from optax_norms._masks import Mask
-from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["clip_by_max_abs", "clip_by_row_norm", "unit_scale"]
 
 
-def unit_scale(x, max_norm, axes):
-  """Per-unit factor ``min(1, c/‖x_unit‖)`` in >= float32, with reduced dims kept.
+def unit_scale(norm, max_norm):
+  """Per-unit factor ``min(1, c/‖x_unit‖)`` from the unit norms (reduced dims kept).
 
   Exactly 1 inside the ball and for zero or NaN units. Both operands of the division are
   selected by ``norm > c`` so XLA fuses the norm's ``sqrt`` into the element-wise pass
   instead of running it as a kernel of its own; ``lax.select`` rather than ``jnp.where``
   keeps tracing cheap on trees with many leaves.
   """
-  norm = unit_norm(x, axes)
   outside = lax.gt(norm, lax.full_like(norm, max_norm))
   # full_like (not full/broadcast): the constants take the norm's sharding, which explicit
   # mesh axes (jax.set_mesh) require of select's operands.
@@ -110,8 +108,9 @@ def clip_by_row_norm(
   """
 
   def rule(u, w, *, max_norm, axes):
-    del w
-    return u * unit_scale(u, max_norm, axes)
+    del w, axes
+    norm = yield u  # The factory computes every leaf's unit norms at once.
+    return u * unit_scale(norm, max_norm)
 
   return leafwise_transform(
     "clip_by_row_norm",

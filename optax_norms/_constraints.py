@@ -259,7 +259,7 @@ def constrain_row_norm(
     radius = max_norm * radius_factor(units)
     # v: what apply_updates would store without the constraint (w + u in the leaf dtype).
     v = _cast(stored_sum(w, u, leaf_dtype), w.dtype)
-    scale = unit_scale(v, radius, axes)
+    scale = unit_scale((yield v), radius)  # The factory computes every leaf's norms at once.
     # Inside the ball the scale is exactly 1, so apply_updates stores exactly w + u there.
     target = _cast(round_toward_zero(lax.mul(v, per_entry(scale, v)), leaf_dtype), w.dtype)
     return projected_update(u, w, target, lax.lt(scale, lax.full_like(scale, 1)), leaf_dtype)

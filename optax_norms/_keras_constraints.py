@@ -29,7 +29,6 @@ from optax_norms._constraints import (
 from optax_norms._hyperparams import ScalarOrSchedule, is_schedule
 from optax_norms._layout import Axis
 from optax_norms._masks import Mask
-from optax_norms._numerics import unit_norm
 from optax_norms._transform import leafwise_transform
 
 __all__ = ["constrain_min_max_norm", "constrain_non_negative", "constrain_unit_norm"]
@@ -83,7 +82,7 @@ def constrain_unit_norm(*, axis: Axis = None, mask: Mask = None) -> optax.Gradie
   def rule(u, w, *, axes, leaf_dtype):
     units = math.prod(w.shape[a] for a in axes)
     v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
-    norm = unit_norm(v, axes)
+    norm = yield v  # The factory computes every leaf's unit norms at once.
     nonzero = norm > 0
     one = lax.full_like(norm, 1)
     radius = lax.full_like(norm, radius_factor(units))
@@ -156,7 +155,7 @@ def constrain_min_max_norm(
   def rule(u, w, *, min_norm, max_norm, rate, axes, leaf_dtype):
     units = math.prod(w.shape[a] for a in axes)
     v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
-    norm = unit_norm(v, axes)
+    norm = yield v  # The factory computes every leaf's unit norms at once.
     radius = max_norm * radius_factor(units)
     clipped = jnp.minimum(jnp.maximum(norm, min_norm), radius)
     desired = rate * clipped + (1 - rate) * norm

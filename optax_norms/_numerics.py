@@ -15,8 +15,10 @@ __all__ = [
   "abs_zero_subgradient",
   "compute_dtype",
   "is_int",
+  "SHARED_COND_MIN_SIZE",
   "safe_unit_norm",
   "unit_norm",
+  "unit_norms",
 ]
 
 
@@ -102,6 +104,48 @@ def _sums_sq(wide: jax.Array, scales: tuple[float, ...], axes: tuple[int, ...]) 
   return [sums[i] for i in range(len(scales))]
 
 
+class _Scheme:
+  """The three scaled sums of one array and the choice between them (see ``_unit_norm_value``)."""
+
+  def __init__(self, x: jax.Array, axes: tuple[int, ...]):
+    self.wide = lax.convert_element_type(x, compute_dtype(x.dtype))
+    self.axes = axes
+    self.scales = _norm_scales(self.wide.dtype)
+
+  def select(self, small: jax.Array, large: jax.Array, tiny: jax.Array) -> jax.Array:
+    """The norm from the sum each unit needs (`large` and `tiny` unread where no unit does)."""
+    scales = self.scales
+    # lax, not operators: each jnp operator is a jit call to trace, per leaf and step.
+    use_large = lax.bitwise_not(lax.lt(small, lax.full_like(small, scales.high)))  # inf, NaN too
+    small_norm = lax.mul(lax.sqrt(small), lax.full_like(small, 1 / scales.up))
+    large_norm = lax.mul(lax.sqrt(large), lax.full_like(large, 1 / scales.down))
+    tiny_norm = lax.mul(lax.sqrt(tiny), lax.full_like(tiny, 1 / scales.tiny))
+    return lax.select(
+      use_large, large_norm, lax.select(self.needs_tiny(small), tiny_norm, small_norm)
+    )
+
+  def needs_tiny(self, small: jax.Array) -> jax.Array:
+    zero = lax.full_like(small, 0)
+    low = lax.full_like(small, self.scales.low)
+    return lax.bitwise_and(lax.gt(small, zero), lax.lt(small, low))
+
+  def plain_sum(self) -> jax.Array:
+    return _sum_sq(self.wide, self.scales.up, self.axes)
+
+  def any_rare(self, small: jax.Array) -> jax.Array:
+    """Whether some unit needs a sum other than `small` (a NaN sum does not)."""
+    high = lax.full_like(small, self.scales.high)
+    overflow = lax.bitwise_and(lax.bitwise_not(lax.lt(small, high)), lax.eq(small, small))
+    return jnp.any(lax.bitwise_or(overflow, self.needs_tiny(small)))
+
+  def sibling_sums(self) -> jax.Array:  # Sibling reductions: one pass over a leaf on XLA:GPU.
+    scales = self.scales
+    return self.select(*(_sum_sq(self.wide, s, self.axes) for s in scales[:3]))
+
+  def stacked_sums(self) -> jax.Array:  # One kernel, also on XLA:CPU.
+    return self.select(*_sums_sq(self.wide, tuple(self.scales[:3]), self.axes))
+
+
 def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Per-unit l2 norm, dims kept, in the compute dtype, without overflow or underflow.
 
@@ -122,38 +166,63 @@ def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   it three times, the scaled-up sum alone, and all three under a ``lax.cond`` only when some
   unit needs another: the same values, bit for bit, in one pass in every ordinary step.
   """
-  wide = lax.convert_element_type(x, compute_dtype(x.dtype))
-  scales = _norm_scales(wide.dtype)
-
-  def select(small: jax.Array, large: jax.Array, tiny: jax.Array) -> jax.Array:
-    # lax, not operators: each jnp operator is a jit call to trace, per leaf and step.
-    use_large = lax.bitwise_not(lax.lt(small, lax.full_like(small, scales.high)))  # inf, NaN too
-    use_tiny = needs_tiny(small)
-    small_norm = lax.mul(lax.sqrt(small), lax.full_like(small, 1 / scales.up))
-    large_norm = lax.mul(lax.sqrt(large), lax.full_like(large, 1 / scales.down))
-    tiny_norm = lax.mul(lax.sqrt(tiny), lax.full_like(tiny, 1 / scales.tiny))
-    return lax.select(use_large, large_norm, lax.select(use_tiny, tiny_norm, small_norm))
-
-  def needs_tiny(small: jax.Array) -> jax.Array:
-    zero = lax.full_like(small, 0)
-    return lax.bitwise_and(lax.gt(small, zero), lax.lt(small, lax.full_like(small, scales.low)))
-
-  def three_sums() -> jax.Array:  # Sibling reductions: one pass over a large leaf on XLA:GPU.
-    return select(*(_sum_sq(wide, s, axes) for s in (scales.up, scales.down, scales.tiny)))
-
-  def stacked_sums() -> jax.Array:  # One kernel, also on XLA:CPU.
-    return select(*_sums_sq(wide, (scales.up, scales.down, scales.tiny), axes))
-
+  scheme = _Scheme(x, axes)
   if x.size < ONE_PASS_MIN_SIZE:  # A small leaf: extra passes cost less than a cond.
-    return stacked_sums()
+    return scheme.stacked_sums()
 
   def one_pass() -> jax.Array:
-    small = _sum_sq(wide, scales.up, axes)
-    overflow = ~(small < lax.full_like(small, scales.high)) & ~lax.ne(small, small)  # not NaN
-    rare = overflow | needs_tiny(small)
-    return lax.cond(jnp.any(rare), stacked_sums, lambda: select(small, small, small))
+    small = scheme.plain_sum()
+    fast = scheme.select(small, small, small)
+    return lax.cond(scheme.any_rare(small), scheme.stacked_sums, lambda: fast)
 
-  return lax.platform_dependent(cpu=one_pass, default=three_sums)
+  return lax.platform_dependent(cpu=one_pass, default=scheme.sibling_sums)
+
+
+# On XLA:CPU, arrays of at least this many entries share one conditional in ``unit_norms``;
+# below it the two extra products per entry cost less than being the conditional's operand.
+SHARED_COND_MIN_SIZE = 1 << 12
+
+
+def _unit_norms_value(
+  xs: tuple[jax.Array, ...], axes: tuple[tuple[int, ...], ...]
+) -> tuple[jax.Array, ...]:
+  """``_unit_norm_value`` of each array, the same values bit for bit, with on XLA:CPU one
+  ``lax.cond`` for all arrays of at least ``SHARED_COND_MIN_SIZE`` entries: their scaled-up
+  sums alone, and the three sums of all of them only when some unit of one of them needs
+  another. Elsewhere (XLA:GPU/TPU, or fewer than two such arrays) each takes its own scheme."""
+  shared = [i for i, x in enumerate(xs) if x.size >= SHARED_COND_MIN_SIZE]
+  if len(shared) < 2:
+    return tuple(_unit_norm_value(x, a) for x, a in zip(xs, axes))
+  schemes = [_Scheme(x, a) for x, a in zip(xs, axes)]
+
+  def own_schemes() -> tuple[jax.Array, ...]:
+    return tuple(
+      s.stacked_sums() if x.size < ONE_PASS_MIN_SIZE else s.sibling_sums()
+      for s, x in zip(schemes, xs)
+    )
+
+  def one_cond() -> tuple[jax.Array, ...]:
+    norms = {i: schemes[i].stacked_sums() for i in range(len(xs)) if i not in shared}
+    smalls = [schemes[i].plain_sum() for i in shared]
+    rare = jnp.any(jnp.stack([schemes[i].any_rare(s) for i, s in zip(shared, smalls)]))
+    # The fast norms pass through the false branch unchanged: computed there, they would be
+    # kernels of their own and keep XLA from fusing them into their consumers.
+    fast = tuple(schemes[i].select(s, s, s) for i, s in zip(shared, smalls))
+    exact = lambda: tuple(schemes[i].stacked_sums() for i in shared)  # noqa: E731
+    norms.update(zip(shared, lax.cond(rare, exact, lambda: fast)))
+    return tuple(norms[i] for i in range(len(xs)))
+
+  return lax.platform_dependent(cpu=one_cond, default=own_schemes)
+
+
+def _norm_tangent(x: jax.Array, t: jax.Array, norm: jax.Array, axes: tuple[int, ...]):
+  """The derivative of the unit norm along `t`: ``Σ (x/‖x‖)·t`` per unit, 0 at a zero unit."""
+  positive = norm > 0
+  one = lax.full_like(norm, 1)
+  inverse = lax.select(positive, one / lax.select(positive, norm, one), lax.full_like(norm, 0))
+  direction = lax.convert_element_type(x, norm.dtype) * inverse
+  tangent = lax.convert_element_type(t, norm.dtype)
+  return lax.expand_dims(lax.reduce_sum(direction * tangent, axes), axes)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -169,13 +238,23 @@ def unit_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 def _unit_norm_jvp(axes, primals, tangents):
   (x,), (t,) = primals, tangents
   norm = _unit_norm_value(x, axes)
-  positive = norm > 0
-  one = lax.full_like(norm, 1)
-  inverse = lax.select(positive, one / lax.select(positive, norm, one), lax.full_like(norm, 0))
-  wide = lax.convert_element_type(x, norm.dtype)
-  direction = wide * inverse
-  tangent = lax.convert_element_type(t, norm.dtype)
-  return norm, lax.expand_dims(lax.reduce_sum(direction * tangent, axes), axes)
+  return norm, _norm_tangent(x, t, norm, axes)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def unit_norms(
+  xs: tuple[jax.Array, ...], axes: tuple[tuple[int, ...], ...]
+) -> tuple[jax.Array, ...]:
+  """``unit_norm`` of several arrays (the leaves of one step), bit for bit, at less cost on
+  XLA:CPU: one conditional serves all arrays of at least ``SHARED_COND_MIN_SIZE`` entries."""
+  return _unit_norms_value(xs, axes)
+
+
+@unit_norms.defjvp
+def _unit_norms_jvp(axes, primals, tangents):
+  (xs,), (ts,) = primals, tangents
+  norms = _unit_norms_value(xs, axes)
+  return norms, tuple(_norm_tangent(x, t, n, a) for x, t, n, a in zip(xs, ts, norms, axes))
 
 
 safe_unit_norm = unit_norm

@@ -8,6 +8,10 @@ A transform is a *rule* for one leaf, written in the compute dtype (>= float32):
   def rule(u, w, *, max_norm, axes):          # per unit: `axes` are the reduced axes
     ...
 
+  def rule(u, w, *, max_norm, axes):          # per unit, with the unit norms of one array
+    norm = yield u                             # ‖u_unit‖ over `axes`, dims kept (>= float32)
+    return u * ...
+
   def rule(u, w, *, max_norm, axes, state):   # with per-leaf state: returns (u', state')
     ...
 
@@ -23,12 +27,17 @@ path, ``None``/integer leaves passed through, casts to the compute dtype and bac
 schedules, run-time validity of hyperparameters, per-leaf state (``init_leaf``), which
 masked-out leaves do not hold (``optax.MaskedNode``, as ``optax.masked``), and each leaf's
 layout: one ``resolve_layout`` per leaf (``axes`` is its ``reduce``), checked at ``init``.
+
+A per-unit rule that yields an array receives its unit norms (``unit_norm``, the same values
+bit for bit): the factory computes those of every leaf together (``unit_norms``), so that on
+XLA:CPU one conditional per step, not one per leaf, decides whether some unit of some leaf
+overflows or nearly underflows and needs the extra sums.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +49,7 @@ from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
 from optax_norms._layout import Axis, Layout, check_axis_spec
 from optax_norms._masks import Mask, Selector, compile_mask
 from optax_norms._messages import missing_params, static_args_hint
-from optax_norms._numerics import compute_dtype
+from optax_norms._numerics import compute_dtype, unit_norms
 from optax_norms._paths import Path, flatten, format_path, shown_paths
 from optax_norms._units import resolve_layout
 
@@ -267,12 +276,10 @@ def leafwise_transform(
     if init_leaf is not None:
       s_leaves = treedef.flatten_up_to(state.leaves)
     cast_cache: dict[Any, dict[str, jax.Array]] = {}
-    new_leaves, new_states = [], []
+    outs: list[Any] = []  # Per leaf: None (passed through), a rule's result, or its generator.
     for i, (path, u, w, selected) in enumerate(zip(u_paths, u_leaves, p_leaves, active)):
-      leaf_state = s_leaves[i] if init_leaf is not None else None
       if not selected or u is None or (needs_params and w is None):
-        new_leaves.append(u)
-        new_states.append(leaf_state)
+        outs.append(None)
         continue
       if w is not None and jnp.shape(w) != jnp.shape(u):
         raise ValueError(
@@ -289,14 +296,22 @@ def leafwise_transform(
       if "layout" in optional:
         extra["layout"] = layout
       if init_leaf is not None:
-        extra["state"] = leaf_state
+        extra["state"] = s_leaves[i]
       if "leaf_dtype" in optional:
         extra["leaf_dtype"] = u.dtype
       if "count" in optional:
         extra["count"] = state.count
-      out = rule(
-        _cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra
+      outs.append(
+        rule(_cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra)
       )
+    _send_unit_norms(name, outs, leaf_layouts)
+    new_leaves, new_states = [], []
+    for i, (u, out) in enumerate(zip(u_leaves, outs)):
+      leaf_state = s_leaves[i] if init_leaf is not None else None
+      if out is None:
+        new_leaves.append(u)
+        new_states.append(leaf_state)
+        continue
       new, leaf_state = out if init_leaf is not None else (out, None)
       if valid is not None:
         new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
@@ -311,6 +326,33 @@ def leafwise_transform(
     )
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _send_unit_norms(name: str, outs: list[Any], leaf_layouts: list[Layout | None]) -> None:
+  """Runs the rules that yield (``norm = yield x``) to their end, in place in `outs`: the unit
+  norms of every yielded array, over its leaf's reduced axes, computed together."""
+  waiting: list[tuple[int, Generator[Any, Any, Any], Any]] = []
+  for i, out in enumerate(outs):
+    if inspect.isgenerator(out):
+      try:
+        waiting.append((i, out, next(out)))
+      except StopIteration as stop:  # The rule returned without asking for norms.
+        outs[i] = stop.value
+  if not waiting:
+    return
+  if any(leaf_layouts[i] is None for i, _, _ in waiting):
+    raise TypeError(f"The rule of `{name}` yields for unit norms but is not per-unit.")
+  norms = unit_norms(
+    tuple(x for _, _, x in waiting),
+    tuple(leaf_layouts[i].reduce for i, _, _ in waiting),  # type: ignore[union-attr]
+  )
+  for (i, generator, _), norm in zip(waiting, norms):
+    try:
+      generator.send(norm)
+    except StopIteration as stop:
+      outs[i] = stop.value
+    else:
+      raise TypeError(f"The rule of `{name}` yields more than once; it may ask for norms once.")
 
 
 def _width(dtype: Any) -> int:

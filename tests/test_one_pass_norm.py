@@ -132,3 +132,57 @@ def test_stacked_sums_equal_the_sibling_sums_bit_for_bit(shape, axes):
   for got, want in zip(stacked, sibling):
     assert got.shape == want.shape
     np.testing.assert_array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
+def _leaves_with(rare):
+  """Four leaves of at least SHARED_COND_MIN_SIZE entries and one small one; `rare` puts
+  units beyond ~4e9 or below ~4e-19 into the third leaf (and zero, NaN and inf units)."""
+  rng = np.random.default_rng(7)
+  shapes = [(64, 64), (64, 256), (256, 64), (128, 32), (8, 8)]
+  assert sum(r * c >= _numerics.SHARED_COND_MIN_SIZE for r, c in shapes) >= 2
+  leaves = [rng.normal(size=s).astype(np.float32) for s in shapes]
+  leaves[0][:, 0], leaves[0][3, 1], leaves[0][5, 2] = 0.0, np.nan, np.inf
+  if rare == "huge":
+    leaves[2][:, 4] *= np.float32(1e25)
+  elif rare == "tiny":
+    leaves[2][:, 4] *= np.float32(1e-25)
+  return leaves
+
+
+@pytest.mark.parametrize("rare", ["none", "huge", "tiny"])
+def test_one_conditional_for_all_leaves_equals_each_leafs_norm_bit_for_bit(rare):
+  leaves = tuple(jnp.asarray(x) for x in _leaves_with(rare))
+  axes = ((0,),) * len(leaves)
+  shared = jax.jit(lambda xs: _numerics.unit_norms(xs, axes))(leaves)
+  each = jax.jit(lambda xs: [_numerics.unit_norm(x, a) for x, a in zip(xs, axes)])(leaves)
+  for s, e, x in zip(shared, each, leaves):
+    np.testing.assert_array_equal(np.asarray(s).view(np.uint32), np.asarray(e).view(np.uint32))
+    finite = np.isfinite(np.asarray(x)).all(axis=0)
+    np.testing.assert_allclose(np.asarray(s)[:, finite], _reference(x)[:, finite], rtol=2e-6)
+  # The rare unit got its true norm (a plain scaled sum gives inf or a flushed 0 there).
+  assert 0 < float(shared[2][0, 4]) < np.inf
+
+
+def test_the_derivative_of_the_shared_norms_is_each_leafs():
+  leaves = tuple(jnp.asarray(x) for x in _leaves_with("none")[1:])
+  tangents = tuple(jnp.ones_like(x) for x in leaves)
+  axes = ((0,),) * len(leaves)
+  _, shared = jax.jvp(lambda *xs: _numerics.unit_norms(xs, axes), leaves, tangents)
+  for x, t, s in zip(leaves, tangents, shared):
+    _, each = jax.jvp(lambda v: _numerics.unit_norm(v, (0,)), (x,), (t,))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(each))
+
+
+def test_a_rule_may_ask_for_unit_norms_once():
+  from optax_norms._transform import leafwise_transform
+
+  def rule(u, w, *, axes):
+    del w, axes
+    yield u
+    yield u
+    return u
+
+  tx = leafwise_transform("twice", rule, {}, mask=None, needs_params=False, per_unit=True)
+  grads = {"w": jnp.ones((3, 2))}
+  with pytest.raises(TypeError, match="yields more than once"):
+    tx.update(grads, tx.init(grads))
