@@ -204,7 +204,12 @@ def _unit_norms_value(
   def one_cond() -> tuple[jax.Array, ...]:
     norms = {i: schemes[i].stacked_sums() for i in range(len(xs)) if i not in shared}
     smalls = [schemes[i].plain_sum() for i in shared]
-    rare = jnp.any(jnp.stack([schemes[i].any_rare(s) for i, s in zip(shared, smalls)]))
+    if len({s.dtype for s in smalls}) == 1:  # One predicate over all sums: fewer kernels.
+      rare = schemes[shared[0]].any_rare(
+        jnp.concatenate([lax.reshape(s, (s.size,)) for s in smalls])
+      )
+    else:
+      rare = jnp.any(jnp.stack([schemes[i].any_rare(s) for i, s in zip(shared, smalls)]))
     # The fast norms pass through the false branch unchanged: computed there, they would be
     # kernels of their own and keep XLA from fusing them into their consumers.
     fast = tuple(schemes[i].select(s, s, s) for i, s in zip(shared, smalls))
