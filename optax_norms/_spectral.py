@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_norms._constraints import exact_update, round_to_leaf, round_toward_zero, stored_sum
+from optax_norms._constraints import projected_update, round_toward_zero, stored_sum
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._layout import Axis, Layout, check_axis_spec
 from optax_norms._masks import Mask
@@ -305,8 +305,10 @@ def constrain_spectral_norm(
       projected, outside = _scale_target(v, sigma, max_norm, delta)
     else:
       projected, outside = _clip_target(v, sigma, x, a, axes, kept, max_norm, delta)
-    target = round_toward_zero(projected, leaf_dtype).astype(w.dtype)
-    new = jnp.where(outside, exact_update(w, target, leaf_dtype), round_to_leaf(u, leaf_dtype))
+    # Where the bound holds the target is `v` itself (the clip's `v − 0·a·x` would carry a NaN
+    # of `a` or `x` out of its unit), so apply_updates stores exactly w + u there.
+    target = round_toward_zero(jnp.where(outside, projected, v), leaf_dtype).astype(w.dtype)
+    new = projected_update(u, w, target, outside, leaf_dtype)
     # The new vector keeps the state's sharding (explicit mesh axes: the rounds shard it
     # like the kept axes of `w`, and a step must return the state type it was given).
     return new, reshard_to(lax.stop_gradient(lax.squeeze(x, axes)).astype(state.dtype), state)
