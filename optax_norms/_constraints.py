@@ -38,13 +38,13 @@ from optax_norms._clipping import unit_scale
 from optax_norms._hyperparams import ScalarOrSchedule
 from optax_norms._layout import Axis
 from optax_norms._masks import Mask
+from optax_norms._numerics import cast
 from optax_norms._transform import leafwise_transform
 
 __all__ = [
   "constrain_max_abs",
   "constrain_row_norm",
   "exact_update",
-  "per_entry",
   "projected_update",
   "radius_factor",
   "round_to_leaf",
@@ -122,7 +122,7 @@ def stored_sum(w, u, leaf_dtype):
   Rules return ``round_to_leaf(u, leaf_dtype)`` (not `u`) where they keep the update, so that the
   stored addition sees the same ``u`` as this one even where XLA keeps `u` in float32.
   """
-  return _cast(round_to_leaf(lax.add(w, round_to_leaf(u, leaf_dtype)), leaf_dtype), leaf_dtype)
+  return cast(round_to_leaf(lax.add(w, round_to_leaf(u, leaf_dtype)), leaf_dtype), leaf_dtype)
 
 
 def exact_update(w, target, leaf_dtype):
@@ -142,17 +142,8 @@ def exact_update(w, target, leaf_dtype):
   # One ulp towards −sign(target): a smaller magnitude where `first` has the sign of `target`.
   zero = lax.full_like(first, 0)
   toward_zero = lax.eq(lax.gt(first, zero), lax.gt(target, zero))
-  moved = _cast(_one_ulp(_cast(first, leaf_dtype), toward_zero), w.dtype)
+  moved = cast(_one_ulp(cast(first, leaf_dtype), toward_zero), w.dtype)
   return lax.select(outward, moved, first)
-
-
-def _cast(x, dtype):
-  return x if x.dtype == dtype else lax.convert_element_type(x, dtype)
-
-
-def per_entry(per_unit, like):
-  """A per-unit array (reduced dims kept) broadcast to the shape of `like`."""
-  return lax.broadcast_in_dim(per_unit, like.shape, tuple(range(like.ndim)))
 
 
 def projected_update(u, w, target, moved, leaf_dtype):
@@ -258,10 +249,10 @@ def constrain_row_norm(
     units = math.prod(w.shape[a] for a in axes)
     radius = max_norm * radius_factor(units)
     # v: what apply_updates would store without the constraint (w + u in the leaf dtype).
-    v = _cast(stored_sum(w, u, leaf_dtype), w.dtype)
+    v = cast(stored_sum(w, u, leaf_dtype), w.dtype)
     scale = unit_scale((yield v), radius)  # The factory computes every leaf's norms at once.
     # Inside the ball the scale is exactly 1, so apply_updates stores exactly w + u there.
-    target = _cast(round_toward_zero(lax.mul(v, per_entry(scale, v)), leaf_dtype), w.dtype)
+    target = cast(round_toward_zero(v * scale, leaf_dtype), w.dtype)
     return projected_update(u, w, target, lax.lt(scale, lax.full_like(scale, 1)), leaf_dtype)
 
   return leafwise_transform(

@@ -13,6 +13,7 @@ from jax import lax
 __all__ = [
   "ONE_PASS_MIN_SIZE",
   "abs_zero_subgradient",
+  "cast",
   "compute_dtype",
   "is_int",
   "SHARED_COND_MIN_SIZE",
@@ -28,6 +29,11 @@ def compute_dtype(dtype: Any) -> Any:
   without type promotion so it holds under ``jax_numpy_dtype_promotion='strict'``."""
   dtype = jnp.dtype(dtype)
   return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def cast(x: Any, dtype: Any) -> jax.Array:
+  """``x`` in `dtype`; no op traced when it already is (this runs per leaf per trace)."""
+  return x if getattr(x, "dtype", None) == dtype else lax.convert_element_type(x, dtype)
 
 
 def is_int(value: Any) -> bool:
@@ -108,6 +114,7 @@ class _Scheme:
   """The three scaled sums of one array and the choice between them (see ``_unit_norm_value``)."""
 
   def __init__(self, x: jax.Array, axes: tuple[int, ...]):
+    self.small = x.size < ONE_PASS_MIN_SIZE  # Extra passes over it cost less than a cond.
     self.wide = lax.convert_element_type(x, compute_dtype(x.dtype))
     self.axes = axes
     self.scales = _norm_scales(self.wide.dtype)
@@ -145,6 +152,9 @@ class _Scheme:
   def stacked_sums(self) -> jax.Array:  # One kernel, also on XLA:CPU.
     return self.select(*_sums_sq(self.wide, tuple(self.scales[:3]), self.axes))
 
+  def without_cond(self) -> jax.Array:  # Off XLA:CPU, and for a small array everywhere.
+    return self.stacked_sums() if self.small else self.sibling_sums()
+
 
 def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """Per-unit l2 norm, dims kept, in the compute dtype, without overflow or underflow.
@@ -167,7 +177,7 @@ def _unit_norm_value(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   unit needs another: the same values, bit for bit, in one pass in every ordinary step.
   """
   scheme = _Scheme(x, axes)
-  if x.size < ONE_PASS_MIN_SIZE:  # A small leaf: extra passes cost less than a cond.
+  if scheme.small:
     return scheme.stacked_sums()
 
   def one_pass() -> jax.Array:
@@ -196,20 +206,19 @@ def _unit_norms_value(
   schemes = [_Scheme(x, a) for x, a in zip(xs, axes)]
 
   def own_schemes() -> tuple[jax.Array, ...]:
-    return tuple(
-      s.stacked_sums() if x.size < ONE_PASS_MIN_SIZE else s.sibling_sums()
-      for s, x in zip(schemes, xs)
-    )
+    return tuple(s.without_cond() for s in schemes)
 
   def one_cond() -> tuple[jax.Array, ...]:
-    norms = {i: schemes[i].stacked_sums() for i in range(len(xs)) if i not in shared}
+    in_cond = set(shared)
+    norms = {i: s.stacked_sums() for i, s in enumerate(schemes) if i not in in_cond}
     smalls = [schemes[i].plain_sum() for i in shared]
-    if len({s.dtype for s in smalls}) == 1:  # One predicate over all sums: fewer kernels.
-      rare = schemes[shared[0]].any_rare(
-        jnp.concatenate([lax.reshape(s, (s.size,)) for s in smalls])
-      )
-    else:
-      rare = jnp.any(jnp.stack([schemes[i].any_rare(s) for i, s in zip(shared, smalls)]))
+    # One predicate over the concatenated sums of each compute dtype (its scales): one kernel.
+    by_dtype: dict[Any, tuple[_Scheme, list[jax.Array]]] = {}
+    for i, s in zip(shared, smalls):
+      by_dtype.setdefault(s.dtype, (schemes[i], []))[1].append(lax.reshape(s, (s.size,)))
+    rare = jnp.any(
+      jnp.stack([scheme.any_rare(jnp.concatenate(flat)) for scheme, flat in by_dtype.values()])
+    )
     # The fast norms pass through the false branch unchanged: computed there, they would be
     # kernels of their own and keep XLA from fusing them into their consumers.
     fast = tuple(schemes[i].select(s, s, s) for i, s in zip(shared, smalls))

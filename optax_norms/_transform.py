@@ -43,13 +43,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
 from optax_norms._layout import Axis, Layout, check_axis_spec
 from optax_norms._masks import Mask, Selector, compile_mask
 from optax_norms._messages import missing_params, static_args_hint
-from optax_norms._numerics import compute_dtype, unit_norms
+from optax_norms._numerics import cast, compute_dtype, unit_norms
 from optax_norms._paths import Path, flatten, format_path, shown_paths
 from optax_norms._units import resolve_layout
 
@@ -130,11 +129,6 @@ def selected_leaves(
       "which are never transformed: it would do nothing. Select floating-point leaves."
     )
   return paths, leaves, treedef, active
-
-
-def _cast(x: Any, dtype: Any) -> jax.Array:
-  """``x`` in `dtype`; no op traced when it already is (this runs once per leaf per trace)."""
-  return x if getattr(x, "dtype", None) == dtype else lax.convert_element_type(x, dtype)
 
 
 def aligned_params(u_paths: list[Path], params: Any) -> list[Any]:
@@ -302,7 +296,7 @@ def leafwise_transform(
       if "count" in optional:
         extra["count"] = state.count
       outs.append(
-        rule(_cast(u, dtype), None if w is None else _cast(w, dtype), **cast_cache[dtype], **extra)
+        rule(cast(u, dtype), None if w is None else cast(w, dtype), **cast_cache[dtype], **extra)
       )
     _send_unit_norms(name, outs, leaf_layouts)
     new_leaves, new_states = [], []
@@ -315,7 +309,7 @@ def leafwise_transform(
       new, leaf_state = out if init_leaf is not None else (out, None)
       if valid is not None:
         new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
-      new_leaves.append(_cast(new, u.dtype))
+      new_leaves.append(cast(new, u.dtype))
       new_states.append(leaf_state)
     new_updates = jax.tree_util.tree_unflatten(treedef, new_leaves)
     if init_leaf is None:
