@@ -124,12 +124,18 @@ class _Scheme:
     scales = self.scales
     # lax, not operators: each jnp operator is a jit call to trace, per leaf and step.
     use_large = lax.bitwise_not(lax.lt(small, lax.full_like(small, scales.high)))  # inf, NaN too
-    small_norm = lax.mul(lax.sqrt(small), lax.full_like(small, 1 / scales.up))
-    large_norm = lax.mul(lax.sqrt(large), lax.full_like(large, 1 / scales.down))
-    tiny_norm = lax.mul(lax.sqrt(tiny), lax.full_like(tiny, 1 / scales.tiny))
-    return lax.select(
-      use_large, large_norm, lax.select(self.needs_tiny(small), tiny_norm, small_norm)
+    use_tiny = self.needs_tiny(small)
+    # The sum first, then one square root and one power-of-two unscaling: the value of each
+    # branch's own `sqrt(sum) / scale`, bit for bit, with one sqrt per unit instead of three.
+    total = lax.select(use_large, large, lax.select(use_tiny, tiny, small))
+    inverse = lax.select(
+      use_large,
+      lax.full_like(small, 1 / scales.down),
+      lax.select(
+        use_tiny, lax.full_like(small, 1 / scales.tiny), lax.full_like(small, 1 / scales.up)
+      ),
     )
+    return lax.mul(lax.sqrt(total), inverse)
 
   def needs_tiny(self, small: jax.Array) -> jax.Array:
     zero = lax.full_like(small, 0)

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_norms._batching import leaf_batches, stacked, stacked_layout, unstacked
 from optax_norms._hyperparams import Hyperparams, ScalarOrSchedule
 from optax_norms._layout import Axis, Layout, check_axis_spec
 from optax_norms._masks import Mask, Selector, compile_mask
@@ -267,50 +268,58 @@ def leafwise_transform(
     reference = updates if params is None else params
     _, ref_leaves, _, active = selected_leaves(selector, reference, check=False)
     leaf_layouts = layouts(u_paths, ref_leaves, active)
-    if init_leaf is not None:
-      s_leaves = treedef.flatten_up_to(state.leaves)
-    cast_cache: dict[Any, dict[str, jax.Array]] = {}
-    outs: list[Any] = []  # Per leaf: None (passed through), a rule's result, or its generator.
+    s_leaves = treedef.flatten_up_to(state.leaves) if init_leaf is not None else None
+    transformed = []
     for i, (path, u, w, selected) in enumerate(zip(u_paths, u_leaves, p_leaves, active)):
       if not selected or u is None or (needs_params and w is None):
-        outs.append(None)
         continue
       if w is not None and jnp.shape(w) != jnp.shape(u):
         raise ValueError(
           f"The update and the parameter {format_path(path)!r} differ in shape: "
           f"{jnp.shape(u)} vs {jnp.shape(w)}."
         )
+      transformed.append(i)
+    # Small leaves of one kind go to the rule as one stacked leaf (see `leaf_batches`).
+    if reads_layout:
+      calls = leaf_batches(transformed, u_leaves, p_leaves, leaf_layouts, s_leaves)
+    else:
+      calls = [[i] for i in transformed]
+    cast_cache: dict[Any, dict[str, jax.Array]] = {}
+    outs: list[Any] = []  # Per call: the rule's result, or its generator.
+    call_layouts: list[Layout | None] = []
+    for members in calls:
+      u, w = u_leaves[members[0]], p_leaves[members[0]]
       dtype = compute_dtype(u.dtype if w is None else max(u.dtype, w.dtype, key=_width))
       if dtype not in cast_cache:
         cast_cache[dtype] = hparams.in_dtype(values, dtype)
+      layout = stacked_layout(leaf_layouts[members[0]], len(members))
+      call_layouts.append(layout)
       extra: dict[str, Any] = {}
-      layout = leaf_layouts[i]
       if per_unit:
         extra["axes"] = layout.reduce  # type: ignore[union-attr]
       if "layout" in optional:
         extra["layout"] = layout
       if init_leaf is not None:
-        extra["state"] = s_leaves[i]
+        extra["state"] = stacked([s_leaves[i] for i in members])  # type: ignore[index]
       if "leaf_dtype" in optional:
         extra["leaf_dtype"] = u.dtype
       if "count" in optional:
         extra["count"] = state.count
-      outs.append(
-        rule(cast(u, dtype), None if w is None else cast(w, dtype), **cast_cache[dtype], **extra)
-      )
-    _send_unit_norms(name, outs, leaf_layouts)
-    new_leaves, new_states = [], []
-    for i, (u, out) in enumerate(zip(u_leaves, outs)):
-      leaf_state = s_leaves[i] if init_leaf is not None else None
-      if out is None:
-        new_leaves.append(u)
-        new_states.append(leaf_state)
-        continue
+      u_in = stacked([cast(u_leaves[i], dtype) for i in members])
+      w_in = None if w is None else stacked([cast(p_leaves[i], dtype) for i in members])
+      outs.append(rule(u_in, w_in, **cast_cache[dtype], **extra))
+    _send_unit_norms(name, outs, call_layouts)
+    new_leaves = list(u_leaves)
+    new_states = list(s_leaves) if s_leaves is not None else [None] * len(u_leaves)
+    for members, out in zip(calls, outs):
       new, leaf_state = out if init_leaf is not None else (out, None)
-      if valid is not None:
-        new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
-      new_leaves.append(cast(new, u.dtype))
-      new_states.append(leaf_state)
+      for i, new_u, new_state in zip(
+        members, unstacked(new, len(members)), unstacked(leaf_state, len(members))
+      ):
+        if valid is not None:
+          new_u = jnp.where(valid, new_u, jnp.full((), jnp.nan, new_u.dtype))
+        new_leaves[i] = cast(new_u, u_leaves[i].dtype)
+        new_states[i] = new_state
     new_updates = jax.tree_util.tree_unflatten(treedef, new_leaves)
     if init_leaf is None:
       return new_updates, hparams.next_state(state)
