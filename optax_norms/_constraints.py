@@ -191,10 +191,14 @@ def constrain_max_abs(
   """
 
   def rule(u, w, *, max_abs, leaf_dtype):
-    bound = round_toward_zero(max_abs, leaf_dtype).astype(w.dtype)
-    v = stored_sum(w, u, leaf_dtype).astype(w.dtype)
-    target = round_toward_zero(jnp.clip(v, -bound, bound), leaf_dtype).astype(w.dtype)
-    return projected_update(u, w, target, ~(jnp.abs(v) <= bound), leaf_dtype)
+    # lax, not operators: each jnp operator is a jit call to trace, per leaf and step.
+    v = cast(stored_sum(w, u, leaf_dtype), w.dtype)
+    bound = lax.full_like(v, cast(round_toward_zero(max_abs, leaf_dtype), w.dtype))
+    clipped = lax.min(lax.max(v, lax.neg(bound)), bound)  # jnp.clip: NaN stays NaN.
+    target = cast(round_toward_zero(clipped, leaf_dtype), w.dtype)
+    # Only a bfloat16/float16 leaf reads where the bound moved v (see projected_update).
+    moved = None if w.dtype == leaf_dtype else lax.bitwise_not(lax.le(lax.abs(v), bound))
+    return projected_update(u, w, target, moved, leaf_dtype)
 
   return leafwise_transform(
     "constrain_max_abs",
