@@ -32,6 +32,10 @@ A per-unit rule that yields an array receives its unit norms (``unit_norm``, the
 bit for bit): the factory computes those of every leaf together (``unit_norms``), so that on
 XLA:CPU one conditional per step, not one per leaf, decides whether some unit of some leaf
 overflows or nearly underflows and needs the extra sums.
+
+A rule that reads a layout may receive several small leaves of one kind at once, stacked along
+a new leading layer axis (``leaf_batches``): it must compute each layer of a stack on its own,
+as the layout promises, and it then runs once per stack instead of once per leaf.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ import optax
 import pytest
 from _cases import CASES, PER_UNIT, default_axes
 
+import optax_norms as on
+
 READS_LAYOUT = [*PER_UNIT, "constrain_sparsity", "constrain_n_of_m"]
 # prox_adam is an optimizer of its own, with no per-leaf rule: not stacked.
 STACKED = [case for case in CASES if case.name in READS_LAYOUT and case.placement != "optimizer"]
@@ -105,3 +107,38 @@ def test_the_same_shaped_leaves_are_one_stack(case):
     if eqn.primitive.name == "concatenate" and len(eqn.invars) == SAME_SHAPE
   ]
   assert stacks, f"{case.name}: the {SAME_SHAPE} (8, 4) float32 kernels were not stacked"
+
+
+# Per-leaf state beyond the registry's defaults: the masks a periodic budget keeps.
+PERIODIC = {
+  "constrain_sparsity(update_every=2)": lambda: on.constrain_sparsity(0.5, update_every=2),
+  "constrain_n_of_m(update_every=2)": lambda: on.constrain_n_of_m(2, 4, update_every=2),
+}
+
+
+@pytest.mark.parametrize("make", PERIODIC.values(), ids=list(PERIODIC))
+def test_stacked_periodic_masks_equal_each_leaf_alone_bit_for_bit(make):
+  def run(params, steps=4):
+    tx = optax.chain(optax.sgd(0.1), make())
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.tree.map(lambda w: w - 0.5, p), s, p))
+    history = []
+    for _ in range(steps):
+      updates, state = step(params, state)
+      params = optax.apply_updates(params, updates)
+      history.append((updates, state))
+    return history
+
+  params = _tree()
+  together = run(params)
+  for name in params:
+    alone = run({name: params[name]})
+    for k, ((u_all, s_all), (u_one, s_one)) in enumerate(zip(together, alone)):
+      np.testing.assert_array_equal(
+        np.asarray(u_all[name]["kernel"], np.float64),
+        np.asarray(u_one[name]["kernel"], np.float64),
+        err_msg=f"{name}, step {k + 1}",
+      )
+      kept_all = s_all[1].leaves[name]["kernel"]
+      kept_one = s_one[1].leaves[name]["kernel"]
+      np.testing.assert_array_equal(np.asarray(kept_all), np.asarray(kept_one))
