@@ -48,11 +48,18 @@ def _batch_key(u: jax.Array, w: Any, layout: Layout | None, state: Any) -> Hasha
 
 
 def leaf_batches(
-  indices: list[int], us: list[Any], ws: list[Any], layouts: list[Any], states: list[Any] | None
+  indices: list[int],
+  us: list[Any],
+  ws: list[Any],
+  layouts: list[Any],
+  states: list[Any] | None,
+  *,
+  stackable: bool,
 ) -> list[list[int]]:
   """`indices` (the leaves a rule transforms) split into the stacks computed together, in
-  order of first appearance; a leaf computed alone is a stack of one."""
-  if jax.device_count() > 1:
+  order of first appearance; a leaf computed alone is a stack of one. Only a rule that reads
+  the layout (`stackable`) computes each layer on its own, so only its leaves are stacked."""
+  if not stackable or jax.device_count() > 1:
     return [[i] for i in indices]
   groups: dict[Hashable, list[int]] = {}
   for i in indices:

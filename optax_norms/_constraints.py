@@ -101,10 +101,8 @@ def _one_ulp(x, toward_zero):
   it on finite nonzero `x` only (a zero, an inf or a NaN is never selected afterwards).
   """
   bits = lax.bitcast_convert_type(x, _SAME_WIDTH_INT[jnp.dtype(x.dtype).itemsize])
-  one = lax.full_like(bits, 1)
-  return lax.bitcast_convert_type(
-    lax.select(toward_zero, lax.sub(bits, one), lax.add(bits, one)), x.dtype
-  )
+  step = lax.select(toward_zero, lax.full_like(bits, -1), lax.full_like(bits, 1))
+  return lax.bitcast_convert_type(lax.add(bits, step), x.dtype)
 
 
 @_one_ulp.defjvp
@@ -125,7 +123,7 @@ def stored_sum(w, u, leaf_dtype):
   return cast(round_to_leaf(lax.add(w, round_to_leaf(u, leaf_dtype)), leaf_dtype), leaf_dtype)
 
 
-def exact_update(w, target, leaf_dtype):
+def exact_update(w, target, leaf_dtype, limit=None):
   """``u'`` in the compute dtype such that ``w + u'`` stored in `leaf_dtype` is `target`
   (representable in the leaf dtype) or lies between 0 and `target`.
 
@@ -133,12 +131,13 @@ def exact_update(w, target, leaf_dtype):
   ``|w|`` is not small next to ``|q|``), ``u'`` moves one ulp towards the inside, which
   lands it on ``q`` or inside (the rounding error of ``q − w`` is at most half that ulp).
   Every rounding is a ``round_to_leaf``, so the sum compared is the one stored, also in a fused
-  ``jax.jit`` step.
+  ``jax.jit`` step. A caller whose targets are either ``±limit`` or stored exactly (the
+  element-wise box) passes `limit`: the stored sum is compared with it, not with ``|q|``.
   """
   # lax, not operators: each jnp operator is a jit call to trace, per leaf and step.
   first = round_to_leaf(lax.sub(target, w), leaf_dtype)
   stored = round_to_leaf(lax.add(w, first), leaf_dtype)
-  outward = lax.gt(lax.abs(stored), lax.abs(target))
+  outward = lax.gt(lax.abs(stored), lax.abs(target) if limit is None else limit)
   # One ulp towards −sign(target): a smaller magnitude where `first` has the sign of `target`.
   zero = lax.full_like(first, 0)
   toward_zero = lax.eq(lax.gt(first, zero), lax.gt(target, zero))
@@ -146,7 +145,7 @@ def exact_update(w, target, leaf_dtype):
   return lax.select(outward, moved, first)
 
 
-def projected_update(u, w, target, moved, leaf_dtype):
+def projected_update(u, w, target, moved, leaf_dtype, limit=None):
   """The update that stores `target` where `moved` and exactly ``w + u`` elsewhere.
 
   Where `moved` is False the caller's `target` must be ``v``, the stored sum of ``w + u``
@@ -156,8 +155,9 @@ def projected_update(u, w, target, moved, leaf_dtype):
   (``-0.0`` may come back ``+0.0``), so `u` need not be kept as a buffer for this select (after
   adam, XLA would otherwise materialize adam's update). A bfloat16 or float16 leaf rounds
   the sum twice (compute dtype, then leaf), where that identity fails: it keeps `u` there.
+  `limit` is passed on to ``exact_update``.
   """
-  update = exact_update(w, target, leaf_dtype)
+  update = exact_update(w, target, leaf_dtype, limit)
   if w.dtype == leaf_dtype:
     return update
   return jnp.where(moved, update, round_to_leaf(u, leaf_dtype))
@@ -198,7 +198,8 @@ def constrain_max_abs(
     target = cast(round_toward_zero(clipped, leaf_dtype), w.dtype)
     # Only a bfloat16/float16 leaf reads where the bound moved v (see projected_update).
     moved = None if w.dtype == leaf_dtype else lax.bitwise_not(lax.le(lax.abs(v), bound))
-    return projected_update(u, w, target, moved, leaf_dtype)
+    # Each target is ±bound or v itself (stored exactly): the stored sum is compared with bound.
+    return projected_update(u, w, target, moved, leaf_dtype, limit=bound)
 
   return leafwise_transform(
     "constrain_max_abs",

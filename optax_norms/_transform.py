@@ -284,10 +284,9 @@ def leafwise_transform(
         )
       transformed.append(i)
     # Small leaves of one kind go to the rule as one stacked leaf (see `leaf_batches`).
-    if reads_layout:
-      calls = leaf_batches(transformed, u_leaves, p_leaves, leaf_layouts, s_leaves)
-    else:
-      calls = [[i] for i in transformed]
+    calls = leaf_batches(
+      transformed, u_leaves, p_leaves, leaf_layouts, s_leaves, stackable=reads_layout
+    )
     cast_cache: dict[Any, dict[str, jax.Array]] = {}
     outs: list[Any] = []  # Per call: the rule's result, or its generator.
     call_layouts: list[Layout | None] = []
@@ -317,11 +316,11 @@ def leafwise_transform(
     new_states = list(s_leaves) if s_leaves is not None else [None] * len(u_leaves)
     for members, out in zip(calls, outs):
       new, leaf_state = out if init_leaf is not None else (out, None)
+      if valid is not None:  # Once per call, not per leaf of a stack.
+        new = jnp.where(valid, new, jnp.full((), jnp.nan, new.dtype))
       for i, new_u, new_state in zip(
         members, unstacked(new, len(members)), unstacked(leaf_state, len(members))
       ):
-        if valid is not None:
-          new_u = jnp.where(valid, new_u, jnp.full((), jnp.nan, new_u.dtype))
         new_leaves[i] = cast(new_u, u_leaves[i].dtype)
         new_states[i] = new_state
     new_updates = jax.tree_util.tree_unflatten(treedef, new_leaves)

@@ -142,3 +142,22 @@ def test_stacked_periodic_masks_equal_each_leaf_alone_bit_for_bit(make):
       kept_all = s_all[1].leaves[name]["kernel"]
       kept_one = s_one[1].leaves[name]["kernel"]
       np.testing.assert_array_equal(np.asarray(kept_all), np.asarray(kept_one))
+
+
+def test_an_invalid_scheduled_value_makes_every_leaf_of_a_stack_nan():
+  # A negative radius from a schedule is caught at run time: each selected leaf's update is
+  # NaN (never a silent step), also where the leaves ran as one stack; unselected leaves keep
+  # their update.
+  params = _tree()
+  tx = on.constrain_row_norm(lambda count: jnp.where(count > 0, -1.0, 1.0), mask="layer_*/**")
+  state = tx.init(params)
+  updates = jax.tree.map(jnp.ones_like, params)
+  step = jax.jit(tx.update)
+  first, state = step(updates, state, params)
+  second, _ = step(updates, state, params)
+  for name in params:
+    if name.startswith("layer_"):
+      assert np.isfinite(np.asarray(first[name]["kernel"], np.float32)).all(), name
+      assert np.isnan(np.asarray(second[name]["kernel"], np.float32)).all(), name
+    else:
+      np.testing.assert_array_equal(second[name]["kernel"], updates[name]["kernel"])
