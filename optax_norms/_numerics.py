@@ -115,6 +115,7 @@ class _Scheme:
 
   def __init__(self, x: jax.Array, axes: tuple[int, ...]):
     self.small = x.size < ONE_PASS_MIN_SIZE  # Extra passes over it cost less than a cond.
+    self.x = x
     self.wide = lax.convert_element_type(x, compute_dtype(x.dtype))
     self.axes = axes
     self.scales = _norm_scales(self.wide.dtype)
@@ -143,7 +144,13 @@ class _Scheme:
     return lax.bitwise_and(lax.gt(small, zero), lax.lt(small, low))
 
   def plain_sum(self) -> jax.Array:
-    return _sum_sq(self.wide, self.scales.up, self.axes)
+    """The scaled-up sum (XLA:CPU only), its scale behind an optimization barrier with the
+    input: XLA:CPU hands this reduction to a YNNPACK fusion, and a constant scale broadcast
+    there is one leaf-sized array shared by the leaves of one shape, read by each (one more
+    read of the leaf per step); a barrier'd scale is broadcast inside each fusion."""
+    x, scale = lax.optimization_barrier((self.x, lax.full((), self.scales.up, self.wide.dtype)))
+    scaled = jnp.multiply(lax.convert_element_type(x, self.wide.dtype), scale)
+    return lax.expand_dims(lax.reduce_sum(lax.square(scaled), self.axes), self.axes)
 
   def any_rare(self, small: jax.Array) -> jax.Array:
     """Whether some unit needs a sum other than `small` (a NaN sum does not)."""
