@@ -91,8 +91,8 @@ def _norm_scales(dtype: Any) -> _NormScales:
 ONE_PASS_MIN_SIZE = 1 << 16
 
 
-def _sum_sq(wide: jax.Array, scale: float, axes: tuple[int, ...]) -> jax.Array:
-  scaled = wide * lax.full((), scale, wide.dtype)
+def _sum_sq(wide: jax.Array, scale: Any, axes: tuple[int, ...]) -> jax.Array:
+  scaled = wide * jnp.asarray(scale, wide.dtype)  # `scale`: a float or a 0-d array.
   return lax.expand_dims(lax.reduce_sum(lax.square(scaled), axes), axes)
 
 
@@ -148,9 +148,9 @@ class _Scheme:
     input: XLA:CPU hands this reduction to a YNNPACK fusion, and a constant scale broadcast
     there is one leaf-sized array shared by the leaves of one shape, read by each (one more
     read of the leaf per step); a barrier'd scale is broadcast inside each fusion."""
+    # The input before its upcast: a bfloat16 leaf is not materialized in float32 for this.
     x, scale = lax.optimization_barrier((self.x, lax.full((), self.scales.up, self.wide.dtype)))
-    scaled = jnp.multiply(lax.convert_element_type(x, self.wide.dtype), scale)
-    return lax.expand_dims(lax.reduce_sum(lax.square(scaled), self.axes), self.axes)
+    return _sum_sq(lax.convert_element_type(x, self.wide.dtype), scale, self.axes)
 
   def any_rare(self, small: jax.Array) -> jax.Array:
     """Whether some unit needs a sum other than `small` (a NaN sum does not)."""
