@@ -63,13 +63,14 @@ def _path_key(seed: Any, path: Path) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), tag)
 
 
-def _normalized(y: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """``y/‖y‖`` over `axes` (zero where the norm is 0 or not finite) and where it is fine."""
+def _normalized(y: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``y/‖y‖`` over `axes` (zero where the norm is 0 or not finite), where it is fine, and
+  ``‖y‖`` (differentiable, with derivative 0 at a zero `y`)."""
   norm = unit_norm(y, axes)
   ok = (norm > 0) & jnp.isfinite(norm)
   one = lax.full_like(norm, 1)
   inverse = lax.select(ok, one / lax.select(ok, norm, one), lax.full_like(norm, 0))
-  return y * inverse, ok
+  return lax.stop_gradient(y * inverse), ok, norm
 
 
 def _initial_vector(seed: Any, path: Path, leaf: Any, layout: Layout) -> jax.Array:
@@ -79,9 +80,9 @@ def _initial_vector(seed: Any, path: Path, leaf: Any, layout: Layout) -> jax.Arr
   shape = tuple(leaf.shape[a] for a in left)
   kept = tuple(i for i, a in enumerate(left) if a not in layout.stack)
   x = jax.random.normal(_path_key(seed, path), shape, compute_dtype(leaf.dtype))
-  x, ok = _normalized(x, kept)
+  x, ok, _ = _normalized(x, kept)
   # A draw that is exactly zero (probability 0) would stall the iteration: use ones.
-  ones, _ = _normalized(jnp.ones(shape, x.dtype), kept)
+  ones, _, _ = _normalized(jnp.ones(shape, x.dtype), kept)
   return jnp.where(ok, x, ones)
 
 
@@ -91,28 +92,43 @@ def _power_pair(v, x, rows, kept, n_iter):
   last round's left vector ``v·x_prev/‖v·x_prev‖`` (kept axes of size 1; zero where the
   round failed), `x` the new right vector ``vᵀ·a/‖vᵀ·a‖`` (so ``σ̂ = ‖vᵀ·a‖``).
 
-  The vectors are not differentiated through (as in Miyato et al.); ``σ̂ = aᵀ·v·x`` is
-  bilinear in `v`, so its derivative is finite everywhere, also at a zero matrix. Where a
-  matrix is zero or not finite, its vector is left unchanged.
+  The vectors are not differentiated through (as in Miyato et al.): the derivative of
+  ``σ̂ = ‖vᵀ·a‖`` in `v` is ``a·xᵀ``, finite everywhere, 0 at a zero matrix. Where a matrix is
+  zero or not finite, its vector is left unchanged and ``σ̂ = 0``.
   """
   fixed = lax.stop_gradient(v)
 
-  def round_(x):
-    a, ok_a = _normalized(jnp.sum(fixed * x, axis=kept, keepdims=True), rows)
-    new_x, ok_x = _normalized(jnp.sum(fixed * a, axis=rows, keepdims=True), kept)
-    ok = ok_a & ok_x
-    return jnp.where(ok, new_x, x), jnp.where(ok, a, jnp.zeros_like(a))
+  def left_vector(x):
+    return _normalized(jnp.sum(fixed * x, axis=kept, keepdims=True), rows)[:2]
 
-  # The first round outside the loop: its vectors have the shardings the loop carries (on
-  # explicit mesh axes a carry must keep its type, and the state's vector may be sharded
-  # unlike `v`'s kept axes, `a` unlike nothing at all).
-  first = round_(x)
-  if isinstance(n_iter, jax.core.Tracer):  # Run-time rounds (may be 0: no round at all).
-    a0 = jnp.zeros_like(first[1])
-    first = (jnp.where(n_iter >= 1, first[0], x), jnp.where(n_iter >= 1, first[1], a0))
-  x, a = lax.fori_loop(1, n_iter, lambda _, carry: round_(carry[0]), first)
-  sigma = jnp.sum(lax.stop_gradient(a) * v * lax.stop_gradient(x), axis=rows + kept, keepdims=True)
-  return sigma, x, a
+  def round_(x):
+    a, ok_a = left_vector(x)
+    new_x, ok_x, _ = _normalized(jnp.sum(fixed * a, axis=rows, keepdims=True), kept)
+    return jnp.where(ok_a & ok_x, new_x, x)
+
+  # All rounds but the last. The first is outside the loop: its vector has the sharding the
+  # loop carries (on explicit mesh axes a carry must keep its type, and the state's vector
+  # may be sharded unlike `v`'s kept axes).
+  traced = isinstance(n_iter, jax.core.Tracer)  # Run-time rounds (may be 0: no round at all).
+  if traced or n_iter >= 2:
+    first = round_(x)
+    if traced:
+      first = jnp.where(n_iter >= 2, first, x)
+    x = lax.fori_loop(2, n_iter, lambda _, x: round_(x), first)
+  # The last round's ``σ̂ = ‖vᵀ·a‖ = (vᵀ·a)·x``, the norm it computes for `x`: summed over the
+  # whole matrix, ``aᵀ·v·x`` would be one more pass over `v`, and XLA:CPU materializes ``x``
+  # broadcast to the matrix's shape for it. Its derivative is ``a·xᵀ``, 0 at a zero matrix.
+  a, ok_a = left_vector(x)
+  new_x, ok_x, sigma = _normalized(jnp.sum(v * a, axis=rows, keepdims=True), kept)
+  ok = ok_a & ok_x
+  if traced:
+    ok = ok & (n_iter >= 1)
+  zero = jnp.zeros_like(sigma)
+  return (
+    jnp.where(ok, sigma, zero),
+    jnp.where(ok, new_x, x),
+    jnp.where(ok, a, jnp.zeros_like(a)),
+  )
 
 
 def _power_iteration(v, x, rows, kept, n_iter):
@@ -207,8 +223,9 @@ def constrain_spectral_norm(
     over steps (``eye(2)`` pushed ``+0.01`` along ``σ₁`` for 500 steps ends at
     ``σ = (1, 0.0069)``; ``"clip"`` keeps ``(1, 0.94–0.99)``).
 
-  Memory: for a bfloat16/float16 leaf, ``"clip"`` keeps one float32 temporary the size of
-  the leaf (XLA materializes the corrected matrix); ``"scale"`` keeps none.
+  Memory: both modes read ``V`` twice per round and write the result once; ``σ̂`` is the norm
+  the last round computes, not one more pass. A float32 leaf needs no leaf-sized temporary; a
+  bfloat16/float16 leaf keeps its float32 ``V`` for the rounds, as a hand-written step does.
 
   The margin ``δ = (2·(√m + √n) + 8)·u`` for an ``m × n`` matrix, ``u`` the unit roundoff of
   the compute dtype (``2⁻²⁴`` for float32, bf16 and f16 leaves; ``δ ≈ 1.8e-6`` for 32×32,
