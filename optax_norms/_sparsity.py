@@ -11,6 +11,7 @@ is kept (never hidden behind a zero) and stays inside its block (N:M) or leaf (b
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -36,7 +37,7 @@ from optax_norms._messages import static_args_hint
 from optax_norms._numerics import is_int
 from optax_norms._paths import flatten, format_path
 from optax_norms._sharding import explicit_spec, reshard, reshard_to, shard_count
-from optax_norms._transform import flatten_with_params, leafwise_transform
+from optax_norms._transform import Refresh, flatten_with_params, leafwise_transform, refreshed
 
 __all__ = [
   "GroupSparsityState",
@@ -332,9 +333,10 @@ def constrain_n_of_m(
   stored exactly zero and the kept ones exactly ``w + u``, so the count of pruned entries is
   exactly the chosen one. Before ``update_start`` nothing is pruned; from ``update_end`` on
   the mask is frozen (as torch's pruning masks after ``prune.remove``; jaxpruner's
-  ``update_start_step``/``update_end_step``). On other steps the ranking is skipped by a
-  ``lax.cond``, so it costs ``1/k`` per step; under ``jax.vmap`` with a batched step count
-  the ``cond`` becomes a ``select`` and both branches run every step. With the defaults
+  ``update_start_step``/``update_end_step``). On other steps the ranking is skipped by one
+  ``lax.cond`` for all leaves (for each 32 MiB of them), so it costs ``1/k`` per step; under
+  ``jax.vmap`` with a batched step count the ``cond`` becomes a ``select`` and both branches
+  run every step. With the defaults
   (``k = 1``, no start or end) there is no mask state, as before. The three are static
   (``None`` defaults): under ``optax.inject_hyperparams`` pass them in ``static_args``.
 
@@ -421,25 +423,21 @@ def constrain_n_of_m(
 
   if _is_periodic(period):
 
-    def periodic(u, w, n, ax, leaf_dtype, state, count):
-      keep = lax.cond(
-        period.is_update_step(count),
-        lambda: _n_of_m_keep(u, w, n, m, ax, leaf_dtype),
-        lambda: state,
-      )
+    def periodic(u, w, n, ax, leaf_dtype, state):
+      keep = yield Refresh(lambda u, w: _n_of_m_keep(u, w, n, m, ax, leaf_dtype), (u, w), state)
       return jnp.where(keep, u, -w), keep
 
     if block_axis is None:
 
-      def rule(u, w, *, n, layout, leaf_dtype, state, count):
+      def rule(u, w, *, n, layout, leaf_dtype, state):
         ax = leaf_block_axis((), w.shape, layout)
-        return periodic(u, w, n, ax, leaf_dtype, state, count)
+        return periodic(u, w, n, ax, leaf_dtype, state)
 
     else:
 
-      def rule(u, w, *, n, leaf_dtype, state, count):  # type: ignore[misc]
+      def rule(u, w, *, n, leaf_dtype, state):  # type: ignore[misc]
         ax = leaf_block_axis((), w.shape, None)
-        return periodic(u, w, n, ax, leaf_dtype, state, count)
+        return periodic(u, w, n, ax, leaf_dtype, state)
 
     return leafwise_transform(
       "constrain_n_of_m",
@@ -450,6 +448,7 @@ def constrain_n_of_m(
       axis=axis,
       check_leaf=check_leaf,
       init_leaf=_keep_all,
+      refresh_when=period.is_update_step,
     )
 
   if block_axis is None:
@@ -511,9 +510,10 @@ def constrain_sparsity(
   stored exactly zero and the kept ones exactly ``w + u``, so the count of pruned entries is
   exactly the chosen one. Before ``update_start`` nothing is pruned; from ``update_end`` on
   the mask is frozen (as torch's pruning masks after ``prune.remove``; jaxpruner's
-  ``update_start_step``/``update_end_step``). On other steps the ranking is skipped by a
-  ``lax.cond``, so it costs ``1/k`` per step; under ``jax.vmap`` with a batched step count
-  the ``cond`` becomes a ``select`` and both branches run every step. With the defaults
+  ``update_start_step``/``update_end_step``). On other steps the ranking is skipped by one
+  ``lax.cond`` for all leaves (for each 32 MiB of them), so it costs ``1/k`` per step; under
+  ``jax.vmap`` with a batched step count the ``cond`` becomes a ``select`` and both branches
+  run every step. With the defaults
   (``k = 1``, no start or end) there is no mask state, as before. The three are static
   (``None`` defaults): under ``optax.inject_hyperparams`` pass them in ``static_args``.
 
@@ -602,13 +602,11 @@ def constrain_sparsity(
 
   if _is_periodic(period):
 
-    def periodic_rule(u, w, *, fraction, layout, leaf_dtype, state, count):
+    def periodic_rule(u, w, *, fraction, layout, leaf_dtype, state):
       if w.size == 0:
         return u, state
-      keep = lax.cond(
-        period.is_update_step(count),
-        lambda: keep_mask(u, w, fraction, layout, leaf_dtype),
-        lambda: state,
+      keep = yield Refresh(
+        lambda u, w: keep_mask(u, w, fraction, layout, leaf_dtype), (u, w), state
       )
       return jnp.where(keep, u, -w), keep
 
@@ -620,6 +618,7 @@ def constrain_sparsity(
       needs_params=True,
       axis=axis,
       init_leaf=_keep_all,
+      refresh_when=period.is_update_step,
     )
 
   def rule(u, w, *, fraction, layout, leaf_dtype):
@@ -694,9 +693,10 @@ def constrain_group_sparsity(
   (``GroupSparsityState.keep``) and applied at every step, so between choices the zero
   groups stay exactly zero and their number exactly the chosen one. Before ``update_start``
   nothing is pruned; from ``update_end`` on the mask is frozen. On other steps the ranking is
-  skipped by a ``lax.cond``; under ``jax.vmap`` with a batched step count the ``cond``
-  becomes a ``select`` and both branches run every step. The three are static (``None``
-  defaults): under ``optax.inject_hyperparams`` pass them in ``static_args``.
+  skipped by one ``lax.cond`` for all instances (for each 32 MiB of them); under ``jax.vmap``
+  with a batched step count the ``cond`` becomes a ``select`` and both branches run every
+  step. The three are static (``None`` defaults): under ``optax.inject_hyperparams`` pass them
+  in ``static_args``.
 
   Args:
     fraction: the fraction of groups to zero per instance (and layer), ``0 ≤ fraction ≤ 1``:
@@ -772,33 +772,42 @@ def constrain_group_sparsity(
         f"`constrain_group_sparsity`: the state holds {len(state.keep)} group instances but "
         f"the parameters have {len(instances)}: init the state with these parameters."
       )
-    new_leaves, new_keep = list(u_leaves), []
-    for inst, old_keep in zip(instances, state.keep):
-      stacked = inst.layers is not None
+    groups = []  # Per instance: its members' updates and parameters.
+    for inst in instances:
       us = [u_leaves[m.position] for m in inst.members]
-      ws = [p_leaves[m.position] for m in inst.members]
       if any(u is None for u in us):
         raise ValueError(
           f"`constrain_group_sparsity`: the update of a member of {inst.anchor!r} is None; "
           "a coupled group needs the updates of all its members."
         )
+      groups.append((us, [p_leaves[m.position] for m in inst.members]))
 
-      def choose(us=us, ws=ws, inst=inst, stacked=stacked, old_keep=old_keep):
-        # Ranked on w + u as apply_updates stores it (the sum in the leaf dtype).
-        vs = [lax.stop_gradient(w) + lax.stop_gradient(u.astype(w.dtype)) for u, w in zip(us, ws)]
-        norms = group_sq_norms(inst, vs, stacked)
-        if constant is not None:
-          k = jnp.asarray(budget_count(constant, inst.groups), jnp.int32)
-        else:
-          k = traced_budget_count(values["fraction"], inst.groups)
-        # In the sharding of the state's mask, so that it is the same at every step.
-        return reshard_to(_kept_groups(norms, k), old_keep)
-
-      if _is_periodic(period):
-        keep = lax.cond(period.is_update_step(state.count), choose, lambda k=old_keep: k)
+    def choose(inst, us, ws, old_keep):
+      # Ranked on w + u as apply_updates stores it (the sum in the leaf dtype).
+      vs = [lax.stop_gradient(w) + lax.stop_gradient(u.astype(w.dtype)) for u, w in zip(us, ws)]
+      norms = group_sq_norms(inst, vs, inst.layers is not None)
+      if constant is not None:
+        k = jnp.asarray(budget_count(constant, inst.groups), jnp.int32)
       else:
-        keep = choose()
-      new_keep.append(keep)
+        k = traced_budget_count(values["fraction"], inst.groups)
+      # In the sharding of the state's mask, so that it is the same at every step.
+      return reshard_to(_kept_groups(norms, k), old_keep)
+
+    if _is_periodic(period):  # Instances share conditionals, as the leaves of a transform.
+      new_keep = refreshed(
+        period.is_update_step(state.count),
+        [
+          Refresh(functools.partial(choose, inst, old_keep=old), (us, ws), old)
+          for inst, (us, ws), old in zip(instances, groups, state.keep)
+        ],
+      )
+    else:
+      new_keep = [
+        choose(inst, us, ws, old) for inst, (us, ws), old in zip(instances, groups, state.keep)
+      ]
+    new_leaves = list(u_leaves)
+    for inst, (us, ws), keep in zip(instances, groups, new_keep):
+      stacked = inst.layers is not None
       for member, u, w in zip(inst.members, us, ws):
         where = jnp.expand_dims(keep, member_view(member.axis, u.ndim, stacked))
         if explicit_spec(u) is not None:  # A select takes its mask in the leaf's sharding.

@@ -319,3 +319,11 @@ def test_polynomial_schedule_matches_formula():
 def test_polynomial_schedule_bad_values_name_them(kwargs, match):
   with pytest.raises(ValueError, match=match):
     on.polynomial_sparsity_schedule(**{"final": 0.5, "begin_step": 10, "end_step": 20, **kwargs})
+
+
+def test_one_conditional_per_step_decides_every_instance():
+  params = _tree()
+  groups, _ = _groups(False)
+  tx = on.constrain_group_sparsity(0.5, groups=groups, update_every=10)
+  jaxpr = jax.make_jaxpr(tx.update)(_grads(params, 1), tx.init(params), params)
+  assert sum(eqn.primitive.name == "cond" for eqn in jaxpr.jaxpr.eqns) == 1

@@ -258,3 +258,42 @@ def test_the_documented_freeze_of_a_polynomial_ramp_reaches_the_final_budget():
       p = optax.apply_updates(p, updates)
     zero_groups[end] = int(on.group_report(p, groups)["m"]["zero_groups"])
   assert zero_groups == {20: 1, 21: 2}  # ⌊0.5·4⌋ = 2 only with update_end = end_step + 1
+
+
+def _top_level_conds(tx, params, grads):
+  jaxpr = jax.make_jaxpr(tx.update)(grads, tx.init(params), params)
+  return sum(eqn.primitive.name == "cond" for eqn in jaxpr.jaxpr.eqns)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: on.constrain_sparsity(0.5, update_every=10),
+    lambda: on.constrain_n_of_m(2, 4, update_every=10, mask="**/kernel"),
+    lambda: on.constrain_n_of_m(2, 4, block_axis=0, update_every=10, mask="**/kernel"),
+  ],
+  ids=["sparsity", "n_of_m", "n_of_m_block_axis"],
+)
+def test_one_conditional_per_step_decides_every_leaf(make):
+  """Off the choosing steps nothing but the stored masks is read; which step it is, is decided
+  once for the whole tree (a conditional per leaf would be a synchronization point each)."""
+  rng = np.random.default_rng(0)
+  shapes = {"a": (8, 3), "b": (12, 5), "c": (16, 7)}  # Three shapes: never stacked.
+  params = {k: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for k, s in shapes.items()}
+  grads = _grads(params, 1)
+  assert _top_level_conds(make(), params, grads) == 1
+
+
+def test_leaves_share_a_conditional_up_to_the_byte_bound(monkeypatch):
+  """A conditional's operands are live together (the leaves' updates): past the bound, the next
+  leaves take a conditional of their own."""
+  from optax_norms import _transform
+
+  rng = np.random.default_rng(0)
+  shapes = {"a": (8, 4), "b": (12, 4), "c": (16, 4)}  # Arguments (u, w): 256, 384, 512 bytes.
+  params = {k: {"kernel": jnp.asarray(rng.normal(size=s), jnp.float32)} for k, s in shapes.items()}
+  grads = _grads(params, 1)
+  make = lambda: on.constrain_sparsity(0.5, update_every=10)  # noqa: E731
+  for bound, conds in ((1 << 20, 1), (640, 2), (639, 3), (1, 3)):
+    monkeypatch.setattr(_transform, "REFRESH_SHARE_MAX_BYTES", bound)
+    assert _top_level_conds(make(), params, grads) == conds, bound
